@@ -1,0 +1,162 @@
+"""Typed configuration: validated once at load, then passed around as frozen dataclasses.
+
+Configs come from TOML ablation files (``ablations/*.toml``) or command-line flags.
+:func:`from_dict` builds a dataclass from a mapping, naming the bad key in a
+one-line :class:`~kdbench.errors.UserError` for unknown keys and wrong types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kdbench.errors import UserError
+
+SCHEDULES = ("cosine", "onecycle", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a trial sees and how they are prepared."""
+
+    dataset: str = "eurosat"
+    resolution: int = 64
+    images_per_class: int | None = None  # seeded subset per class for quick runs
+    classes: tuple[str, ...] = ()  # class subset; empty = all
+    val_fraction: float | None = None  # None: the dataset's default
+    test_fraction: float | None = None
+    split_seed: int = 0
+    augment: str = "d4"
+    skip_bad_images: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one model is trained (SGD with momentum, per-step LR schedule)."""
+
+    model: str = "mobilenet_v2"
+    pretrained: str = "none"  # "none", "imagenet" or a state-dict path
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 1  # linear LR warm-up; from-scratch training at high LR diverges without it
+    eval_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of ``alpha * CE + beta * T^2 * KL + gamma * (1 - cos)`` (see kdbench.losses)."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    temperature: float = 4.0
+    cosine_on: str = "logits"
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything that determines one training run's result."""
+
+    method: str
+    data: DataConfig = field(default_factory=DataConfig)
+    recipe: Recipe = field(default_factory=Recipe)
+    loss: LossConfig = field(default_factory=LossConfig)
+    seed: int = 0
+    teacher_checkpoint: str | None = None
+    teacher_id: str | None = None  # identity of the teacher: its trial key or checkpoint hash
+    device: str = "auto"  # where it runs; not part of the key
+
+    def identity(self) -> dict:
+        """The fields that affect the result (the device does not)."""
+        d = dataclasses.asdict(self)
+        d.pop("device")
+        d.pop("teacher_checkpoint")  # a path; the teacher's identity is teacher_id
+        return d
+
+    def key(self, loss_version: str) -> str:
+        blob = json.dumps({"trial": self.identity(), "loss_version": loss_version}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], raw: Any, where: str) -> T:
+    """Build dataclass ``cls`` from ``raw``; unknown keys and wrong types are one-line errors naming ``where.key``."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a table of settings, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise UserError(f"unknown key {where}.{unknown[0]}: valid keys are {', '.join(sorted(names))}")
+    values = {name: coerce(hints[name], value, f"{where}.{name}") for name, value in raw.items()}
+    return cls(**values)
+
+
+def coerce(hint: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against a type hint (int, float, str, bool, X | None, tuple[X, ...], dataclass)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return coerce(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        (inner, _) = typing.get_args(hint)
+        return tuple(coerce(inner, v, where) for v in value)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and isinstance(value, hint):
+        return value
+    raise UserError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def check_recipe(recipe: Recipe, where: str) -> None:
+    """Range checks that types alone do not catch."""
+    from kdbench.models import check_model_name
+
+    check_model_name(recipe.model)
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(recipe, name) < 1:
+            raise UserError(f"{where}.{name} must be >= 1, got {getattr(recipe, name)}")
+    if not 0 <= recipe.warmup_epochs <= recipe.epochs:
+        raise UserError(f"{where}.warmup_epochs must be between 0 and epochs ({recipe.epochs}), got {recipe.warmup_epochs}")
+    if recipe.lr <= 0 or recipe.momentum < 0 or recipe.weight_decay < 0:
+        raise UserError(f"{where}: lr must be > 0 and momentum, weight_decay >= 0")
+    if recipe.schedule not in SCHEDULES:
+        raise UserError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got {recipe.schedule!r}")
+
+
+def check_data(data: DataConfig, where: str) -> None:
+    from kdbench.data.presets import AUGMENTATIONS
+    from kdbench.data.specs import get_spec
+
+    get_spec(data.dataset)
+    if data.resolution < 16:
+        raise UserError(f"{where}.resolution must be >= 16 pixels, got {data.resolution}")
+    if data.augment not in AUGMENTATIONS:
+        raise UserError(f"{where}.augment must be one of {', '.join(AUGMENTATIONS)}, got {data.augment!r}")
+    if data.images_per_class is not None and data.images_per_class < 3:
+        raise UserError(f"{where}.images_per_class must be >= 3 (one image each for train, val and test)")
+    for name in ("val_fraction", "test_fraction"):
+        value = getattr(data, name)
+        if value is not None and not 0 < value < 1:
+            raise UserError(f"{where}.{name} must be in (0, 1), got {value}: model selection needs a val split, results a test split")

@@ -1,0 +1,79 @@
+"""Data: locate a land-use dataset, scan it, split it, and load it as uint8 tensors.
+
+The flow is ``get_spec -> locate_dataset -> scan_folder -> limit_per_class ->
+load_images -> stratified_split``; :func:`prepare_data` runs it for a
+:class:`~kdbench.config.DataConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdbench.config import DataConfig
+from kdbench.data.decode import load_images
+from kdbench.data.index import ImageIndex, limit_per_class, scan_folder, stratified_split, write_manifest
+from kdbench.data.locate import data_root, locate_dataset
+from kdbench.data.specs import BUILTIN_DATASETS, get_spec
+
+__all__ = ["BUILTIN_DATASETS", "PreparedData", "data_root", "get_spec", "prepare_data"]
+
+
+@dataclass
+class PreparedData:
+    """A dataset ready for training: decoded images, labels, and each image's split."""
+
+    folder: Path
+    index: ImageIndex
+    split: list[str]
+    images: torch.Tensor  # [N, 3, R, R] uint8
+    labels: torch.Tensor  # [N] int64
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    def indices(self, split: str) -> torch.Tensor:
+        return torch.tensor([i for i, s in enumerate(self.split) if s == split], dtype=torch.long)
+
+    def counts(self) -> dict[str, int]:
+        return {s: self.split.count(s) for s in ("train", "val", "test")}
+
+    def write_manifest(self, path: Path) -> None:
+        write_manifest(path, self.index, self.split)
+
+
+def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = True) -> PreparedData:
+    spec = get_spec(cfg.dataset)
+    folder = locate_dataset(spec, data_root(root), download=download)
+    index = scan_folder(folder, classes=list(cfg.classes) or None, skip_bad=cfg.skip_bad_images)
+    if spec.num_classes is not None and not cfg.classes and len(index.classes) != spec.num_classes:
+        print(
+            f"kdbench: warning: {folder} has {len(index.classes)} classes, the official {spec.name} has {spec.num_classes}",
+            flush=True,
+        )
+    index = limit_per_class(index, cfg.images_per_class, cfg.split_seed)
+    images, bad = load_images(folder, index.paths, cfg.resolution, skip_bad=cfg.skip_bad_images)
+    if bad:
+        index = _without(index, {b["path"] for b in bad}, bad)
+    split = stratified_split(
+        index,
+        val_fraction=spec.val_fraction if cfg.val_fraction is None else cfg.val_fraction,
+        test_fraction=spec.test_fraction if cfg.test_fraction is None else cfg.test_fraction,
+        seed=cfg.split_seed,
+    )
+    return PreparedData(folder=folder, index=index, split=split, images=images, labels=torch.tensor(index.labels))
+
+
+def _without(index: ImageIndex, drop: set[str], bad: list[dict]) -> ImageIndex:
+    keep = [i for i, p in enumerate(index.paths) if p not in drop]
+    return ImageIndex(
+        root=index.root,
+        classes=index.classes,
+        paths=[index.paths[i] for i in keep],
+        labels=[index.labels[i] for i in keep],
+        skipped=index.skipped + bad,
+    )

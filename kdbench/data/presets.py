@@ -1,0 +1,91 @@
+"""Tensor transforms: augmentation presets for aerial scenes and input normalisation.
+
+Aerial scenes have no canonical "up", so the default augmentation is the dihedral
+group D4: the 8 symmetries of the square (4 rotations by 90 degrees, each with or
+without a horizontal flip).  A *finite* preset draws one of its ``views`` per
+sample, so a frozen teacher's outputs can be precomputed for every (image, view)
+pair (the teacher-logit cache).  A *random* preset (``d4_crop``) has no finite
+view set: KD trials using it run the teacher online.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def apply_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """D4 element ``view`` in 0..7 of ``[..., H, W]``: flip horizontally if ``view >= 4``, then rotate by ``90 * (view % 4)``."""
+    if view >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, view % 4, dims=(-2, -1))
+
+
+def apply_views(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """Per-sample D4 elements: ``out[i] = apply_view(x[i], views[i])``."""
+    out = torch.empty_like(x)
+    for v in views.unique().tolist():
+        mask = views == v
+        out[mask] = apply_view(x[mask], v)
+    return out
+
+
+def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` to float, scaled to [0, 1] and standardised with ImageNet statistics."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x_uint8.device).view(1, 3, 1, 1)
+    return (x_uint8.float() / 255.0 - mean) / std
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """An augmentation preset; ``views`` is the finite group it draws from, or ``None`` if continuous."""
+
+    name: str
+    views: tuple[int, ...] | None
+    crop_scale: tuple[float, float] | None = None
+
+    @property
+    def cacheable(self) -> bool:
+        return self.views is not None
+
+    def sample_views(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        group = torch.tensor(self.views if self.views is not None else range(8))
+        return group[torch.randint(len(group), (n,), generator=generator)]
+
+    def __call__(self, x: torch.Tensor, views: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment a uint8 batch with the drawn ``views`` (and a random crop for continuous presets)."""
+        x = apply_views(x, views.to(x.device))
+        if self.crop_scale is not None:
+            x = random_resized_crop(x, self.crop_scale, generator)
+        return x
+
+
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """Per-sample square crop covering ``scale`` of the area, resized back to the input size."""
+    b, _, h, w = x.shape
+    out = torch.empty_like(x)
+    areas = torch.empty(b).uniform_(*scale, generator=generator)
+    for i in range(b):
+        side = max(1, int(round(h * areas[i].sqrt().item())))
+        top = int(torch.randint(h - side + 1, (1,), generator=generator))
+        left = int(torch.randint(w - side + 1, (1,), generator=generator))
+        crop = x[i : i + 1, :, top : top + side, left : left + side].float()
+        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", antialias=True, align_corners=False).round().clamp(0, 255).to(x.dtype)[0]
+    return out
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {
+    a.name: a
+    for a in (
+        Augmentation("d4", views=tuple(range(8))),
+        Augmentation("hflip", views=(0, 4)),
+        Augmentation("none", views=(0,)),
+        Augmentation("d4_crop", views=None, crop_scale=(0.6, 1.0)),
+    )
+}

@@ -1,0 +1,405 @@
+"""Train K compatible student trials as one packed network (the GPU fast path).
+
+A small student is launch-bound on a GPU.  K sweep trials that differ only in
+their method and loss settings (same data, recipe, seed and teacher) see exactly
+the same batches, so they train together as one
+:class:`~kdbench.packing.PackedMobileNetV2` (forward ``[B, 3, H, W] -> [K, B, C]``):
+
+* init: member ``i`` is built as its separate trial would be
+  (``torch.manual_seed(seed)``, then ``build_model``), then the K models are packed;
+* batches: the shuffling, views and crops of
+  :func:`~kdbench.engine.loop.train_one_epoch` for the shared seed
+  (``epoch_seed(seed, epoch)``), and ONE teacher lookup per batch (the logit cache
+  where the augmentation is finite, the teacher online otherwise);
+* loss: ``L = sum_i L_i`` with ``L_i = method_i.loss(out[i], teacher_logits, y, loss_i)``.
+  Member ``i``'s parameters ``theta_i`` are disjoint slices of the packed tensors
+  and ``out[i]`` depends on ``theta_i`` only, so ``dL/dtheta_i = dL_i/dtheta_i``
+  (a mean would scale every member's gradient by ``1/K``);
+* optimiser: one SGD over the packed parameters; its update is elementwise, so it
+  acts as K separate SGDs sharing run_trial's LR schedule.
+
+Results equal K separate :func:`~kdbench.engine.trial.run_trial` runs up to float
+rounding, except the dropout masks: drawn per member and sample from the same
+distribution, but not the same masks (see :mod:`kdbench.packing`).
+
+Files: each member's folder gets what run_trial writes there (``manifest.csv``,
+``best.pt`` as a plain torchvision ``mobilenet_v2`` checkpoint, ``metrics.json``
+with run_trial's schema plus ``"pack": {"k", "members"}``), except ``last.pt``.
+The pack's resume state is ONE file, ``pack.pt`` in the FIRST member's folder
+(packed weights, optimiser, schedule, every member's history and best epoch),
+written atomically after each epoch, so a killed pack resumes after its last
+finished epoch.  A ``pack.pt`` of another member list (the sweep grouped the
+trials differently) is ignored and overwritten: that pack starts from epoch 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kdbench.config import LossConfig, TrialConfig
+from kdbench.data import PreparedData, prepare_data
+from kdbench.data.presets import AUGMENTATIONS, Augmentation, normalize
+from kdbench.engine.loop import EpochStats, epoch_seed, evaluate, lr_factor, steps_per_epoch
+from kdbench.engine.runtime import autocast, environment, memory_format, resolve_device
+from kdbench.engine.trial import METRICS_FILE, _mean, _teacher, _write_json
+from kdbench.errors import NonFiniteError, UserError
+from kdbench.losses import LOSS_VERSION
+from kdbench.methods import Method, get_method
+from kdbench.models import atomic_torch_save, build_model, load_checkpoint_file, load_model_checkpoint, save_checkpoint
+from kdbench.packing import PackedMobileNetV2
+
+PACK_STATE_FILE = "pack.pt"
+PACK_STATE_FORMAT = "kdbench-pack-state-v1"
+PACK_MODEL = "mobilenet_v2"
+
+
+class MemberLoss(NamedTuple):
+    """Member ``i``'s loss: ``method.loss(out[i], teacher_logits, y, cfg)``; ``label`` names it in errors."""
+
+    label: str
+    method: Method
+    cfg: LossConfig
+
+
+def compatible_key(cfg: TrialConfig) -> tuple:
+    """What trials of one pack must share: everything but the method and the loss.
+
+    ``(data, recipe, seed, device, teacher)`` with ``teacher = (teacher_checkpoint,
+    teacher_id)`` for a method that distils, ``None`` for one that does not (the
+    baseline ignores any teacher, as in run_trial).  Trials with equal keys form a
+    valid pack; a baseline may also join a pack whose keys differ from its own
+    only in the teacher (:func:`check_pack` accepts at most one teacher).
+    """
+    teacher = (cfg.teacher_checkpoint, cfg.teacher_id) if get_method(cfg.method).needs_teacher else None
+    return (cfg.data, cfg.recipe, cfg.seed, cfg.device, teacher)
+
+
+def check_pack(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike]) -> None:
+    """Raise ValueError unless ``cfgs`` can train as one pack into ``out_dirs``."""
+    if not cfgs:
+        raise ValueError("a pack needs at least one trial")
+    if len(out_dirs) != len(cfgs):
+        raise ValueError(f"a pack of {len(cfgs)} trials needs {len(cfgs)} output folders, got {len(out_dirs)}")
+    if len({Path(d).resolve() for d in out_dirs}) != len(out_dirs):
+        raise ValueError("each trial of a pack needs its own output folder")
+    for cfg in cfgs:
+        if get_method(cfg.method).role != "student":
+            raise ValueError(f"only student trials can be packed, got method {cfg.method!r}")
+        if cfg.recipe.model != PACK_MODEL:
+            raise ValueError(f"only {PACK_MODEL} students can be packed, got model {cfg.recipe.model!r}")
+    keys = [cfg.key(LOSS_VERSION) for cfg in cfgs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a trial appears twice in the pack: pass each trial once")
+    first = compatible_key(cfgs[0])
+    for cfg in cfgs[1:]:
+        key = compatible_key(cfg)
+        for name, a, b in zip(("data", "recipe", "seed", "device"), first[:4], key[:4]):
+            if a != b:
+                raise ValueError(f"packed trials must share {name}: {cfgs[0].method} has {a}, {cfg.method} has {b}")
+    teachers = {key[4] for key in map(compatible_key, cfgs)} - {None}
+    if len(teachers) > 1:
+        raise ValueError(f"packed trials must share one teacher (checkpoint, id), got {sorted(teachers, key=str)}")
+
+
+def init_pack(cfgs: Sequence[TrialConfig], num_classes: int) -> PackedMobileNetV2:
+    """Member ``i`` initialised as its separate trial: ``torch.manual_seed(seed_i)``, then ``build_model``."""
+    members = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        members.append(build_model(cfg.recipe.model, num_classes, cfg.recipe.pretrained))
+    return PackedMobileNetV2.from_members(members)
+
+
+def train_pack_epoch(
+    packed: nn.Module,
+    members: Sequence[MemberLoss],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    aug: Augmentation,
+    teacher,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+) -> list[EpochStats]:
+    """One epoch of :func:`~kdbench.engine.loop.train_one_epoch` for K members at once; one EpochStats per member.
+
+    The batches (order, views, crops) are train_one_epoch's for ``seed`` and ``epoch``;
+    the step minimises ``sum_i L_i``.  Stops with NonFiniteError naming every member
+    whose loss is NaN/inf.  Timings and images/s are the pack's: each image trains K members.
+    """
+    packed.train()
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    torch.manual_seed(epoch_seed(seed, epoch))  # dropout masks
+    n = len(images)
+    order = torch.randperm(n, generator=generator)
+    views = aug.sample_views(n, generator)
+    fmt = memory_format(device)
+    sums: list[dict[str, float]] = [{} for _ in members]
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
+    for lo in range(0, steps_per_epoch(n, batch_size) * batch_size, batch_size):
+        positions = order[lo : lo + batch_size]
+        batch_views = views[lo : lo + batch_size]
+        dev_positions = positions.to(device)
+        x = normalize(aug(images[dev_positions], batch_views, generator)).contiguous(memory_format=fmt)
+        y = labels[dev_positions]
+        with autocast(device):
+            logits = packed(x)
+        logits = logits.float()
+        teacher_logits = teacher(positions, batch_views, x) if teacher is not None else None
+        losses, step = _member_losses(members, logits, teacher_logits, y)
+        _check_finite(members, step, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        torch.stack(losses).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        b = len(positions)
+        for total, values in zip(sums, step):
+            for name, value in values.items():
+                total[name] = total.get(name, 0.0) + value * b
+        seen += b
+        bar.update(b)
+        bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}", k=len(members))
+    bar.close()
+    seconds = time.perf_counter() - start
+    seen = max(seen, 1)
+    return [
+        EpochStats(
+            s.get("loss", 0.0) / seen, s.get("correct", 0.0) / seen, seen, seconds,
+            {k[len("term_") :]: v / seen for k, v in s.items() if k.startswith("term_")},
+        )  # fmt: skip
+        for s in sums
+    ]
+
+
+def _member_losses(
+    members: Sequence[MemberLoss], logits: torch.Tensor, teacher_logits: torch.Tensor | None, y: torch.Tensor
+) -> tuple[list[torch.Tensor], list[dict[str, float]]]:
+    """Each member's loss tensor, and its batch-mean ``loss``, ``correct`` fraction and terms as floats (one sync)."""
+    losses, names, scalars = [], [], []
+    for i, m in enumerate(members):
+        loss, terms = m.method.loss(logits[i], teacher_logits if m.method.needs_teacher else None, y, m.cfg)
+        losses.append(loss)
+        present = {f"term_{k}": v for k, v in terms._asdict().items() if v is not None}
+        names.append(["loss", "correct", *present])
+        scalars += [loss.detach(), (logits[i].argmax(1) == y).float().mean(), *(v.detach() for v in present.values())]
+    flat = iter(torch.stack(scalars).tolist())
+    return losses, [{name: next(flat) for name in member} for member in names]
+
+
+def _check_finite(members: Sequence[MemberLoss], step: list[dict[str, float]], epoch: int) -> None:
+    bad = [f"{i} {m.label} (loss {s['loss']})" for i, (m, s) in enumerate(zip(members, step)) if not math.isfinite(s["loss"])]
+    if bad:
+        raise NonFiniteError(
+            f"non-finite loss at epoch {epoch + 1} in packed member(s) {'; '.join(bad)}: "
+            "lower the learning rate or check the teacher and data"
+        )
+
+
+@dataclasses.dataclass
+class _Member:
+    """One trial of the pack: its config, folder, loss, a plain model for evaluation and checkpoints, its record."""
+
+    cfg: TrialConfig
+    out: Path
+    loss: MemberLoss
+    model: nn.Module
+    history: list[dict] = dataclasses.field(default_factory=list)
+    best: dict | None = None
+
+    @property
+    def identity(self) -> str:
+        return json.dumps(self.cfg.identity(), sort_keys=True)
+
+
+def run_packed_trials(
+    cfgs: list[TrialConfig],
+    out_dirs: list[Path],
+    *,
+    data_root: str | os.PathLike | None = None,
+    download: bool = True,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Train ``cfgs`` as one pack, member ``i`` into ``out_dirs[i]``; returns (and writes) each member's result.
+
+    ``cfgs`` must pass :func:`check_pack` (ValueError otherwise).  Each result is
+    run_trial's for that trial plus ``"pack": {"k": K, "members": [keys]}``; see the
+    module docstring for files and resume.
+    """
+    t0 = time.perf_counter()
+    check_pack(cfgs, out_dirs)
+    first = cfgs[0]
+    recipe, device = first.recipe, resolve_device(first.device)
+    fmt = memory_format(device)
+    data = prepare_data(first.data, data_root, download=download)
+    split = {s: data.indices(s).to(device) for s in ("train", "val", "test")}
+    images, labels = data.images.to(device), data.labels.to(device)
+    train_images, train_labels = images[split["train"]], labels[split["train"]]
+    aug = AUGMENTATIONS[first.data.augment]
+
+    packed = init_pack(cfgs, len(data.classes)).to(device, memory_format=fmt)
+    members = [_member(cfg, Path(out), len(data.classes), device) for cfg, out in zip(cfgs, out_dirs)]
+    for m in members:
+        m.out.mkdir(parents=True, exist_ok=True)
+        data.write_manifest(m.out / "manifest.csv")
+    teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
+    teacher, teacher_info = _teacher(teacher_cfg, True, data, train_images, device, log) if teacher_cfg else (None, None)
+
+    optimizer = torch.optim.SGD(packed.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    steps = max(1, steps_per_epoch(len(train_images), recipe.batch_size))
+    total_steps, warmup_steps = steps * recipe.epochs, steps * recipe.warmup_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.schedule, step, total_steps, warmup_steps))
+    state_path = members[0].out / PACK_STATE_FILE
+    start_epoch = _resume(state_path, members, packed, optimizer, scheduler, log)
+
+    val_images, val_labels = images[split["val"]], labels[split["val"]]
+    k = len(members)
+    for epoch in range(start_epoch, recipe.epochs):
+        stats = train_pack_epoch(
+            packed, [m.loss for m in members], optimizer, scheduler, train_images, train_labels, aug, teacher,
+            batch_size=recipe.batch_size, seed=first.seed, epoch=epoch, device=device,
+            desc=f"pack of {k} {first.data.dataset} epoch {epoch + 1}/{recipe.epochs}", progress=progress,
+        )  # fmt: skip
+        _load_members(packed, members)
+        lr = optimizer.param_groups[0]["lr"]
+        for m, s in zip(members, stats):
+            val = evaluate(m.model, val_images, val_labels, data.classes, batch_size=recipe.eval_batch_size, device=device)
+            m.history.append(_history_entry(epoch + 1, s, val, lr))
+            if m.best is None or val["accuracy"] > m.best["val_accuracy"]:
+                m.best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"]}
+                save_checkpoint(m.out / "best.pt", m.model, model_name=PACK_MODEL, classes=data.classes, extra={"trial": m.identity, "epoch": epoch + 1})
+        _save_state(state_path, members, packed, optimizer, scheduler, epoch + 1)
+        log(
+            f"epoch {epoch + 1}/{recipe.epochs}: "
+            + "; ".join(f"[{i}] {m.loss.label} loss {m.history[-1]['train_loss']:.4f} val acc {m.history[-1]['val_accuracy']:.4f}" for i, m in enumerate(members))
+            + f" ({stats[0].images_per_s:.0f} img/s x {k} students)"
+        )
+
+    _load_members(packed, members)
+    eval_sets = {s: (images[split[s]], labels[split[s]]) for s in ("val", "test")}
+    keys = [m.cfg.key(LOSS_VERSION) for m in members]
+    results = []
+    for m in members:
+        last = {"epoch": recipe.epochs, **_split_metrics(m.model, eval_sets, data.classes, recipe.eval_batch_size, device)}
+        best_model, _ = load_model_checkpoint(m.out / "best.pt")
+        best_model = best_model.to(device, memory_format=fmt)
+        best = {"epoch": m.best["epoch"], **_split_metrics(best_model, eval_sets, data.classes, recipe.eval_batch_size, device)}
+        info = teacher_info if m.loss.method.needs_teacher else None
+        result = _result(m, data, info, best, last, t0, device) | {"pack": {"k": k, "members": keys}}
+        _write_json(m.out / METRICS_FILE, result)
+        log(
+            f"{m.loss.label}: test accuracy best-on-val (epoch {best['epoch']}) {best['test']['accuracy']:.4f}, "
+            f"last epoch ({recipe.epochs}) {last['test']['accuracy']:.4f}"
+        )
+        results.append(result)
+    return results
+
+
+def _member(cfg: TrialConfig, out: Path, num_classes: int, device: torch.device) -> _Member:
+    method = get_method(cfg.method)
+    loss_cfg = method.effective_loss(cfg.loss)
+    label = f"{cfg.method} T={loss_cfg.temperature:g} a={loss_cfg.alpha:g} b={loss_cfg.beta:g} g={loss_cfg.gamma:g} [{cfg.key(LOSS_VERSION)}]"
+    model = build_model(PACK_MODEL, num_classes).to(device, memory_format=memory_format(device))
+    return _Member(cfg, out, MemberLoss(label, method, loss_cfg), model)
+
+
+def _load_members(packed: PackedMobileNetV2, members: Sequence[_Member]) -> None:
+    """Copy the packed weights into each member's plain torchvision model."""
+    for m, state in zip(members, packed.unpack()):
+        m.model.load_state_dict(state)
+
+
+def _history_entry(epoch: int, stats: EpochStats, val: dict, lr: float) -> dict:
+    """One row of ``history``, as run_trial writes it."""
+    return {
+        "epoch": epoch,
+        "train_loss": stats.loss,
+        "train_accuracy": stats.accuracy,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "lr": lr,
+        "images_per_s": stats.images_per_s,
+        "seconds": stats.seconds,
+        **{f"term_{k}": v for k, v in stats.terms.items()},
+    }
+
+
+def _split_metrics(model: nn.Module, sets: dict, classes: list[str], batch_size: int, device: torch.device) -> dict:
+    return {name: evaluate(model, x, y, classes, batch_size=batch_size, device=device) for name, (x, y) in sets.items()}
+
+
+def _result(m: _Member, data: PreparedData, teacher_info: dict | None, best: dict, last: dict, t0: float, device: torch.device) -> dict:
+    """run_trial's result dict for member ``m`` (``total_s`` is the whole pack's wall time)."""
+    return {
+        "format": "kdbench-result-v1",
+        "key": m.cfg.key(LOSS_VERSION),
+        "loss_version": LOSS_VERSION,
+        "config": m.cfg.identity(),
+        "effective_loss": dataclasses.asdict(m.loss.cfg),
+        "classes": data.classes,
+        "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
+        "teacher": teacher_info,
+        "best": best,
+        "last": last,
+        "history": m.history,
+        "timings": {
+            "total_s": time.perf_counter() - t0,
+            "train_s": sum(h["seconds"] for h in m.history),
+            "train_images_per_s": _mean(h["images_per_s"] for h in m.history),
+        },
+        "environment": environment(device),
+    }
+
+
+def _resume(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer, scheduler, log) -> int:
+    """Restore the pack state at ``path`` if it belongs to these members; returns the first epoch to train."""
+    if not path.exists():
+        return 0
+    state = load_checkpoint_file(path)
+    if not isinstance(state, dict) or state.get("format") != PACK_STATE_FORMAT:
+        raise UserError(f"{path} is not a kdbench pack resume state: delete it to start the pack over")
+    if state["members"] != [m.identity for m in members]:
+        log(f"{path} holds another pack (other members): starting this pack from epoch 0")
+        return 0
+    packed.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for m, history, best in zip(members, state["history"], state["best"]):
+        m.history, m.best = history, best
+    log(f"resuming pack from {path} after epoch {state['epoch']}")
+    return state["epoch"]
+
+
+def _save_state(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer, scheduler, epoch: int) -> None:
+    atomic_torch_save(
+        {
+            "format": PACK_STATE_FORMAT,
+            "members": [m.identity for m in members],
+            "epoch": epoch,
+            "state_dict": {k: v.detach().cpu() for k, v in packed.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": [m.history for m in members],
+            "best": [m.best for m in members],
+        },
+        path,
+    )

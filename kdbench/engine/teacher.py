@@ -1,0 +1,127 @@
+"""The frozen teacher's outputs for KD: looked up in a precomputed cache, or run online.
+
+With a finite augmentation (the D4 group by default), a KD batch is a set of
+(training image, view) pairs, and the frozen teacher in eval mode maps each pair
+to fixed logits.  :func:`build_logit_cache` runs the teacher once over every
+training image in every view and stores ``[N_train, V, C]`` logits next to the
+teacher checkpoint; :class:`CachedTeacher` then answers a batch by indexing,
+exactly what :class:`OnlineTeacher` computes on the same augmented batch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdbench.data.presets import Augmentation, apply_view, normalize
+from kdbench.engine.runtime import autocast, memory_format
+from kdbench.errors import NonFiniteError
+from kdbench.models import atomic_torch_save
+
+
+class OnlineTeacher:
+    """Runs the teacher on each augmented batch (any augmentation)."""
+
+    mode = "online"
+
+    def __init__(self, model: nn.Module, source: str):
+        self.model = model.eval()
+        self.source = source
+
+    @torch.no_grad()
+    def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        with autocast(inputs.device):
+            logits = self.model(inputs).float()
+        check_finite_teacher(logits, self.source)
+        return logits
+
+
+class CachedTeacher:
+    """Looks the teacher's logits up by (position in the training split, view)."""
+
+    mode = "cache"
+
+    def __init__(self, logits: torch.Tensor, views: tuple[int, ...]):
+        self.logits = logits  # [N_train, V, C]
+        self.view_slot = torch.full((8,), -1, dtype=torch.long)
+        self.view_slot[list(views)] = torch.arange(len(views))
+
+    def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        slots = self.view_slot[views.cpu()].to(self.logits.device)
+        return self.logits[train_positions.to(self.logits.device), slots]
+
+
+def check_finite_teacher(logits: torch.Tensor, source: str) -> None:
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError(
+            f"teacher {source} produced NaN or infinite logits: the teacher is broken; re-train it or pass another checkpoint"
+        )
+
+
+def cache_path(teacher_checkpoint: Path, teacher_id: str, train_paths: list[str], resolution: int, aug: Augmentation, device: torch.device) -> Path:
+    """Where the cache for this teacher, training set, resolution and view group lives."""
+    ident = json.dumps([teacher_id, train_paths, resolution, aug.views, device.type], sort_keys=True)
+    return teacher_checkpoint.parent / f"logits-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.pt"
+
+
+def build_logit_cache(
+    teacher: nn.Module,
+    train_images: torch.Tensor,
+    aug: Augmentation,
+    *,
+    batch_size: int,
+    device: torch.device,
+    source: str,
+) -> torch.Tensor:
+    """``[N, V, C]`` teacher logits of every training image in every view of ``aug`` (fp32)."""
+    teacher.eval()
+    views = aug.views
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(train_images), batch_size):
+            x = train_images[start : start + batch_size].to(device)
+            per_view = []
+            for v in views:
+                inputs = normalize(apply_view(x, v)).contiguous(memory_format=memory_format(device))
+                with autocast(device):
+                    per_view.append(teacher(inputs).float())
+            chunks.append(torch.stack(per_view, dim=1))
+    logits = torch.cat(chunks)
+    check_finite_teacher(logits, source)
+    return logits
+
+
+def cached_teacher(
+    teacher: nn.Module,
+    path: Path,
+    train_images: torch.Tensor,
+    aug: Augmentation,
+    *,
+    batch_size: int,
+    device: torch.device,
+    source: str,
+) -> CachedTeacher:
+    """Load the cache at ``path`` or build it (under a file lock, so concurrent trials build it once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        logits = _load(path, len(train_images), len(aug.views))
+        if logits is None:
+            logits = build_logit_cache(teacher, train_images, aug, batch_size=batch_size, device=device, source=source)
+            atomic_torch_save({"logits": logits.cpu(), "views": list(aug.views)}, path)
+    return CachedTeacher(logits.to(device), aug.views)
+
+
+def _load(path: Path, n: int, v: int) -> torch.Tensor | None:
+    if not path.exists():
+        return None
+    try:
+        logits = torch.load(path, map_location="cpu", weights_only=True)["logits"]
+    except Exception:  # a damaged cache is rebuilt, never trusted
+        return None
+    return logits if logits.shape[:2] == (n, v) else None

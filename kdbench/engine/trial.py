@@ -1,0 +1,232 @@
+"""Run one trial end to end: data, model, (teacher), epochs, checkpoints, test metrics.
+
+Files in the trial's output folder:
+
+- ``manifest.csv``: every image used, with its class and split;
+- ``last.pt``: resume state after the last finished epoch (weights, optimiser, history);
+- ``best.pt``: the weights with the best validation accuracy (a kdbench checkpoint);
+- ``metrics.json``: the result: test metrics of the best-on-validation and of the
+  last-epoch weights, per-epoch history, timings, environment.
+
+Rerunning the same trial into the same folder resumes after the last finished
+epoch; a folder holding a different trial is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kdbench.config import TrialConfig
+from kdbench.data import PreparedData, prepare_data
+from kdbench.data.presets import AUGMENTATIONS
+from kdbench.engine.loop import evaluate, lr_factor, steps_per_epoch, train_one_epoch
+from kdbench.engine.runtime import environment, memory_format, resolve_device
+from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
+from kdbench.errors import UserError
+from kdbench.losses import LOSS_VERSION
+from kdbench.methods import get_method
+from kdbench.models import (
+    CHECKPOINT_FORMAT,
+    build_model,
+    load_checkpoint_file,
+    load_model_checkpoint,
+    save_checkpoint,
+)
+
+METRICS_FILE = "metrics.json"
+
+
+def run_trial(
+    cfg: TrialConfig,
+    out_dir: str | os.PathLike,
+    *,
+    data_root: str | os.PathLike | None = None,
+    download: bool = True,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train and evaluate ``cfg`` in ``out_dir``; returns (and writes) the result dict."""
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    method = get_method(cfg.method)
+    loss_cfg = method.effective_loss(cfg.loss)
+    recipe = cfg.recipe
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    data = prepare_data(cfg.data, data_root, download=download)
+    data.write_manifest(out / "manifest.csv")
+    train_idx, val_idx, test_idx = (data.indices(s) for s in ("train", "val", "test"))
+    images = data.images.to(device)
+    labels = data.labels.to(device)
+    train_images, train_labels = images[train_idx.to(device)], labels[train_idx.to(device)]
+    aug = AUGMENTATIONS[cfg.data.augment]
+
+    model = build_model(recipe.model, len(data.classes), recipe.pretrained).to(device, memory_format=memory_format(device))
+    teacher, teacher_info = _teacher(cfg, method.needs_teacher, data, train_images, device, log)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    steps = max(1, steps_per_epoch(len(train_idx), recipe.batch_size))
+    total_steps = steps * recipe.epochs
+    warmup_steps = steps * recipe.warmup_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.schedule, step, total_steps, warmup_steps))
+
+    identity = json.dumps(cfg.identity(), sort_keys=True)
+    state = _resume(out / "last.pt", identity, model, optimizer, scheduler, log)
+    history, best = state["history"], state["best"]
+    for epoch in range(state["epoch"], recipe.epochs):
+        stats = train_one_epoch(
+            model, method, loss_cfg, optimizer, scheduler, train_images, train_labels, aug, teacher,
+            batch_size=recipe.batch_size, seed=cfg.seed, epoch=epoch, device=device,
+            desc=f"{cfg.method} {cfg.data.dataset} epoch {epoch + 1}/{recipe.epochs}", progress=progress,
+        )  # fmt: skip
+        val = evaluate(model, images[val_idx.to(device)], labels[val_idx.to(device)], data.classes, batch_size=recipe.eval_batch_size, device=device)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": stats.loss,
+                "train_accuracy": stats.accuracy,
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": stats.images_per_s,
+                "seconds": stats.seconds,
+                **{f"term_{k}": v for k, v in stats.terms.items()},
+            }
+        )
+        log(
+            f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f} train acc {stats.accuracy:.4f} "
+            f"val acc {val['accuracy']:.4f} ({stats.images_per_s:.0f} img/s)"
+        )
+        if best is None or val["accuracy"] > best["val_accuracy"]:
+            best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"]}
+            save_checkpoint(out / "best.pt", model, model_name=recipe.model, classes=data.classes, extra={"trial": identity, "epoch": epoch + 1})
+        _save_resume_state(out / "last.pt", model, optimizer, scheduler, recipe.model, data.classes, identity, epoch + 1, history, best)
+
+    test_images, test_labels = images[test_idx.to(device)], labels[test_idx.to(device)]
+    val_images, val_labels = images[val_idx.to(device)], labels[val_idx.to(device)]
+
+    def split_metrics(m: torch.nn.Module) -> dict:
+        return {
+            "val": evaluate(m, val_images, val_labels, data.classes, batch_size=recipe.eval_batch_size, device=device),
+            "test": evaluate(m, test_images, test_labels, data.classes, batch_size=recipe.eval_batch_size, device=device),
+        }
+
+    last = {"epoch": recipe.epochs, **split_metrics(model)}
+    best_model, _ = load_model_checkpoint(out / "best.pt")
+    best_metrics = {"epoch": best["epoch"], **split_metrics(best_model.to(device, memory_format=memory_format(device)))}
+    result = {
+        "format": "kdbench-result-v1",
+        "key": cfg.key(LOSS_VERSION),
+        "loss_version": LOSS_VERSION,
+        "config": cfg.identity(),
+        "effective_loss": dataclasses.asdict(loss_cfg),
+        "classes": data.classes,
+        "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
+        "teacher": teacher_info,
+        "best": best_metrics,
+        "last": last,
+        "history": history,
+        "timings": {
+            "total_s": time.perf_counter() - t0,
+            "train_s": sum(h["seconds"] for h in history),
+            "train_images_per_s": _mean(h["images_per_s"] for h in history),
+        },
+        "environment": environment(device),
+    }
+    _write_json(out / METRICS_FILE, result)
+    log(
+        f"test accuracy: best-on-val (epoch {best_metrics['epoch']}) {best_metrics['test']['accuracy']:.4f}, "
+        f"last epoch ({recipe.epochs}) {last['test']['accuracy']:.4f}"
+    )
+    return result
+
+
+def _teacher(cfg: TrialConfig, needed: bool, data: PreparedData, train_images: torch.Tensor, device: torch.device, log):
+    """The teacher's logits source for a KD trial (cache where the augmentation allows), and a record of it."""
+    if not needed:
+        return None, None
+    if not cfg.teacher_checkpoint:
+        raise UserError(f"method {cfg.method} distils from a teacher: pass --teacher CHECKPOINT (a best.pt of a teacher run)")
+    path = Path(cfg.teacher_checkpoint)
+    model, ckpt = load_model_checkpoint(path)
+    if ckpt["classes"] != data.classes:
+        raise UserError(
+            f"teacher {path} was trained on classes {ckpt['classes'][:3]}... ({len(ckpt['classes'])}), "
+            f"this run has {data.classes[:3]}... ({len(data.classes)}): use a teacher of the same dataset and class subset"
+        )
+    model = model.to(device, memory_format=memory_format(device)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    aug = AUGMENTATIONS[cfg.data.augment]
+    info = {"checkpoint": str(path), "model": ckpt["model"], "id": cfg.teacher_id or file_digest(path)}
+    if not aug.cacheable:
+        log(f"augmentation {aug.name} is not a finite view group: running the teacher online")
+        return OnlineTeacher(model, str(path)), {**info, "mode": "online", "why": f"augmentation {aug.name} is continuous"}
+    cache = cache_path(path, info["id"], [data.index.paths[i] for i in data.indices("train")], cfg.data.resolution, aug, device)
+    t0 = time.perf_counter()
+    teacher: CachedTeacher = cached_teacher(
+        model, cache, train_images, aug, batch_size=cfg.recipe.eval_batch_size, device=device, source=str(path)
+    )
+    return teacher, {**info, "mode": "cache", "cache": str(cache), "cache_load_s": time.perf_counter() - t0}
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _resume(path: Path, identity: str, model, optimizer, scheduler, log) -> dict:
+    fresh = {"epoch": 0, "history": [], "best": None}
+    if not path.exists():
+        return fresh
+    state = load_checkpoint_file(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
+        raise UserError(f"{path} is not a kdbench resume checkpoint: delete it to start over, or use another --out")
+    if state.get("trial") != identity:
+        raise UserError(f"{path.parent} holds a different run (other settings): use another --out, or delete that folder")
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    log(f"resuming from {path} after epoch {state['epoch']}")
+    return {"epoch": state["epoch"], "history": state["history"], "best": state["best"]}
+
+
+def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, identity, epoch, history, best) -> None:
+    save_checkpoint(
+        path,
+        model,
+        model_name=model_name,
+        classes=classes,
+        extra={
+            "trial": identity,
+            "epoch": epoch,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": history,
+            "best": best,
+        },
+    )
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,22 @@
+"""``python -m kdbench.report DIR``: write the report of the sweep whose results store is in DIR."""
+
+from __future__ import annotations
+
+import argparse
+
+from kdbench.errors import cli_main
+from kdbench.report import build_report
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdbench.report", description=__doc__)
+    parser.add_argument("dir", help="sweep output folder holding store.sqlite (e.g. reports/quick)")
+    args = parser.parse_args(argv)
+    for path in build_report(args.dir):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

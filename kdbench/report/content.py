@@ -1,0 +1,185 @@
+"""What the report says, in order: what ran, notes, the tables and the figures with their captions."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kdbench.config import Recipe
+from kdbench.data.specs import get_spec
+from kdbench.report import figures
+from kdbench.report.document import Block, Bullets, FigureBlock, Heading, Paragraph, TableBlock
+from kdbench.report.load import BENCH_FILE, ReportData
+from kdbench.report.notes import report_notes
+from kdbench.report.stats import CONFIDENCE
+from kdbench.report.tables import (
+    MISSING_BENCH_NOTE,
+    PAPER_LABEL,
+    Table,
+    accuracy_table,
+    batch1_latency,
+    best_students,
+    complexity_table,
+    has_ablation,
+    incomplete_table,
+    latency_table,
+    temperature_table,
+    trials_table,
+    weights_table,
+)
+
+
+def build_tables(data: ReportData) -> dict[str, Table]:
+    """Every table this store supports, by CSV name (ablation and latency tables only when there is data for them)."""
+    tables = [accuracy_table(data), complexity_table(data)]
+    if data.bench is not None:
+        tables.append(latency_table(data))
+    if has_ablation(data, ("temperature",)):
+        tables.append(temperature_table(data))
+    if has_ablation(data, ("beta", "gamma")):
+        tables.append(weights_table(data))
+    tables += [incomplete_table(data), trials_table(data)]
+    return {t.name: t for t in tables}
+
+
+def draw_figures(data: ReportData, tables: dict[str, Table], folder: Path) -> dict[str, FigureBlock]:
+    """Draw and save every figure the store has data for (ablation plots with their tables); report blocks by stem."""
+    latency, resolution = batch1_latency(data)
+    if latency:
+        latency_text = f" and its median CPU latency at batch 1 ({resolution} px, {BENCH_FILE})"
+    else:
+        latency_text = f" (no {BENCH_FILE}: no latency panel)"
+    specs = [
+        ("accuracy", lambda: figures.accuracy_figure(data),
+         "Test accuracy (best-val checkpoint) per method and dataset, default settings: bars are means, error bars ±1 standard "
+         f"deviation across seeds (none with one seed), dots single seeds ({len(data.seeds)} planned). Dashed line: {PAPER_LABEL}, "
+         "for reference only."),
+        ("accuracy_vs_cost", lambda: figures.cost_figure(data, latency),
+         f"Mean test accuracy (±1 std across seeds) against the model's GFLOPs per image at the trained resolution{latency_text}. "
+         "Squares: teacher; circles: students, spread slightly sideways because they share one architecture."),
+        ("temperature", lambda: figures.temperature_figure(data) if "temperature" in tables else None,
+         "Test accuracy against the distillation temperature T: lines are means, bands ±1 std across seeds; dashed lines: "
+         "methods that do not depend on T (default settings)."),
+        ("loss_weights", lambda: figures.weights_figure(data) if "loss_weights" in tables else None,
+         "Mean test accuracy (%) over the KL weight β and the cosine weight γ, at the default temperature."),
+        ("training_curves", lambda: figures.curves_figure(data),
+         "Validation accuracy per epoch of the teacher and each student (default settings): lines are means, bands ±1 std "
+         "across seeds."),
+    ]  # fmt: skip
+    specs += [
+        (f"confusion_{dataset}", lambda d=dataset, m=method: figures.confusion_figure(data, d, m),
+         f"Test confusion matrix of the best student on {dataset} (best-val checkpoint, default settings, summed over its "
+         "finished seeds), each row as a percentage of the true class.")
+        for dataset, method in best_students(tables["accuracy"]).items()
+    ]  # fmt: skip
+    blocks = {}
+    for stem, draw, caption in specs:
+        fig = draw()
+        if fig is not None:
+            figures.save(fig, folder, stem)
+            blocks[stem] = FigureBlock(stem, caption, 70 if stem.startswith("confusion_") else 100)
+    return blocks
+
+
+def report_blocks(data: ReportData, tables: dict[str, Table], figs: dict[str, FigureBlock]) -> list[Block]:
+    """The whole report, top to bottom."""
+    sweep = data.sweep
+    blocks: list[Block] = [Heading(f"Knowledge-distillation benchmark: {sweep['name']}", 1)]
+    if data.ablation.description:
+        blocks.append(Paragraph(data.ablation.description))
+    blocks += [Heading("What ran"), Bullets(tuple(run_summary(data)))]
+    blocks += [Heading("Notes"), Bullets(tuple(report_notes(data, tables["accuracy"])))]
+    blocks += _section("1. Accuracy", [tables["accuracy"]], [figs.get("accuracy")])
+    speed = [tables["latency"]] if "latency" in tables else [Paragraph(MISSING_BENCH_NOTE)]
+    blocks += _section("2. Complexity and speed", [tables["complexity"], *speed], [figs.get("accuracy_vs_cost")])
+    if "temperature" in tables:
+        blocks += _section("3. Temperature ablation", [tables["temperature"]], [figs.get("temperature")])
+    if "loss_weights" in tables:
+        blocks += _section("4. Loss-weight ablation", [tables["loss_weights"]], [figs.get("loss_weights")])
+    blocks += _section("Training curves", [], [figs.get("training_curves")])
+    blocks += _section("Confusion matrices", [], [figs.get(f"confusion_{d}") for d in data.datasets])
+    incomplete = tables["incomplete"]
+    blocks += [Heading("Failed and missing trials")]
+    blocks.append(TableBlock(incomplete) if len(incomplete.display) else Paragraph("None: every planned trial finished."))
+    blocks += [Heading("Files"), Bullets(tuple(files_list(tables, figs)))]
+    return blocks
+
+
+def _section(title: str, content: list[Table | Paragraph], figs: list[FigureBlock | None]) -> list[Block]:
+    """A heading, its tables and paragraphs, then its figures that were drawn (or a line saying there is nothing)."""
+    body = [TableBlock(c) if isinstance(c, Table) else c for c in content] + [f for f in figs if f is not None]
+    return [Heading(title), *(body or [Paragraph("Nothing to show: no trial of this kind has finished.")])]
+
+
+def files_list(tables: dict[str, Table], figs: dict[str, FigureBlock]) -> list[str]:
+    return [
+        "Tables as CSV (numbers at full count or rounded to 2 decimals): " + ", ".join(f"tables/{name}.csv" for name in tables),
+        "Figures as PNG and SVG: " + ", ".join(f"figures/{stem}.png|svg" for stem in figs),
+    ]
+
+
+def run_summary(data: ReportData) -> list[str]:
+    """The header: ablation, timing, recipes, grid, data and splits, hardware and software."""
+    ab, env = data.ablation, data.sweep["environment"] or {}
+    g, d = ab.grid, ab.data
+    images = "all images" if d.images_per_class is None else f"{d.images_per_class} per class"
+    classes = f", classes {', '.join(d.classes)}" if d.classes else ""
+    versions = ", ".join(f"{k} {env[k]}" for k in ("kdbench", "python", "torch", "torchvision") if env.get(k))
+    return [
+        f"Ablation {data.sweep['name']} from {data.sweep['ablation_path'] or 'an unnamed file'}.",
+        _sweep_line(data),
+        f"Teacher: {_recipe(ab.teacher)}.",
+        f"Student: {_recipe(ab.student)}.",
+        f"Loss: α = {ab.loss.alpha:g} (cross-entropy), cosine on {ab.loss.cosine_on}; grid T ∈ {_values(g.temperatures)}, "
+        f"β (KL weight) ∈ {_values(g.kl_weights)}, γ (cosine weight) ∈ {_values(g.cos_weights)}; methods: {', '.join(g.methods)}.",
+        f"Seeds: {', '.join(map(str, g.seeds))} ({len(g.seeds)}); Δ intervals are two-sided {CONFIDENCE:.0%} Student-t over seeds.",
+        f"Images: {d.resolution}×{d.resolution} px, {images}{classes}, augmentation {d.augment}, split seed {d.split_seed}.",
+        *(f"Dataset {dataset}: {_dataset_line(data, dataset)}." for dataset in data.datasets),
+        f"Hardware: {_hardware(env)}.",
+        f"Software: {versions}; {env.get('platform', 'platform unknown')}; git commit {env.get('git_commit') or 'unknown'}.",
+    ]  # fmt: skip
+
+
+def _sweep_line(data: ReportData) -> str:
+    """When the sweep ran (its own timestamps, UTC), how long, and where its trials stand."""
+    sweep = data.sweep
+    counts = data.trials["status"].value_counts()
+    status = ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "pending") if s in counts)
+    finished = f"finished {_utc(sweep['finished_at'])}" if sweep["finished_at"] else "not finished"
+    wall = f", wall time {_duration(sweep['summary']['wall_s'])}" if sweep["summary"] else ""
+    return f"Sweep started {_utc(sweep['started_at'])}, {finished}{wall}; {len(data.trials)} trials planned: {status}."
+
+
+def _recipe(r: Recipe) -> str:
+    weights = f"pretrained {r.pretrained}" if r.pretrained != "none" else "from scratch"
+    return (f"{r.model} ({weights}), {r.epochs} epochs, batch {r.batch_size}, SGD lr {r.lr:g} ({r.schedule}), "
+            f"momentum {r.momentum:g}, weight decay {r.weight_decay:g}")  # fmt: skip
+
+
+def _dataset_line(data: ReportData, dataset: str) -> str:
+    done = data.done[data.done["dataset"] == dataset]
+    splits = sorted({(r["data"]["train"], r["data"]["val"], r["data"]["test"], len(r["classes"])) for r in done["result"]})
+    sizes = " or ".join(f"{c} classes, train / val / test = {a} / {b} / {t} images" for a, b, t, c in splits)
+    return f"{get_spec(dataset).title}; {sizes or 'split sizes unknown (no finished trial)'}"
+
+
+def _hardware(env: dict) -> str:
+    cores = f"{env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} torch threads"
+    parts = [f"{env.get('cpu', 'unknown CPU')} ({cores})", f"device {env.get('device', '?')}"]
+    if env.get("gpu"):
+        parts.append(f"GPU {env['gpu']}")
+    return ", ".join(parts)
+
+
+def _values(values: tuple[float, ...]) -> str:
+    return "{" + ", ".join(f"{v:g}" for v in values) + "}"
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"

@@ -1,0 +1,242 @@
+"""The report's figures (seaborn on the Agg backend), each written as PNG and SVG.
+
+Every method has one colour in every figure (registry order of the colour-blind
+palette).  Each ``*_figure`` function returns a matplotlib figure, or ``None`` when
+the store has nothing to draw; :func:`save` writes it and closes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from kdbench.methods import METHODS, get_method  # noqa: E402
+from kdbench.report.load import ReportData  # noqa: E402
+from kdbench.report.tables import PAPER_BEST_ACCURACY, PAPER_LABEL, swept  # noqa: E402
+
+PALETTE = dict(zip((get_method(m).label for m in METHODS), sns.color_palette("colorblind", len(METHODS))))
+WIDTH = 7.0  # inches: the text width of an A4 page
+DPI = 200
+ACCURACY_LABEL = "Test accuracy (%)"
+MAX_ANNOTATED_CLASSES = 25  # confusion matrices with more classes show colours only
+STYLE = {"svg.hashsalt": "kdbench-report", "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8}
+
+
+def save(fig: plt.Figure, folder: Path, stem: str) -> None:
+    """Write ``folder/stem.png`` and ``folder/stem.svg`` without timestamps, then close the figure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context(STYLE):  # svg.hashsalt: stable element ids
+        fig.savefig(folder / f"{stem}.png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(folder / f"{stem}.svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+
+
+def labels(data: ReportData) -> list[str]:
+    """The ablation's method labels in registry order (the hue order of every figure)."""
+    return [get_method(m).label for m in METHODS if m in data.ablation.grid.methods]
+
+
+def _default_done(data: ReportData) -> pd.DataFrame:
+    done = data.done
+    return done[done["default"]]
+
+
+def _legend_below(fig: plt.Figure, handles, names, ncol: int = 3) -> None:
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, frameon=False)
+
+
+def _facets(data: ReportData, height: float = 2.6, rows: int = 1, **kw) -> tuple[plt.Figure, np.ndarray]:
+    """A grid of axes, ``rows`` high, one column per dataset."""
+    return plt.subplots(rows, len(data.datasets), figsize=(WIDTH, height * rows), squeeze=False, **kw)
+
+
+def _empty(ax: plt.Axes, title: str) -> None:
+    """Mark a panel that has no finished trial."""
+    ax.set_axis_off()
+    ax.set_title(f"{title}: no finished trial")
+
+
+def accuracy_figure(data: ReportData) -> plt.Figure | None:
+    """Bars of mean test accuracy per method and dataset, ±1 std across seeds, seeds as dots (no random jitter), paper line."""
+    trials = _default_done(data)
+    if trials.empty:
+        return None
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH, 3.4))
+        order, hue = data.datasets, labels(data)
+        common = {"data": trials, "x": "dataset", "y": "best_acc", "hue": "label", "order": order, "hue_order": hue, "ax": ax}
+        sns.barplot(**common, palette=PALETTE, errorbar="sd", capsize=0.15, err_kws={"linewidth": 1})
+        sns.stripplot(**common, dodge=True, palette=dict.fromkeys(hue, "black"), size=3, jitter=False, legend=False)
+        ax.axhline(PAPER_BEST_ACCURACY, color="0.3", linestyle="--", linewidth=1, label=f"{PAPER_LABEL}: {PAPER_BEST_ACCURACY:.2f}%")
+        ax.set(xlabel="Dataset", ylabel=ACCURACY_LABEL, ylim=(0, 105))
+        handles, names = ax.get_legend_handles_labels()
+        ax.get_legend().remove()
+        _legend_below(fig, handles, names)
+        fig.tight_layout()
+    return fig
+
+
+def temperature_figure(data: ReportData) -> plt.Figure | None:
+    """Accuracy against T per dataset (mean, ±1 std band), teacher and baseline as dashed lines."""
+    trials = swept(data, ("temperature",))
+    trials = trials[trials["status"] == "done"]
+    if trials.empty:
+        return None
+    references = _default_done(data)
+    references = references[references["method"].map(lambda m: "temperature" not in data.sweep_axes(m))]
+    with plt.rc_context(STYLE):
+        fig, axes = _facets(data, sharey=True)
+        for ax, dataset in zip(axes[0], data.datasets):
+            subset = trials[trials["dataset"] == dataset]
+            if subset.empty:
+                _empty(ax, dataset)
+                continue
+            sns.lineplot(data=subset, x="temperature", y="best_acc", hue="label", palette=PALETTE,
+                         hue_order=labels(data), errorbar="sd", marker="o", ax=ax, legend=False)  # fmt: skip
+            for label, group in references[references["dataset"] == dataset].groupby("label"):
+                ax.axhline(group["best_acc"].mean(), color=PALETTE[label], linestyle="--", linewidth=1)
+            ax.set(title=dataset, xlabel="Temperature T", ylabel=ACCURACY_LABEL, xticks=sorted(trials["temperature"].unique()))
+        _method_legend(fig, data)
+        fig.tight_layout()
+    return fig
+
+
+def _method_legend(fig: plt.Figure, data: ReportData) -> None:
+    """One legend entry per method: its colour, a square for the teacher and a circle for students."""
+    markers = {get_method(m).label: "s" if get_method(m).role == "teacher" else "o" for m in METHODS}
+    handles = [plt.Line2D([], [], color=PALETTE[name], marker=markers[name]) for name in labels(data)]
+    _legend_below(fig, handles, labels(data))
+
+
+def _log_axis(ax: plt.Axes) -> None:
+    """A log x axis labelled at 1, 2 and 5 times powers of ten, as plain numbers."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def weights_figure(data: ReportData) -> plt.Figure | None:
+    """Heatmaps of mean accuracy over (KL weight β, cosine weight γ) for methods that use both, one per dataset."""
+    methods = [m for m in METHODS if m in data.ablation.grid.methods and {"beta", "gamma"} <= set(data.sweep_axes(m))]
+    trials = swept(data, ("beta", "gamma"))
+    trials = trials[(trials["status"] == "done") & trials["method"].isin(methods)]
+    if trials.empty:
+        return None
+    with plt.rc_context(STYLE):
+        fig, axes = _facets(data, height=2.8, rows=len(methods))
+        for row, method in zip(axes, methods):
+            for ax, dataset in zip(row, data.datasets):
+                subset = trials[(trials["method"] == method) & (trials["dataset"] == dataset)]
+                grid = subset.pivot_table(index="beta", columns="gamma", values="best_acc", aggfunc="mean")
+                if grid.empty:
+                    _empty(ax, f"{get_method(method).label}, {dataset}")
+                    continue
+                sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": ACCURACY_LABEL})
+                ax.set(title=f"{get_method(method).label}, {dataset}", xlabel="Cosine weight γ", ylabel="KL weight β")
+        fig.tight_layout()
+    return fig
+
+
+def curves_figure(data: ReportData) -> plt.Figure | None:
+    """Validation accuracy per epoch of the teacher and every student (default trials; mean, ±1 std band)."""
+    rows = [
+        {"dataset": t.dataset, "label": t.label, "seed": t.seed, "epoch": h["epoch"], "val": 100 * h["val_accuracy"]}
+        for t in _default_done(data).itertuples()
+        for h in t.result["history"]
+    ]
+    if not rows:
+        return None
+    curves = pd.DataFrame(rows)
+    with plt.rc_context(STYLE):
+        fig, axes = _facets(data, sharey=True)
+        for ax, dataset in zip(axes[0], data.datasets):
+            subset = curves[curves["dataset"] == dataset]
+            if subset.empty:
+                _empty(ax, dataset)
+                continue
+            sns.lineplot(data=subset, x="epoch", y="val", hue="label", hue_order=labels(data),
+                         palette=PALETTE, errorbar="sd", ax=ax, legend=False)  # fmt: skip
+            ax.set(title=dataset, xlabel="Epoch", ylabel="Validation accuracy (%)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        _method_legend(fig, data)
+        fig.tight_layout()
+    return fig
+
+
+def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
+    """Row-normalised test confusion matrix of ``method``'s default trials on ``dataset``, summed over their seeds."""
+    trials = _default_done(data)
+    trials = trials[(trials["dataset"] == dataset) & (trials["method"] == method)]
+    classes = trials["result"].iloc[0]["classes"]
+    counts = sum(np.array(r["best"]["test"]["confusion_matrix"]) for r in trials["result"])
+    share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(WIDTH, 2.0 + 0.32 * len(classes))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(size + 1.0, size))
+        sns.heatmap(pd.DataFrame(share, index=classes, columns=classes), annot=len(classes) <= MAX_ANNOTATED_CLASSES, fmt=".0f",
+                    cmap="Blues", vmin=0, vmax=100, square=True, ax=ax, annot_kws={"fontsize": 6},
+                    cbar_kws={"label": "Share of the true class (%)"})  # fmt: skip
+        ax.set(xlabel="Predicted class", ylabel="True class",
+               title=f"{get_method(method).label} on {dataset}, best-val ckpt, {len(trials)} seed(s) summed")  # fmt: skip
+        ax.tick_params(axis="x", labelrotation=90)
+        ax.tick_params(axis="y", labelrotation=0)
+        fig.tight_layout()
+    return fig
+
+
+def cost_figure(data: ReportData, latency: dict[str, float]) -> plt.Figure | None:
+    """Mean test accuracy (±1 std) against GFLOPs per image and, given ``latency`` (model -> ms), against latency.
+
+    Students share one architecture, so their points are spread slightly sideways to stay legible.
+    """
+    points = _cost_points(data)
+    if points.empty:
+        return None
+    axes_x = [("gflops", "GFLOPs per image (log scale)")]
+    if latency:
+        points["latency"] = points["model"].map(latency)
+        axes_x.append(("latency", "CPU latency, batch 1 (ms, log scale)"))
+    with plt.rc_context(STYLE):
+        fig, axes = _facets(data, height=2.5, rows=len(axes_x), sharey="col")
+        for row, (column, xlabel) in zip(axes, axes_x):
+            for ax, dataset in zip(row, data.datasets):
+                subset = points[(points["dataset"] == dataset) & points[column].notna()]
+                if subset.empty:
+                    _empty(ax, dataset)
+                    continue
+                for p in subset.itertuples():
+                    x = getattr(p, column) * 1.06**p.offset
+                    ax.errorbar(x, p.mean, yerr=0 if np.isnan(p.std) else p.std, fmt="o" if p.role == "student" else "s",
+                                color=PALETTE[p.label], capsize=2, markersize=5)  # fmt: skip
+                _log_axis(ax)
+                ax.set(title=dataset, xlabel=xlabel, ylabel=ACCURACY_LABEL)
+        _method_legend(fig, data)
+        fig.tight_layout()
+    return fig
+
+
+def _cost_points(data: ReportData) -> pd.DataFrame:
+    """Per dataset and method: mean and std of accuracy, the model and its GFLOPs, and a sideways offset."""
+    trials = _default_done(data)
+    trials = trials[trials["complexity"].notna()]
+    rows = []
+    for (dataset, method), group in trials.groupby(["dataset", "method"], sort=False):
+        info = group["complexity"].iloc[0]
+        rows.append({"dataset": dataset, "method": method, "label": get_method(method).label, "role": get_method(method).role,
+                     "model": info["model"], "gflops": info["flops"] / 1e9, "mean": group["best_acc"].mean(),
+                     "std": group["best_acc"].std()})  # fmt: skip
+    points = pd.DataFrame(rows)
+    if not points.empty:
+        rank = points.groupby(["dataset", "model"]).cumcount()
+        points["offset"] = rank - points.groupby(["dataset", "model"])["method"].transform("count").sub(1) / 2
+    return points

@@ -1,0 +1,123 @@
+"""Read the latest sweep of a results store into one tidy trial table.
+
+Every trial the latest sweep planned is one row, done or not, so later stages can
+mark what is missing.  Accuracies and macro metrics become percentages.  A trial is
+*default* when its loss settings are the ones a one-value grid would use: the
+ablation's first temperature, first KL weight and first cosine weight, passed
+through the method's ``effective_loss`` (so the baseline, which ignores them, is
+always default).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from kdbench.bench_summary import load_benchmark_json
+from kdbench.config import LossConfig
+from kdbench.errors import UserError
+from kdbench.methods import METHODS, get_method
+from kdbench.sweep.ablation import Ablation, parse_ablation
+from kdbench.sweep.store import STORE_FILE, Store
+
+BENCH_FILE = "bench.json"
+LOSS_AXES = ("temperature", "beta", "gamma")
+METRICS = {"accuracy": "acc", "macro_precision": "precision", "macro_recall": "recall", "macro_f1": "f1"}
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the report shows, read once from the output folder."""
+
+    out_dir: Path
+    sweep: dict  # Store.latest_sweep()
+    ablation: Ablation
+    trials: pd.DataFrame  # one row per planned trial, see :func:`trial_frame`
+    bench: pd.DataFrame | None  # kdbench.bench_summary.load_benchmark_json, None without bench.json
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.ablation.grid.datasets)
+
+    @property
+    def done(self) -> pd.DataFrame:
+        return self.trials[self.trials["status"] == "done"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.ablation.grid.seeds)
+
+    def sweep_axes(self, method: str) -> tuple[str, ...]:
+        """The grid axes (``temperature``, ``beta``, ``gamma``) along which ``method`` was swept."""
+        loss = self.ablation.loss
+        return get_method(method).sweep_axes(LossConfig(alpha=loss.alpha, cosine_on=loss.cosine_on))
+
+
+def default_loss(ablation: Ablation, method: str) -> LossConfig:
+    """The loss settings of ``method``'s default trial (first value of each grid axis)."""
+    grid, loss = ablation.grid, ablation.loss
+    base = LossConfig(alpha=loss.alpha, beta=grid.kl_weights[0], gamma=grid.cos_weights[0],
+                      temperature=grid.temperatures[0], cosine_on=loss.cosine_on)  # fmt: skip
+    return get_method(method).effective_loss(base)
+
+
+def load_report_data(out_dir: Path) -> ReportData:
+    """Read ``out_dir/store.sqlite`` (latest sweep only) and ``out_dir/bench.json`` if present."""
+    path = out_dir / STORE_FILE
+    if not path.is_file():
+        raise UserError(f"no results store in {out_dir}: run python -m kdbench.sweep first")
+    store = Store(path)
+    try:
+        sweep = store.latest_sweep()
+        if sweep is None:
+            raise UserError(f"the results store {path} records no sweep: run python -m kdbench.sweep first")
+        rows = store.rows(sweep["keys"])
+    finally:
+        store.close()
+    ablation = parse_ablation(sweep["ablation"], sweep["ablation_path"] or sweep["name"])
+    bench_path = out_dir / BENCH_FILE
+    bench = load_benchmark_json(bench_path) if bench_path.is_file() else None
+    return ReportData(out_dir, sweep, ablation, trial_frame(rows, ablation), bench)
+
+
+def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
+    """One row per trial, ordered by dataset (grid order), method (registry order), loss settings and seed.
+
+    Columns: the store's identity columns (key, role, dataset, method, model, seed,
+    temperature, beta, gamma, teacher_key, status, error, flags), ``label`` (the
+    method's report name), ``default`` (see the module docstring), ``best_<m>`` and
+    ``last_<m>`` for m in acc, precision, recall, f1 (percent of the test split; NaN
+    unless done), ``best_epoch``, ``last_epoch``, and the decoded ``result`` and
+    ``complexity`` dicts.
+    """
+    records = [_record(row, ablation) for row in rows]
+    columns = ["key", "role", "dataset", "method", "label", "model", "seed", *LOSS_AXES, "default", "teacher_key",
+               "status", "error", "flags", "best_epoch", "last_epoch",
+               *(f"{ckpt}_{m}" for ckpt in ("best", "last") for m in METRICS.values()), "result", "complexity"]  # fmt: skip
+    frame = pd.DataFrame(records, columns=columns)
+    order = {"dataset": list(ablation.grid.datasets), "method": list(METHODS)}
+    rank = {col: frame[col].map({v: i for i, v in enumerate(values)}) for col, values in order.items()}
+    frame = frame.assign(_d=rank["dataset"], _m=rank["method"])
+    frame = frame.sort_values(["_d", "_m", *LOSS_AXES, "seed"], ignore_index=True)
+    return frame.drop(columns=["_d", "_m"])
+
+
+def _record(row: dict, ablation: Ablation) -> dict:
+    default = default_loss(ablation, row["method"])
+    record = {
+        **{k: row[k] for k in ("key", "role", "dataset", "method", "model", "seed", *LOSS_AXES, "teacher_key", "status", "error")},
+        "label": get_method(row["method"]).label,
+        "flags": tuple(row["flags"] or ()),
+        "default": all(math.isclose(row[axis], getattr(default, axis)) for axis in LOSS_AXES),
+        "result": row["result"],
+        "complexity": row["complexity"],
+    }
+    result = row["result"] if row["status"] == "done" else None
+    for ckpt in ("best", "last"):
+        record[f"{ckpt}_epoch"] = result[ckpt]["epoch"] if result else math.nan
+        for metric, short in METRICS.items():
+            record[f"{ckpt}_{short}"] = 100 * result[ckpt]["test"][metric] if result else math.nan
+    return record

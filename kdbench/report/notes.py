@@ -1,0 +1,94 @@
+"""Caveats read off the data: unfinished sweeps, failed and missing trials, weak teachers, few seeds, best vs last."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from kdbench.errors import one_line
+from kdbench.report.load import ReportData
+from kdbench.report.tables import PAPER, PAPER_BEST_ACCURACY, PAPER_LABEL, Table
+
+MIN_SEEDS = 3  # fewer finished seeds than this: spreads and intervals are not meaningful
+BEST_LAST_GAP = 1.0  # percentage points between best-val-checkpoint and last-epoch accuracy worth a note
+
+
+def report_notes(data: ReportData, accuracy: Table) -> list[str]:
+    """One sentence (or short list) per caveat that applies to this store, most serious first."""
+    return [
+        *_unfinished(data),
+        *_failed(data),
+        *_missing(data),
+        *_weak_teachers(data),
+        *_few_seeds(accuracy.data),
+        *_best_vs_last(accuracy.data),
+        *_skipped_images(data),
+        f"Reference: the paper ({PAPER}) reports a best test accuracy of {PAPER_BEST_ACCURACY:.2f}%, labelled "
+        f"'{PAPER_LABEL}' in Table 1 and the accuracy figure; it comes from the paper's own training settings, not from this run.",
+    ]
+
+
+def _unfinished(data: ReportData) -> list[str]:
+    if data.sweep["finished_at"] is None:
+        return ["The sweep has no finish time: it was interrupted or is still running; this report shows what the store held."]
+    return []
+
+
+def _trial_name(t) -> str:
+    return f"{t.label} on {t.dataset}, seed {t.seed} (T {t.temperature:g}, β {t.beta:g}, γ {t.gamma:g})"
+
+
+def _failed(data: ReportData) -> list[str]:
+    failed = data.trials[data.trials["status"] == "failed"]
+    return [f"Failed: {_trial_name(t)}: {one_line(t.error or 'no error recorded')}" for t in failed.itertuples()]
+
+
+def _missing(data: ReportData) -> list[str]:
+    missing = data.trials[data.trials["status"].isin(["pending", "running"])]
+    if missing.empty:
+        return []
+    counts = ", ".join(f"{n} {status}" for status, n in missing["status"].value_counts().sort_index().items())
+    return [f"Missing: {len(missing)} of {len(data.trials)} planned trials have no result ({counts}); their cells are "
+            "— and they are listed under 'Failed and missing trials'."]  # fmt: skip
+
+
+def _weak_teachers(data: ReportData) -> list[str]:
+    done = data.done
+    notes = []
+    for teacher in done[done["flags"].map(lambda f: "teacher_weaker_than_students" in f)].itertuples():
+        students = done[done["teacher_key"] == teacher.key]
+        better = students[students["best_acc"] > teacher.best_acc]
+        best = better.loc[better["best_acc"].idxmax()]
+        notes.append(f"Teacher weaker than its students: {teacher.model} on {teacher.dataset}, seed {teacher.seed}, reaches "
+                     f"{teacher.best_acc:.2f}% test accuracy; {len(better)} of its {len(students)} finished students beat it "
+                     f"(best: {best['label']}, {best['best_acc']:.2f}%), so distillation cannot be expected to help there.")  # fmt: skip
+    return notes
+
+
+def _few_seeds(accuracy: pd.DataFrame) -> list[str]:
+    few = accuracy[(accuracy["n"] > 0) & (accuracy["n"] < MIN_SEEDS)]
+    if few.empty:
+        return []
+    groups = few.groupby("dataset", sort=False)
+    cells = "; ".join(f"{dataset}: " + ", ".join(f"{r.label} n={r.n}" for r in group.itertuples()) for dataset, group in groups)
+    return [f"Fewer than {MIN_SEEDS} finished seeds ({cells}): error bars and intervals are not meaningful there (one seed has none)."]
+
+
+def _best_vs_last(accuracy: pd.DataFrame) -> list[str]:
+    rows = accuracy[accuracy["n"] > 0]
+    gap = rows["best_mean"] - rows["last_mean"]
+    wide = gap[gap.abs() >= BEST_LAST_GAP]
+    if wide.empty:
+        return []
+    top = rows.loc[wide.abs().idxmax()]
+    return [f"The best-val checkpoint and the last epoch differ by {BEST_LAST_GAP:g} pp or more in {len(wide)} of {len(rows)} "
+            f"cells of Table 1 (mean test accuracy; largest: {top['dataset']} {top['label']}, {top['best_mean']:.2f}% best vs "
+            f"{top['last_mean']:.2f}% last): model selection on the validation split matters there."]  # fmt: skip
+
+
+def _skipped_images(data: ReportData) -> list[str]:
+    notes = []
+    for dataset, group in data.done.groupby("dataset", sort=False):
+        skipped = max(len(r["data"].get("skipped") or []) for r in group["result"])
+        if skipped:
+            notes.append(f"{dataset}: {skipped} unreadable or stray files were skipped while indexing the images.")
+    return notes

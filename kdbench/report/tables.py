@@ -1,0 +1,341 @@
+"""The report's tables: a numeric frame (written as CSV) and a formatted frame (shown) for each.
+
+Accuracies and macro metrics are percentages of the test split with 2 decimals;
+differences are percentage points (pp).  Cells without a finished trial are ``—``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from kdbench.bench_summary import BENCH_COMMAND, speedups
+from kdbench.errors import UserError
+from kdbench.methods import METHODS, get_method
+from kdbench.profile import FLOP_CONVENTION, compression
+from kdbench.report.load import BENCH_FILE, ReportData, default_loss
+from kdbench.report.stats import CONFIDENCE, paired_difference, summarize
+
+PAPER = "arXiv 2606.14886"
+PAPER_BEST_ACCURACY = 99.04  # percent, the paper's best reported test accuracy; not a result of this code
+PAPER_LABEL = "paper (reported)"
+BEST_MARK = "★"
+MISSING = "—"
+MISSING_BENCH_NOTE = (
+    f"No {BENCH_FILE} in the sweep folder: CPU latency and throughput were not measured, so speed-ups and the "
+    f"accuracy-vs-latency plot are left out. To add them run: {BENCH_COMMAND} (with --benchmark-json pointing into this folder)."
+)
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of the report.
+
+    ``data`` is written to ``tables/<name>.csv``; ``display`` (strings) is what the
+    report shows, one block per value of its ``group`` column when that is set.
+    """
+
+    name: str
+    title: str
+    data: pd.DataFrame
+    display: pd.DataFrame
+    notes: tuple[str, ...] = field(default=())
+    group: str | None = None
+
+
+# --- formatting -----------------------------------------------------------------------------------
+def number(value: float, digits: int = 2, sign: bool = False) -> str:
+    """``value`` with ``digits`` decimals (``+`` for positives when ``sign``), ``—`` for NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def mean_std(mean: float, std: float) -> str:
+    """``mean ± std``, just the mean when the std is undefined (one seed), ``—`` without data."""
+    if math.isnan(mean):
+        return MISSING
+    return number(mean) if math.isnan(std) else f"{number(mean)} ± {number(std)}"
+
+
+def difference_text(mean: float, low: float, high: float, n: int, seeds: int) -> str:
+    """A paired difference in pp with its interval, or why there is none; the pair count when below ``seeds``."""
+    if n == 0:
+        return MISSING
+    if n == 1:
+        return f"{number(mean, sign=True)} (n=1, no interval)"
+    pairs = f" ({n} pairs)" if n < seeds else ""
+    return f"{number(mean, sign=True)} [{number(low, sign=True)}, {number(high, sign=True)}]{pairs}"
+
+
+def axis_value(value: float) -> str:
+    return f"{value:g}"
+
+
+# --- 1. accuracy ----------------------------------------------------------------------------------
+def accuracy_table(data: ReportData) -> Table:
+    """Table 1: default-setting trials of every method per dataset, test metrics over seeds, paired Δ vs baseline."""
+    trials = data.trials[data.trials["default"]]
+    rows = [_accuracy_row(trials, dataset, method) for dataset in data.datasets for method in _methods(data)]
+    frame = pd.DataFrame(rows)
+    frame["best_student"] = _best_student(frame)
+    display = pd.DataFrame({
+        "Dataset": frame["dataset"],
+        "Method": [f"{label} {BEST_MARK}" if best else label for label, best in zip(frame["label"], frame["best_student"])],
+        "Seeds": [f"{n}/{planned}" for n, planned in zip(frame["n"], frame["planned"])],
+        "Test acc. %, best-val ckpt": [mean_std(m, s) for m, s in zip(frame["best_mean"], frame["best_std"])],
+        "Macro P %": frame["precision"].map(number),
+        "Macro R %": frame["recall"].map(number),
+        "Macro F1 %": frame["f1"].map(number),
+        "Test acc. %, last epoch": [mean_std(m, s) for m, s in zip(frame["last_mean"], frame["last_std"])],
+        f"Δ vs baseline, pp [{CONFIDENCE:.0%} CI]": [
+            "reference" if r.method == "baseline" else difference_text(r.diff_mean, r.diff_low, r.diff_high, r.diff_n, r.n)
+            for r in frame.itertuples()
+        ],
+    })  # fmt: skip
+    reference = {c: "" for c in display.columns} | {"Dataset": f"reference, not from this run: {PAPER}", "Method": PAPER_LABEL,
+                                                    "Test acc. %, best-val ckpt": number(PAPER_BEST_ACCURACY)}  # fmt: skip
+    display = pd.concat([display, pd.DataFrame([reference])], ignore_index=True)
+    grid = data.ablation.grid
+    notes = (
+        f"Default trials only: T = {axis_value(grid.temperatures[0])}, β = {axis_value(grid.kl_weights[0])}, "
+        f"γ = {axis_value(grid.cos_weights[0])} (the first value of each grid axis); a method that does not use an axis ignores it.",
+        "Best-val ckpt: the weights of the epoch with the best validation accuracy, evaluated on the test split; "
+        "last epoch: the final weights. Accuracies are mean ± sample standard deviation over seeds; P, R, F1 are "
+        "macro averages (means over seeds). Seeds: finished / planned.",
+        f"Δ: test accuracy minus the student baseline's, paired by seed, mean and two-sided {CONFIDENCE:.0%} Student-t "
+        "interval over the pairs (t quantile with n - 1 degrees of freedom).",
+        f"{BEST_MARK} best student on the dataset (highest mean best-val-checkpoint test accuracy).",
+        f"Last row: the best test accuracy the paper reports ({PAPER}), for reference; it is not in the CSV.",
+    )
+    return Table("accuracy", "Table 1. Test accuracy per method", _round(frame), display, notes, group="Dataset")
+
+
+def _methods(data: ReportData) -> list[str]:
+    """The ablation's methods in registry order."""
+    return [m for m in METHODS if m in data.ablation.grid.methods]
+
+
+def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str) -> dict:
+    planned = trials[(trials["dataset"] == dataset) & (trials["method"] == method)]
+    done = planned[planned["status"] == "done"]
+    best, last = summarize(list(done["best_acc"])), summarize(list(done["last_acc"]))
+    baseline = trials[(trials["dataset"] == dataset) & (trials["method"] == "baseline") & (trials["status"] == "done")]
+    diff = paired_difference(_by_seed(done), _by_seed(baseline))
+    return {
+        "dataset": dataset, "method": method, "label": get_method(method).label, "role": get_method(method).role,
+        "n": best.n, "planned": len(planned),
+        "best_mean": best.mean, "best_std": best.std,
+        **{m: summarize(list(done[f"best_{m}"])).mean for m in ("precision", "recall", "f1")},
+        "last_mean": last.mean, "last_std": last.std,
+        "diff_mean": diff.mean, "diff_low": diff.low, "diff_high": diff.high, "diff_n": diff.n,
+    }  # fmt: skip
+
+
+def _by_seed(trials: pd.DataFrame) -> dict[int, float]:
+    return dict(zip(trials["seed"], trials["best_acc"]))
+
+
+def _best_student(frame: pd.DataFrame) -> pd.Series:
+    """True on the student row with the highest mean accuracy of each dataset (first in method order on ties)."""
+    students = frame[(frame["role"] == "student") & frame["best_mean"].notna()]
+    winners = students.sort_values("best_mean", ascending=False, kind="stable").drop_duplicates("dataset").index
+    return pd.Series(frame.index.isin(winners), index=frame.index)
+
+
+def best_students(accuracy: Table) -> dict[str, str]:
+    """dataset -> method of its best student, from Table 1 (datasets without a finished student are left out)."""
+    best = accuracy.data[accuracy.data["best_student"]]
+    return dict(zip(best["dataset"], best["method"]))
+
+
+# --- 2. complexity and speed ----------------------------------------------------------------------
+def complexity_table(data: ReportData) -> Table:
+    """Table 2: parameters, FLOPs and checkpoint size of the teacher and student per dataset, and their ratios."""
+    rows = []
+    for dataset in data.datasets:
+        info = {role: _complexity(data, dataset, role) for role in ("teacher", "student")}
+        for role in ("teacher", "student"):
+            c = info[role] or {}
+            rows.append({"dataset": dataset, "row": role, "model": c.get("model", MISSING), "resolution": c.get("resolution"),
+                         "num_classes": c.get("num_classes"), "params": c.get("params_total"), "flops": c.get("flops"),
+                         "checkpoint_bytes": c.get("checkpoint_bytes")})  # fmt: skip
+        ratios = compression(info["teacher"], info["student"]) if all(info.values()) else {}
+        models = f"{rows[-2]['model']}/{rows[-1]['model']}"
+        rows.append({"dataset": dataset, "row": "teacher/student", "model": models, "resolution": None, "num_classes": None,
+                     "params": ratios.get("params"), "flops": ratios.get("flops"), "checkpoint_bytes": ratios.get("bytes")})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    ratio = frame["row"] == "teacher/student"
+    display = pd.DataFrame({
+        "Dataset": frame["dataset"],
+        "Model": [f"{r}: {m}" if not q else "ratio teacher / student" for r, m, q in zip(frame["row"], frame["model"], ratio)],
+        "Input": [MISSING if pd.isna(r) else f"{int(r)} px, {int(c)} classes" for r, c in zip(frame["resolution"], frame["num_classes"])],
+        "Params (M)": [_scaled(v, 1e6, q) for v, q in zip(frame["params"], ratio)],
+        "GFLOPs / image": [_scaled(v, 1e9, q) for v, q in zip(frame["flops"], ratio)],
+        "Size on disk (MB)": [_scaled(v, 1e6, q) for v, q in zip(frame["checkpoint_bytes"], ratio)],
+    })  # fmt: skip
+    notes = (
+        f"{FLOP_CONVENTION}. GFLOPs are for one image at the trained resolution.",
+        "Size on disk: bytes of the saved fp32 state dict (MB = 10^6 bytes). Ratio: how many times smaller the student is.",
+    )
+    return Table("complexity", "Table 2. Model complexity", frame, display, notes, group="Dataset")
+
+
+def _complexity(data: ReportData, dataset: str, role: str) -> dict | None:
+    """The complexity record of a finished trial of ``role`` on ``dataset`` (equal for all of them), if any."""
+    done = data.done
+    found = done[(done["dataset"] == dataset) & (done["role"] == role) & done["complexity"].notna()]
+    return found["complexity"].iloc[0] if len(found) else None
+
+
+def _scaled(value, unit: float, is_ratio: bool) -> str:
+    if value is None or pd.isna(value):
+        return MISSING
+    return f"{value:.1f}×" if is_ratio else f"{value / unit:.4g}"
+
+
+def latency_table(data: ReportData) -> Table:
+    """Table 2b: CPU inference latency and throughput from ``bench.json``, with the teacher/student speed-up."""
+    bench = data.bench
+    frame = bench[["model", "runtime", "resolution", "batch", "threads", "rounds", "latency_median_ms", "latency_iqr_ms", "images_per_s"]]
+    frame = frame.round({"latency_median_ms": 3, "latency_iqr_ms": 3, "images_per_s": 1})
+    pair = (data.ablation.teacher.model, data.ablation.student.model)
+    try:
+        ratio = {(r.batch, r.resolution, r.runtime): r.speedup for r in speedups(bench, *pair).itertuples()}
+    except UserError:  # the benchmark did not time both trained models at the same settings
+        ratio = {}
+    display = pd.DataFrame({
+        "Model": frame["model"], "Runtime": frame["runtime"], "Input": frame["resolution"].map(lambda r: f"{r} px"),
+        "Batch": frame["batch"].astype(str), "Threads": frame["threads"].astype(str),
+        "Latency median ms [IQR]": [f"{m:.2f} [{q:.2f}]" for m, q in zip(frame["latency_median_ms"], frame["latency_iqr_ms"])],
+        "Images / s": frame["images_per_s"].map(lambda v: f"{v:.1f}"),
+        "Speed-up": [f"{ratio[k]:.1f}×" if k in ratio and m == pair[1] else "" for k, m in
+                     zip(zip(frame["batch"], frame["resolution"], frame["runtime"]), frame["model"])],
+    })  # fmt: skip
+    notes = [
+        f"From {BENCH_FILE} (pytest-benchmark): wall time of one forward pass of the whole batch on the CPU, median and "
+        "inter-quartile range over the timed rounds; images / s = batch / median latency. The benchmark uses random "
+        "weights and 10 classes at its own input size, which may differ from the trained resolution.",
+    ]
+    notes.append(f"Speed-up: {pair[0]} latency / {pair[1]} latency at the same batch, input size and runtime."
+                 if ratio else "No speed-up: the benchmark did not time the trained teacher and student at the same settings.")  # fmt: skip
+    notes += _bench_model_notes(data)
+    return Table("latency", "Table 2b. CPU inference latency and throughput", frame, display, tuple(notes))
+
+
+def _bench_model_notes(data: ReportData) -> list[str]:
+    timed = set(data.bench["model"])
+    return [
+        f"The trained {role} {model} is not in {BENCH_FILE} (it times {', '.join(sorted(timed))})."
+        for role, model in (("teacher", data.ablation.teacher.model), ("student", data.ablation.student.model))
+        if model not in timed
+    ]
+
+
+# --- 3-4. ablations -------------------------------------------------------------------------------
+def swept(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
+    """Trials of the methods swept along any of ``axes``, with every other axis at its default value."""
+    trials = data.trials
+    keep = []
+    for method in _methods(data):
+        if not set(axes) & set(data.sweep_axes(method)):
+            continue
+        default = default_loss(data.ablation, method)
+        rows = trials["method"] == method
+        for other in sorted({"temperature", "beta", "gamma"} - set(axes)):
+            rows &= np.isclose(trials[other].astype(float), getattr(default, other))
+        keep.append(trials[rows])
+    return pd.concat(keep).sort_index() if keep else trials.iloc[0:0]
+
+
+def has_ablation(data: ReportData, axes: tuple[str, ...]) -> bool:
+    """Whether the sweep holds more than one setting of ``axes`` for some method."""
+    trials = swept(data, axes)
+    return bool(len(trials)) and trials.groupby("method")[list(axes)].nunique().max(axis=None) > 1
+
+
+def grid_summary(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
+    """Mean, std and count of best-val-checkpoint test accuracy per dataset, method and setting of ``axes``."""
+    rows = []
+    for (dataset, method, *values), group in swept(data, axes).groupby(["dataset", "method", *axes], sort=False):
+        s = summarize(list(group.loc[group["status"] == "done", "best_acc"]))
+        rows.append({"dataset": dataset, "method": method, "label": get_method(method).label, **dict(zip(axes, values)),
+                     "mean": s.mean, "std": s.std, "n": s.n, "planned": len(group)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def temperature_table(data: ReportData) -> Table:
+    """Table 3: accuracy against the distillation temperature, one column per T."""
+    frame = grid_summary(data, ("temperature",))
+    cells = frame.assign(cell=[_cell(r) for r in frame.itertuples()], T=frame["temperature"].map(lambda t: f"T = {t:g}"))
+    display = cells.pivot(index=["dataset", "label"], columns="T", values="cell").reset_index()
+    display = display.rename(columns={"dataset": "Dataset", "label": "Method"}).fillna(MISSING)
+    display.columns.name = None
+    grid = data.ablation.grid
+    notes = (
+        f"Test accuracy % (best-val ckpt), mean ± std (finished seeds / planned), at β = {axis_value(grid.kl_weights[0])}, "
+        f"γ = {axis_value(grid.cos_weights[0])}; methods whose loss does not depend on T are in Table 1.",
+    )
+    return Table("temperature", "Table 3. Temperature ablation", _round(frame), display, notes, group="Dataset")
+
+
+def weights_table(data: ReportData) -> Table:
+    """Table 4: accuracy over the KL weight β and the cosine weight γ."""
+    frame = grid_summary(data, ("beta", "gamma"))
+    display = pd.DataFrame({
+        "Dataset": frame["dataset"], "Method": frame["label"],
+        "β (KL weight)": frame["beta"].map(axis_value), "γ (cosine weight)": frame["gamma"].map(axis_value),
+        "Test acc. %, best-val ckpt": [_cell(r) for r in frame.itertuples()],
+    })  # fmt: skip
+    notes = (
+        f"Mean ± std (finished seeds / planned) at T = {axis_value(data.ablation.grid.temperatures[0])}; "
+        "a weight a method does not use is 0.",
+    )
+    return Table("loss_weights", "Table 4. Loss-weight ablation", _round(frame), display, notes, group="Dataset")
+
+
+def _cell(row) -> str:
+    return f"{mean_std(row.mean, row.std)} ({row.n}/{row.planned})"
+
+
+# --- trials that did not finish -------------------------------------------------------------------
+def incomplete_table(data: ReportData) -> Table:
+    """Failed trials (with their error) and planned trials that never finished."""
+    trials = data.trials[data.trials["status"] != "done"]
+    frame = trials[["dataset", "method", "label", "seed", "temperature", "beta", "gamma", "status", "error", "key"]]
+    display = pd.DataFrame({
+        "Dataset": frame["dataset"], "Method": frame["label"], "Seed": frame["seed"].astype(str),
+        "T, β, γ": [f"{t:g}, {b:g}, {g:g}" for t, b, g in zip(frame["temperature"], frame["beta"], frame["gamma"])],
+        "Status": frame["status"].map(lambda s: "failed" if s == "failed" else f"missing ({s})"),
+        "Error": frame["error"].fillna(""), "Key": frame["key"],
+    })  # fmt: skip
+    return Table("incomplete", "Table 5. Trials without a result", frame, display)
+
+
+def trials_table(data: ReportData) -> Table:
+    """Every trial of the sweep, one row each (CSV only)."""
+    columns = ["key", "dataset", "method", "model", "seed", "temperature", "beta", "gamma", "default", "status",
+               "best_epoch", "best_acc", "best_precision", "best_recall", "best_f1", "last_epoch", "last_acc", "error"]  # fmt: skip
+    frame = _round(data.trials[columns])
+    return Table("trials", "All trials", frame, frame.astype(str))
+
+
+def _round(frame: pd.DataFrame) -> pd.DataFrame:
+    """Floats to 2 decimals (percentages and pp), the precision the report shows."""
+    return frame.round({c: 2 for c in frame.columns if pd.api.types.is_float_dtype(frame[c])})
+
+
+def batch1_latency(data: ReportData) -> tuple[dict[str, float], int | None]:
+    """model -> median CPU latency (ms) at batch 1 with torch, at the benchmarked input size nearest the trained one."""
+    if data.bench is None:
+        return {}, None
+    rows = data.bench[(data.bench["batch"] == 1) & (data.bench["runtime"] == "torch")]
+    if rows.empty:
+        return {}, None
+    trained = data.ablation.data.resolution
+    resolution = min(rows["resolution"].unique(), key=lambda r: (abs(r - trained), r))
+    rows = rows[rows["resolution"] == resolution]
+    return dict(zip(rows["model"], rows["latency_median_ms"])), int(resolution)

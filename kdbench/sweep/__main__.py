@@ -1,0 +1,97 @@
+"""``python -m kdbench.sweep``: run an ablation file into a resumable results store, then report.
+
+    python -m kdbench.sweep                                  # ablations/quick.toml -> reports/quick/
+    python -m kdbench.sweep --config ablations/temperature.toml --set grid.seeds=[0,1,2]
+    python -m kdbench.sweep --dry-run                        # list the trials and their cost
+
+The last line printed is ``trials: T total, D done, F failed, S already done``; the
+exit status is non-zero when any trial failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kdbench.errors import cli_main
+from kdbench.sweep.ablation import load_ablation
+from kdbench.sweep.plan import plan_trials
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kdbench.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="ablation TOML file (default ablations/quick.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any field, e.g. --set teacher.epochs=2 --set grid.seeds=[0,1,2] (repeatable)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="print the expanded trials, their count and cost; train nothing")
+    p.add_argument("--out", help="output folder (default reports/<ablation name>/)")
+    p.add_argument("--workers", type=int, default=1, help="trials run in parallel processes (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per trial (default: CPU cores / workers)")
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="local processes (default) or a Ray cluster")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default $RAY_ADDRESS; none: start a local Ray)")
+    p.add_argument("--data-root", help="folder holding the datasets (default $KDBENCH_DATA, else ./data)")
+    p.add_argument("--no-download", action="store_true", help="never download a missing dataset")
+    p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ablation, path, raw = load_ablation(args.config, args.overrides)
+    trials = plan_trials(ablation)
+    out_dir = Path(args.out or Path("reports") / ablation.name)
+    if args.dry_run:
+        print_plan(trials, args.data_root)
+        return 0
+
+    from kdbench.sweep.executors import make_executor
+    from kdbench.sweep.runner import check_datasets, run_sweep
+    from kdbench.sweep.worker import SweepContext
+
+    check_datasets(ablation, args.data_root, download=not args.no_download)
+    executor = make_executor(args.executor, args.workers, args.ray_address)
+    ctx = SweepContext(
+        out_dir=str(out_dir.resolve()),
+        data_root=str(Path(args.data_root).resolve()) if args.data_root else None,
+        download=not args.no_download,
+        threads=args.threads or max(1, (os.cpu_count() or 1) // max(args.workers, 1)),
+        progress=args.workers == 1 and args.executor == "local" and sys.stderr.isatty(),
+    )
+    print(f"sweep {ablation.name}: {len(trials)} trials from {path} into {out_dir}/")
+    counts = run_sweep(ablation, path, raw, trials, out_dir, executor, ctx)
+    if not args.no_report:
+        write_report(out_dir)
+    print(f"trials: {counts['total']} total, {counts['done']} done, {counts['failed']} failed, {counts['already']} already done")
+    return 1 if counts["failed"] else 0
+
+
+def write_report(out_dir: Path) -> None:
+    from kdbench.report import build_report
+
+    paths = build_report(out_dir)
+    print(f"report: {', '.join(str(p) for p in paths)}")
+
+
+def print_plan(trials, data_root: str | None) -> None:
+    from kdbench.sweep.cost import estimate_seconds, train_images
+
+    images = train_images(trials, data_root)
+    print(f"{'key':<16}  {'method':<10} {'dataset':<10} {'model':<14} {'seed':>4} {'T':>5} {'alpha':>5} {'beta':>5} {'gamma':>5} {'epochs':>6} {'train imgs':>10}")
+    total_s = 0.0
+    for t in trials:
+        c, lo = t.config, t.config.loss
+        total_s += estimate_seconds(t, images[t.key])
+        print(
+            f"{t.key:<16}  {c.method:<10} {c.data.dataset:<10} {c.recipe.model:<14} {c.seed:>4} {lo.temperature:>5g} "
+            f"{lo.alpha:>5g} {lo.beta:>5g} {lo.gamma:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
+        )
+    teachers = sum(1 for t in trials if t.role == "teacher")
+    print(f"{len(trials)} trials ({teachers} teachers, {len(trials) - teachers} students); "
+          f"{sum(images.values()):,} training images in all; estimated {total_s / 60:.1f} min of fp32 training on a 2-core CPU")  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

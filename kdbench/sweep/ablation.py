@@ -1,0 +1,152 @@
+"""Ablation files (TOML): load, apply ``--set`` overrides, validate once into a typed :class:`Ablation`.
+
+Layout::
+
+    name = "quick"
+    description = "..."
+    [grid]      # datasets, methods, seeds, temperatures, kl_weights (beta), cos_weights (gamma)
+    [data]      # DataConfig fields except dataset (resolution, images_per_class, augment, ...)
+    [teacher]   # Recipe of the teacher
+    [student]   # Recipe of every student
+    [loss]      # alpha (CE weight) and cosine_on; beta, gamma and T come from [grid]
+    [run]       # device, pack
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdbench.config import DataConfig, Recipe, check_data, check_recipe, from_dict
+from kdbench.errors import UserError
+
+ABLATIONS_DIR = Path(__file__).resolve().parents[2] / "ablations"
+DEFAULT_ABLATION = "quick.toml"
+TEACHER_DEFAULTS = {"model": "vgg16", "lr": 0.01}
+
+
+@dataclass(frozen=True)
+class Grid:
+    datasets: tuple[str, ...] = ("eurosat", "ucmerced", "rsscn7")
+    methods: tuple[str, ...] = ("teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos")
+    seeds: tuple[int, ...] = (0,)
+    temperatures: tuple[float, ...] = (4.0,)
+    kl_weights: tuple[float, ...] = (1.0,)  # beta
+    cos_weights: tuple[float, ...] = (1.0,)  # gamma
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    alpha: float = 1.0
+    cosine_on: str = "logits"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    device: str = "auto"
+    pack: int = 0  # students trained together on CUDA; 0 = automatic (8 on CUDA, 1 on CPU)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    description: str = ""
+    grid: Grid = field(default_factory=Grid)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: Recipe = field(default_factory=lambda: Recipe(model="vgg16", lr=0.01))
+    student: Recipe = field(default_factory=Recipe)
+    loss: LossSettings = field(default_factory=LossSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+
+
+def resolve_path(config: str | None) -> Path:
+    """``--config`` as given, else a file of that name in ``ablations/``, else the default ablation."""
+    if config is None:
+        return ABLATIONS_DIR / DEFAULT_ABLATION
+    path = Path(config)
+    if not path.exists() and (ABLATIONS_DIR / path.name).exists():
+        path = ABLATIONS_DIR / path.name
+    if not path.is_file():
+        raise UserError(f"ablation file {config} not found: pass a TOML file, e.g. --config ablations/quick.toml")
+    return path
+
+
+def load_raw(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path} is not valid TOML ({err}): fix the syntax") from err
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` overrides (dotted keys, TOML values; bare words are strings)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r} must look like key=value, e.g. --set teacher.epochs=2")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part} is not a table")
+        node[leaf] = value
+    return raw
+
+
+def parse_ablation(raw: dict, source: str) -> Ablation:
+    """Validate a raw mapping into an :class:`Ablation` (types, ranges, names; not the grid's products)."""
+    if "dataset" in raw.get("data", {}):
+        raise UserError(f"{source}: data.dataset is not an ablation key: list datasets in grid.datasets")
+    for key in ("beta", "gamma", "temperature"):
+        if key in raw.get("loss", {}):
+            raise UserError(f"{source}: loss.{key} is set by the grid: use grid.kl_weights, grid.cos_weights, grid.temperatures")
+    if "name" not in raw:
+        raise UserError(f"{source}: missing key name (the ablation's name, used for its output folder)")
+    teacher = raw.get("teacher", {})
+    if isinstance(teacher, dict):
+        raw = {**raw, "teacher": {**TEACHER_DEFAULTS, **teacher}}
+    ablation = from_dict(Ablation, raw, "ablation")
+    check_grid(ablation.grid)
+    for dataset in ablation.grid.datasets:
+        check_data(dataclasses.replace(ablation.data, dataset=dataset), "data")
+    check_recipe(ablation.teacher, "teacher")
+    check_recipe(ablation.student, "student")
+    if ablation.run.device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"run.device must be auto, cpu or cuda, got {ablation.run.device!r}")
+    if ablation.run.pack < 0:
+        raise UserError(f"run.pack must be >= 0, got {ablation.run.pack}")
+    return ablation
+
+
+def check_grid(grid: Grid) -> None:
+    from kdbench.methods import get_method
+
+    for f in dataclasses.fields(grid):
+        if not getattr(grid, f.name):
+            raise UserError(f"grid.{f.name} is empty: the grid has no trials; give it at least one value")
+    for name in grid.methods:
+        get_method(name)
+    for t in grid.temperatures:
+        if t <= 0:
+            raise UserError(f"grid.temperatures has {t:g}: a temperature must be > 0")
+    for axis in ("kl_weights", "cos_weights"):
+        for w in getattr(grid, axis):
+            if w < 0:
+                raise UserError(f"grid.{axis} has {w:g}: loss weights must be >= 0")
+
+
+def load_ablation(config: str | None, overrides: list[str] | None = None) -> tuple[Ablation, Path, dict]:
+    """Read, override and validate an ablation file; returns (ablation, path, raw mapping as used)."""
+    path = resolve_path(config)
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return parse_ablation(raw, str(path)), path, raw
+

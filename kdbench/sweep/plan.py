@@ -1,0 +1,72 @@
+"""Expand an ablation into trials with stable keys; teachers first, students pointing at them."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+from kdbench.config import LossConfig, TrialConfig
+from kdbench.errors import UserError
+from kdbench.losses import LOSS_VERSION, check_weights
+from kdbench.methods import get_method
+from kdbench.sweep.ablation import Ablation
+
+AXES = {"temperature": "temperatures", "beta": "kl_weights", "gamma": "cos_weights"}
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    key: str
+    config: TrialConfig
+    teacher_key: str | None = None
+
+    @property
+    def role(self) -> str:
+        return get_method(self.config.method).role
+
+
+def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
+    """All trials of the ablation, deduplicated by key, each teacher before its students.
+
+    One teacher per (dataset, teacher recipe, seed); a method's trials vary only
+    along the axes that change its result (``Method.sweep_axes``), so the baseline
+    is trained once per (dataset, seed) whatever the temperature grid.
+    """
+    grid = ablation.grid
+    methods = [get_method(m) for m in grid.methods]
+    trials: dict[str, PlannedTrial] = {}
+    for dataset, seed in itertools.product(grid.datasets, grid.seeds):
+        data = dataclasses.replace(ablation.data, dataset=dataset)
+        teacher = TrialConfig(
+            method="teacher", data=data, recipe=ablation.teacher, loss=get_method("teacher").effective_loss(LossConfig()),
+            seed=seed, device=ablation.run.device,
+        )  # fmt: skip
+        teacher_key = teacher.key(LOSS_VERSION)
+        if any(m.role == "teacher" or m.needs_teacher for m in methods):
+            trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher))
+        for method in methods:
+            if method.role == "teacher":
+                continue
+            base = LossConfig(alpha=ablation.loss.alpha, cosine_on=ablation.loss.cosine_on)
+            axes = method.sweep_axes(base)
+            for values in itertools.product(*(getattr(grid, AXES[a]) for a in axes)):
+                loss = method.effective_loss(dataclasses.replace(base, **dict(zip(axes, values))))
+                _check_loss(loss, method.name, dataset)
+                cfg = TrialConfig(
+                    method=method.name, data=data, recipe=ablation.student, loss=loss, seed=seed,
+                    teacher_id=teacher_key if method.needs_teacher else None, device=ablation.run.device,
+                )  # fmt: skip
+                key = cfg.key(LOSS_VERSION)
+                trials.setdefault(key, PlannedTrial(key, cfg, teacher_key if method.needs_teacher else None))
+    ordered = sorted(trials.values(), key=lambda t: t.role != "teacher")
+    if not ordered:
+        raise UserError("the ablation expands to no trials: add methods or datasets to [grid]")
+    return ordered
+
+
+def _check_loss(loss: LossConfig, method: str, dataset: str) -> None:
+    try:
+        check_weights(loss.alpha, loss.beta, loss.gamma, loss.temperature, loss.cosine_on)
+    except ValueError as err:
+        raise UserError(f"{method} on {dataset}: {err} (check loss.alpha and the grid's weights)") from err

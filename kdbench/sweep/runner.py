@@ -1,0 +1,82 @@
+"""The sweep driver: plan, skip what the store has, run the rest, record each outcome, report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kdbench.data.locate import data_root, locate_dataset
+from kdbench.data.specs import get_spec
+from kdbench.engine.runtime import environment, resolve_device
+from kdbench.sweep.ablation import Ablation
+from kdbench.sweep.executors import Executor
+from kdbench.sweep.plan import PlannedTrial
+from kdbench.sweep.store import STORE_FILE, Store
+from kdbench.sweep.worker import Outcome, SweepContext
+
+
+def check_datasets(ablation: Ablation, root: str | None, download: bool) -> None:
+    """Fail before any training when a dataset of the grid cannot be found."""
+    for dataset in ablation.grid.datasets:
+        locate_dataset(get_spec(dataset), data_root(root), download=download)
+
+
+def trial_complexity(trial: PlannedTrial, result: dict) -> dict | None:
+    from kdbench.profile import complexity
+
+    return complexity(trial.config.recipe.model, len(result["classes"]), trial.config.data.resolution)
+
+
+def run_sweep(
+    ablation: Ablation,
+    ablation_path: Path,
+    raw: dict,
+    trials: list[PlannedTrial],
+    out_dir: Path,
+    executor: Executor,
+    ctx: SweepContext,
+    *,
+    log=print,
+) -> dict:
+    """Run the trials the store does not have as done; returns the summary counts."""
+    t0 = time.time()
+    store = Store(out_dir / STORE_FILE)
+    sweep_id = store.begin_sweep(ablation.name, str(ablation_path), raw, trials, environment(resolve_device(ablation.run.device)))
+    by_key = {t.key: t for t in trials}
+    already = [t for t in trials if store.status(t.key) == "done"]
+    todo = [t for t in trials if store.status(t.key) != "done"]
+    counts = {"total": len(trials), "done": 0, "failed": 0, "already": len(already)}
+    bar = tqdm(total=len(trials), initial=len(already), desc=f"sweep {ablation.name}", unit="trial", dynamic_ncols=True)
+
+    def on_start(trial: PlannedTrial) -> None:
+        store.mark_running(trial.key)
+        c = trial.config
+        bar.set_postfix_str(f"{c.method} {c.data.dataset} seed {c.seed}")
+
+    def on_outcome(outcome: Outcome) -> None:
+        trial = by_key[outcome.key]
+        c = trial.config
+        if outcome.status == "done":
+            store.record_done(outcome.key, outcome.result, trial_complexity(trial, outcome.result))
+            counts["done"] += 1
+            acc = outcome.result["best"]["test"]["accuracy"]
+            bar.write(f"done   {c.method:<10} {c.data.dataset:<10} seed {c.seed} test acc {acc:.4f} ({outcome.seconds:.0f}s) [{outcome.key}]")
+        else:
+            store.record_failed(outcome.key, outcome.error)
+            counts["failed"] += 1
+            bar.write(f"FAILED {c.method:<10} {c.data.dataset:<10} seed {c.seed}: {outcome.error} [{outcome.key}]")
+        bar.update(1)
+
+    try:
+        executor.run(todo, ctx, on_start, on_outcome)
+    finally:
+        bar.close()
+        weak = store.flag_weak_teachers()
+        for key in weak:
+            log(f"note: teacher {key} is less accurate than one of its students (KD cannot be expected to help)")
+        counts["wall_s"] = time.time() - t0
+        store.finish_sweep(sweep_id, counts)
+        store.close()
+    return counts

@@ -1,0 +1,181 @@
+"""The results store: one SQLite database per output folder.
+
+Table ``trials`` has one row per trial key (the primary key, so never a duplicate),
+with its config, status (``pending``, ``running``, ``done``, ``failed``), error,
+result JSON (best-on-validation and last-epoch metrics, history, timings,
+environment), model complexity and flags.  Each status change is one committed
+transaction; WAL mode and a busy timeout let two sweeps share a store.  Tables
+``sweeps`` and ``sweep_trials`` record each invocation and the trials it planned,
+so a report covers exactly the latest plan.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from kdbench.sweep.plan import PlannedTrial
+
+STORE_FILE = "store.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS trials (
+    key TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    method TEXT NOT NULL,
+    model TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    temperature REAL, alpha REAL, beta REAL, gamma REAL,
+    teacher_key TEXT,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    error TEXT,
+    result TEXT,
+    complexity TEXT,
+    best_test_accuracy REAL,
+    last_test_accuracy REAL,
+    flags TEXT NOT NULL DEFAULT '[]',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    completions INTEGER NOT NULL DEFAULT 0,
+    created_at REAL, started_at REAL, finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS sweeps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    ablation_path TEXT,
+    ablation TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    summary TEXT,
+    environment TEXT
+);
+CREATE TABLE IF NOT EXISTS sweep_trials (
+    sweep_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (sweep_id, key)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        with self.transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    @contextmanager
+    def transaction(self):
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``: one writer at a time, all or nothing."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- sweeps -----------------------------------------------------------------------------------
+    def begin_sweep(self, name: str, ablation_path: str, ablation: dict, trials: list[PlannedTrial], environment: dict) -> int:
+        now = time.time()
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO sweeps (name, ablation_path, ablation, started_at, environment) VALUES (?, ?, ?, ?, ?)",
+                (name, ablation_path, json.dumps(ablation, sort_keys=True), now, json.dumps(environment)),
+            )
+            sweep_id = cur.lastrowid
+            for t in trials:
+                c, lo = t.config, t.config.loss
+                db.execute(
+                    "INSERT OR IGNORE INTO trials (key, role, dataset, method, model, seed, temperature, alpha, beta, gamma,"
+                    " teacher_key, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (t.key, t.role, c.data.dataset, c.method, c.recipe.model, c.seed, lo.temperature, lo.alpha, lo.beta,
+                     lo.gamma, t.teacher_key, json.dumps(c.identity(), sort_keys=True), now),
+                )  # fmt: skip
+                db.execute("INSERT OR IGNORE INTO sweep_trials (sweep_id, key) VALUES (?, ?)", (sweep_id, t.key))
+        return sweep_id
+
+    def finish_sweep(self, sweep_id: int, summary: dict) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE sweeps SET finished_at = ?, summary = ? WHERE id = ?", (time.time(), json.dumps(summary), sweep_id))
+
+    # --- trials -----------------------------------------------------------------------------------
+    def status(self, key: str) -> str | None:
+        row = self.db.execute("SELECT status FROM trials WHERE key = ?", (key,)).fetchone()
+        return row["status"] if row else None
+
+    def mark_running(self, key: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE trials SET status = 'running', attempts = attempts + 1, started_at = ?, error = NULL"
+                " WHERE key = ? AND status != 'done'",
+                (time.time(), key),
+            )
+
+    def record_done(self, key: str, result: dict, complexity: dict | None) -> bool:
+        """Store a finished trial; returns False (and changes nothing) if it was already done."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE trials SET status = 'done', error = NULL, result = ?, complexity = ?, best_test_accuracy = ?,"
+                " last_test_accuracy = ?, completions = completions + 1, finished_at = ? WHERE key = ? AND status != 'done'",
+                (json.dumps(result), json.dumps(complexity), result["best"]["test"]["accuracy"],
+                 result["last"]["test"]["accuracy"], time.time(), key),
+            )  # fmt: skip
+            return cur.rowcount == 1
+
+    def record_failed(self, key: str, error: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE trials SET status = 'failed', error = ?, finished_at = ? WHERE key = ? AND status != 'done'",
+                (error, time.time(), key),
+            )
+
+    def flag_weak_teachers(self) -> list[str]:
+        """Flag teachers whose best test accuracy is below one of their students'; returns their keys."""
+        rows = self.db.execute(
+            "SELECT DISTINCT t.key FROM trials t JOIN trials s ON s.teacher_key = t.key"
+            " WHERE t.status = 'done' AND s.status = 'done' AND s.best_test_accuracy > t.best_test_accuracy"
+        ).fetchall()
+        weak = [r["key"] for r in rows]
+        with self.transaction() as db:
+            db.execute("UPDATE trials SET flags = '[]' WHERE role = 'teacher'")
+            for key in weak:
+                db.execute("UPDATE trials SET flags = ? WHERE key = ?", (json.dumps(["teacher_weaker_than_students"]), key))
+        return weak
+
+    def rows(self, keys: list[str] | None = None) -> list[dict]:
+        """Trial rows as dicts with JSON columns decoded (all trials, or those of ``keys``)."""
+        rows = self.db.execute("SELECT * FROM trials").fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            for col in ("config", "result", "complexity", "flags"):
+                d[col] = json.loads(d[col]) if d[col] else None
+            out.append(d)
+        if keys is not None:
+            wanted = set(keys)
+            out = [d for d in out if d["key"] in wanted]
+        return out
+
+    def latest_sweep(self) -> dict | None:
+        row = self.db.execute("SELECT * FROM sweeps ORDER BY id DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        d["keys"] = [r["key"] for r in self.db.execute("SELECT key FROM sweep_trials WHERE sweep_id = ?", (d["id"],))]
+        for col in ("ablation", "summary", "environment"):
+            d[col] = json.loads(d[col]) if d[col] else None
+        return d

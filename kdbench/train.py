@@ -1,0 +1,110 @@
+"""``python -m kdbench.train``: train a teacher, or (with ``--teacher``) a student by KD.
+
+Examples::
+
+    python -m kdbench.train --dataset eurosat --model vgg16_bn --method teacher --out runs/teacher
+    python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method kd_kl_cos --out runs/kd
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_data, check_recipe
+from kdbench.errors import UserError, cli_main
+from kdbench.losses import check_weights
+from kdbench.methods import METHODS, get_method
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, r, lo = DataConfig(), Recipe(), LossConfig()
+    p = argparse.ArgumentParser(prog="python -m kdbench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=list(METHODS), help="default: teacher without --teacher, kd_kl_cos with it")
+    p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (best.pt of a teacher run) for KD methods")
+    p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help="eurosat, ucmerced, rsscn7 or imagefolder:<path>")
+    g.add_argument("--data-root", help="folder holding the datasets (default $KDBENCH_DATA, else ./data)")
+    g.add_argument("--no-download", action="store_true", help="never download a missing dataset")
+    g.add_argument("--resolution", type=int, default=d.resolution, help="input side in pixels (default %(default)s)")
+    g.add_argument("--images-per-class", type=int, help="seeded subset per class, for quick runs")
+    g.add_argument("--classes", help="comma-separated class subset")
+    g.add_argument("--val-fraction", type=float, help="default: the dataset's (0.1)")
+    g.add_argument("--test-fraction", type=float, help="default: the dataset's (0.2; 0.5 for rsscn7)")
+    g.add_argument("--split-seed", type=int, default=d.split_seed)
+    g.add_argument("--augment", default=d.augment, help="d4 (default), hflip, none or d4_crop")
+    g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable/stray files out and list them in the record")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--model", help="torchvision model name (default vgg16 for a teacher, mobilenet_v2 for a student)")
+    g.add_argument("--pretrained", default=r.pretrained, help="none, imagenet or a state-dict path")
+    g.add_argument("--epochs", type=int, default=r.epochs)
+    g.add_argument("--batch-size", type=int, default=r.batch_size)
+    g.add_argument("--lr", type=float, default=r.lr)
+    g.add_argument("--momentum", type=float, default=r.momentum)
+    g.add_argument("--weight-decay", type=float, default=r.weight_decay)
+    g.add_argument("--schedule", default=r.schedule, help="cosine, onecycle or constant")
+    g.add_argument("--warmup-epochs", type=int, default=r.warmup_epochs, help="linear LR warm-up (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g = p.add_argument_group("distillation loss: alpha*CE + beta*T^2*KL + gamma*(1-cos)")
+    g.add_argument("--alpha", type=float, default=lo.alpha)
+    g.add_argument("--beta", type=float, default=lo.beta, help="KL weight")
+    g.add_argument("--gamma", type=float, default=lo.gamma, help="cosine weight")
+    g.add_argument("--temperature", "-T", type=float, default=lo.temperature)
+    g.add_argument("--cosine-on", default=lo.cosine_on, help="logits (default) or probs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrialConfig:
+    method = get_method(args.method or ("kd_kl_cos" if args.teacher else "teacher"))
+    if method.needs_teacher and not args.teacher:
+        raise UserError(f"method {method.name} distils from a teacher: pass --teacher CHECKPOINT")
+    default_model = "vgg16" if method.role == "teacher" else "mobilenet_v2"
+    data = DataConfig(
+        dataset=args.dataset,
+        resolution=args.resolution,
+        images_per_class=args.images_per_class,
+        classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else (),
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        split_seed=args.split_seed,
+        augment=args.augment,
+        skip_bad_images=args.skip_bad_images,
+    )
+    recipe = Recipe(
+        model=args.model or default_model,
+        pretrained=args.pretrained,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        warmup_epochs=min(args.warmup_epochs, args.epochs),
+    )
+    loss = LossConfig(alpha=args.alpha, beta=args.beta, gamma=args.gamma, temperature=args.temperature, cosine_on=args.cosine_on)
+    check_data(data, "data")
+    check_recipe(recipe, "recipe")
+    effective = method.effective_loss(loss)
+    try:
+        check_weights(effective.alpha, effective.beta, effective.gamma, effective.temperature, effective.cosine_on)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    return TrialConfig(method=method.name, data=data, recipe=recipe, loss=effective, seed=args.seed, teacher_checkpoint=args.teacher, device=args.device)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    from kdbench.engine.trial import run_trial  # torch-heavy import after the arguments are checked
+
+    result = run_trial(cfg, args.out, data_root=args.data_root, download=not args.no_download, progress=not args.quiet and sys.stderr.isatty())
+    print(f"wrote {args.out}/metrics.json, best.pt, last.pt, manifest.csv (trial {result['key']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny synthetic image folders for unit tests, the real datasets for integration tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test session decodes into its own tensor cache, never the user's."""
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "kdbench-cache"))
+    monkeypatch.setenv("KDBENCH_NO_DOWNLOAD", "1")
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 24, fmt: str = "png", seed: int = 0) -> Path:
+    """``root/<class>/<n>.<fmt>`` with learnable images: each class has its own mean colour plus noise."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 151 + 40) % 256], dtype=np.float64)
+        for i in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img{i:03d}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets: ``$KDBENCH_DATA`` or ``../shared/datasets``; missing data fails in CI and skips elsewhere."""
+    root = Path(os.environ.get("KDBENCH_DATA") or SHARED_DATA)
+    if not all((root / name).is_dir() for name in ("eurosat", "ucmerced", "rsscn7")):
+        message = f"real datasets not found under {root}: set KDBENCH_DATA to the folder holding eurosat/, ucmerced/, rsscn7/"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return root
+
+
+def run_cli(module: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` as a user would, returning the completed process."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A non-zero exit with exactly one ``kdbench: error:`` line on stderr, no traceback, naming each needle."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kdbench: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

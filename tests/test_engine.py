@@ -1,0 +1,154 @@
+"""Training and evaluation end to end on tiny synthetic data: outputs, resume, determinism, failures, teacher cache."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, make_image_folder, run_cli
+from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
+from kdbench.data.presets import AUGMENTATIONS, apply_views, normalize
+from kdbench.engine.teacher import OnlineTeacher, build_logit_cache, cached_teacher
+from kdbench.engine.trial import run_trial
+from kdbench.models import build_model, save_checkpoint
+
+
+def tiny_trial(folder, method="teacher", epochs=3, **kw) -> TrialConfig:
+    return TrialConfig(
+        method=method,
+        data=DataConfig(dataset=f"imagefolder:{folder}", resolution=16, augment=kw.pop("augment", "d4")),
+        recipe=Recipe(model=kw.pop("model", "mobilenet_v2"), epochs=epochs, batch_size=8, lr=kw.pop("lr", 0.05)),
+        loss=LossConfig(),
+        seed=kw.pop("seed", 0),
+        device="cpu",
+        **kw,
+    )
+
+
+def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
+    teacher = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--model", "resnet18", "--resolution", "16",
+                      "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "teacher"))  # fmt: skip
+    assert teacher.returncode == 0, teacher.stderr
+    assert "best-on-val" in teacher.stdout and "last epoch" in teacher.stdout
+    for name in ("best.pt", "last.pt", "metrics.json", "manifest.csv"):
+        assert (tmp_path / "teacher" / name).exists()
+    student = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "teacher" / "best.pt"),
+                      "--resolution", "16", "--epochs", "2", "--batch-size", "8", "-T", "2", "--out", str(tmp_path / "kd"))  # fmt: skip
+    assert student.returncode == 0, student.stderr
+    result = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert result["config"]["method"] == "kd_kl_cos" and result["config"]["recipe"]["model"] == "mobilenet_v2"
+    assert result["teacher"]["mode"] == "cache"
+    assert {"term_ce", "term_kl", "term_cos"} <= set(result["history"][0])
+    for which in ("best", "last"):
+        test = result[which]["test"]
+        assert 0 <= test["accuracy"] <= 1 and len(test["confusion_matrix"]) == 3 and set(test["per_class_accuracy"]) == {"class0", "class1", "class2"}
+        assert {"macro_precision", "macro_recall", "macro_f1"} <= set(test)
+
+
+def test_learns_the_synthetic_task(image_folder, tmp_path):
+    result = run_trial(tiny_trial(image_folder, method="baseline", epochs=6), tmp_path / "run", progress=False, log=lambda m: None)
+    assert result["best"]["test"]["accuracy"] >= 0.75  # classes differ by colour: chance is 0.33
+
+
+def test_same_seed_same_metrics_and_resume_after_interruption(image_folder, tmp_path):
+    cfg = tiny_trial(image_folder, method="baseline", epochs=3)
+    quiet = lambda m: None  # noqa: E731
+    a = run_trial(cfg, tmp_path / "a", progress=False, log=quiet)
+    b = run_trial(cfg, tmp_path / "b", progress=False, log=quiet)
+    assert a["best"]["test"] == b["best"]["test"] and a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+    def crash_after_epoch_2(message):
+        if message.startswith("epoch 2/3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(cfg, tmp_path / "c", progress=False, log=crash_after_epoch_2)
+    lines = []
+    c = run_trial(cfg, tmp_path / "c", progress=False, log=lines.append)
+    assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
+    assert [h["train_loss"] for h in c["history"]] == [h["train_loss"] for h in a["history"]]
+    assert c["last"]["test"] == a["last"]["test"] and c["best"]["test"] == a["best"]["test"]
+
+
+def test_a_folder_of_another_run_is_refused(image_folder, tmp_path):
+    run_trial(tiny_trial(image_folder, method="baseline", epochs=1), tmp_path / "r", progress=False, log=lambda m: None)
+    proc = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--method", "baseline", "--resolution", "16",
+                   "--epochs", "2", "--out", str(tmp_path / "r"))  # fmt: skip
+    assert_one_line_error(proc, "holds a different run")
+
+
+def test_nan_teacher_stops_the_student_with_a_clear_error(image_folder, tmp_path):
+    teacher = build_model("mobilenet_v2", 3)
+    with torch.no_grad():
+        teacher.classifier[-1].weight.fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan.pt", teacher, model_name="mobilenet_v2", classes=["class0", "class1", "class2"])
+    proc = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "nan.pt"),
+                   "--resolution", "16", "--epochs", "1", "--out", str(tmp_path / "kd"))  # fmt: skip
+    assert_one_line_error(proc, "NaN or infinite logits")
+    assert not (tmp_path / "kd" / "metrics.json").exists()
+
+
+def test_exploding_loss_stops_with_a_clear_error(image_folder, tmp_path):
+    proc = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--method", "baseline", "--lr", "1e12",
+                   "--resolution", "16", "--epochs", "2", "--batch-size", "4", "--out", str(tmp_path / "x"))  # fmt: skip
+    assert_one_line_error(proc, "non-finite loss")
+
+
+def test_teacher_of_other_classes_and_bad_checkpoint(image_folder, tmp_path):
+    other = build_model("mobilenet_v2", 2)
+    save_checkpoint(tmp_path / "other.pt", other, model_name="mobilenet_v2", classes=["x", "y"])
+    proc = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "other.pt"),
+                   "--resolution", "16", "--out", str(tmp_path / "kd"))  # fmt: skip
+    assert_one_line_error(proc, "same dataset")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    proc = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "junk.pt"),
+                   "--resolution", "16", "--out", str(tmp_path / "kd2"))  # fmt: skip
+    assert_one_line_error(proc, "cannot be read")
+
+
+@pytest.mark.parametrize("bad, needle", [(["-T", "0"], "temperature"), (["--alpha", "0", "--beta", "0", "--gamma", "0"], "all 0"),
+                                          (["--beta", "-1"], "beta"), (["--model", "nonet"], "unknown model")])  # fmt: skip
+def test_bad_cli_values_are_one_line(image_folder, tmp_path, bad, needle):
+    torch.save({}, tmp_path / "t.pt")
+    proc = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "t.pt"),
+                   "--out", str(tmp_path / "o"), *bad)  # fmt: skip
+    assert_one_line_error(proc, needle)
+
+
+def test_cached_teacher_equals_the_online_teacher_on_augmented_batches(tmp_path):
+    torch.manual_seed(0)
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=5, size=16)
+    from kdbench.data.decode import load_images
+    from kdbench.data.index import scan_folder
+
+    images, _ = load_images(folder, scan_folder(folder).paths, 16)
+    teacher = build_model("resnet18", 3).eval()
+    with torch.no_grad():  # make batch-norm statistics non-trivial
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    aug = AUGMENTATIONS["d4"]
+    cache = cached_teacher(teacher, tmp_path / "logits.pt", images, aug, batch_size=4, device=torch.device("cpu"), source="t")
+    online = OnlineTeacher(teacher, "t")
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        positions = torch.randperm(len(images), generator=generator)[:6]
+        views = aug.sample_views(6, generator)
+        inputs = normalize(aug(images[positions], views, generator))
+        torch.testing.assert_close(cache(positions, views, inputs), online(positions, views, inputs), rtol=1e-5, atol=1e-5)
+    # the file is reused, not rebuilt
+    again = cached_teacher(None, tmp_path / "logits.pt", images, aug, batch_size=4, device=torch.device("cpu"), source="t")
+    assert torch.equal(again.logits, cache.logits)
+    assert build_logit_cache(teacher, images[:2], aug, batch_size=2, device=torch.device("cpu"), source="t").shape == (2, 8, 3)
+    assert torch.equal(apply_views(images[:1], torch.tensor([5]))[0], torch.rot90(images[0].flip(-1), 1, dims=(-2, -1)))
+
+
+def test_continuous_augmentation_falls_back_to_the_online_teacher(image_folder, tmp_path):
+    teacher = run_trial(tiny_trial(image_folder, epochs=1), tmp_path / "t", progress=False, log=lambda m: None)
+    cfg = tiny_trial(image_folder, method="kd_kl", epochs=1, augment="d4_crop", teacher_checkpoint=str(tmp_path / "t" / "best.pt"))
+    lines = []
+    result = run_trial(cfg, tmp_path / "s", progress=False, log=lines.append)
+    assert teacher["teacher"] is None
+    assert result["teacher"]["mode"] == "online" and "d4_crop" in result["teacher"]["why"]
+    assert any("running the teacher online" in line for line in lines)

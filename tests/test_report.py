@@ -1,0 +1,273 @@
+"""The report (kdbench.report) on small synthetic stores: numbers, notes, files, PDF.
+
+The main store has two datasets: eurosat with three seeds (every trial done) and
+rsscn7 with one seed done, one trial failed and the other seeds never run; the
+grid has two temperatures and two cosine weights so the ablation tables appear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+import zlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kdbench.errors import UserError
+from kdbench.report import build_report
+from kdbench.report.__main__ import main
+from kdbench.report.stats import paired_difference, summarize, t_quantile
+from kdbench.sweep.ablation import parse_ablation
+from kdbench.sweep.plan import plan_trials
+from kdbench.sweep.store import STORE_FILE, Store
+
+RAW = {
+    "name": "synthetic",
+    "description": "test store",
+    "grid": {"datasets": ["eurosat", "rsscn7"], "seeds": [0, 1, 2], "temperatures": [4.0, 2.0], "cos_weights": [1.0, 0.5]},
+    "data": {"resolution": 32, "images_per_class": 20},
+    "teacher": {"epochs": 3},
+    "student": {"epochs": 4},
+}
+CLASSES = {"eurosat": [f"class_{i}" for i in range(10)], "rsscn7": ["Grass", "Field", "Industry", "RiverLake", "Forest", "Resident", "Parking"]}
+METHOD_ACCURACY = {"teacher": 0.90, "baseline": 0.80, "kd_kl": 0.84, "kd_cos": 0.82, "kd_kl_cos": 0.86}
+ENVIRONMENT = {"kdbench": "0.1.0", "git_commit": "abc1234", "python": "3.12", "torch": "2.9", "torchvision": "0.24",
+               "platform": "Linux", "cpu": "Test CPU", "cpu_count": 2, "torch_threads": 2, "device": "cpu"}  # fmt: skip
+FAILED_ERROR = "RuntimeError: out of memory"
+
+
+def accuracy(trial) -> float:
+    """A made-up but varied best-checkpoint test accuracy for ``trial``."""
+    c = trial.config
+    value = METHOD_ACCURACY[c.method] + 0.013 * ((c.seed * 7 + len(c.method)) % 3) - 0.01 * (c.loss.temperature == 2.0)
+    if c.data.dataset == "rsscn7" and c.method == "teacher":
+        value = 0.70  # weaker than its students: flagged
+    return round(value - 0.005 * (c.loss.gamma == 0.5), 4)
+
+
+def metrics(acc: float, classes: list[str]) -> dict:
+    k = len(classes)
+    diag = round(20 * acc)
+    cm = [[diag if i == j else (20 - diag if j == (i + 1) % k else 0) for j in range(k)] for i in range(k)]
+    return {"accuracy": acc, "macro_precision": acc - 0.01, "macro_recall": acc - 0.02, "macro_f1": acc - 0.015,
+            "per_class_accuracy": {c: diag / 20 for c in classes}, "confusion_matrix": cm, "n": 20 * k, "loss": 1 - acc}  # fmt: skip
+
+
+def result(trial) -> dict:
+    """A result dict shaped like kdbench.engine.trial.run_trial's, with fake metrics."""
+    c = trial.config
+    classes, best = CLASSES[c.data.dataset], accuracy(trial)
+    epochs = c.recipe.epochs
+    history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": best * e / epochs, "val_loss": 1 / e,
+                "val_accuracy": best * e / epochs, "lr": 0.01, "images_per_s": 100.0, "seconds": 1.0} for e in range(1, epochs + 1)]  # fmt: skip
+    return {
+        "key": trial.key, "config": c.identity(), "classes": classes,
+        "data": {"folder": "/data", "train": 14 * len(classes), "val": 2 * len(classes), "test": 4 * len(classes), "skipped": []},
+        "teacher": None, "best": {"epoch": epochs - 1, "val": metrics(best, classes), "test": metrics(best, classes)},
+        "last": {"epoch": epochs, "val": metrics(best - 0.02, classes), "test": metrics(best - 0.02, classes)},
+        "history": history, "timings": {"total_s": 5.0, "train_s": 4.0, "train_images_per_s": 100.0}, "environment": ENVIRONMENT,
+    }  # fmt: skip
+
+
+def complexity(trial) -> dict:
+    c = trial.config
+    teacher = c.recipe.model == "vgg16"
+    return {"model": c.recipe.model, "num_classes": len(CLASSES[c.data.dataset]), "resolution": c.data.resolution,
+            "params_total": 134_000_000 if teacher else 2_200_000, "params_trainable": 0, "flops": 313_000_000 if teacher else 6_400_000,
+            "flops_by_type": {}, "checkpoint_bytes": 537_000_000 if teacher else 9_000_000, "unsupported_ops": {}}  # fmt: skip
+
+
+def bench_json() -> dict:
+    """A pytest-benchmark file shaped like tests/benchmarks/test_inference.py's output (10x student speed-up)."""
+    entries = []
+    for model, base in (("vgg16", 0.040), ("mobilenet_v2", 0.004)):
+        for batch in (1, 32):
+            median = base * (1 if batch == 1 else 12)
+            stats = {"min": 0.9 * median, "max": 1.3 * median, "mean": 1.02 * median, "stddev": median / 20, "median": median,
+                     "q1": 0.95 * median, "q3": 1.05 * median, "iqr": median / 10, "rounds": 10, "iterations": 1,
+                     "ops": 1 / median, "total": 10 * median}  # fmt: skip
+            info = {"model": model, "batch": batch, "resolution": 64, "runtime": "torch", "threads": 2}
+            entries.append({"name": f"test_torch_inference[{model}-batch{batch}]", "extra_info": info, "stats": stats})
+    return {"benchmarks": entries}
+
+
+def is_failed(trial) -> bool:
+    c = trial.config
+    return c.data.dataset == "rsscn7" and c.method == "kd_cos" and c.seed == 0 and c.loss.gamma == 1.0
+
+
+def is_run(trial) -> bool:
+    c = trial.config
+    return c.data.dataset == "eurosat" or c.seed == 0
+
+
+@pytest.fixture(scope="module")
+def trials():
+    return plan_trials(parse_ablation(RAW, "test"))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, trials) -> Path:
+    """A sweep folder with the synthetic store and bench.json, and its report built once."""
+    out = tmp_path_factory.mktemp("sweep")
+    store = Store(out / STORE_FILE)
+    sweep_id = store.begin_sweep(RAW["name"], "ablations/synthetic.toml", RAW, trials, ENVIRONMENT)
+    for trial in filter(is_run, trials):
+        if is_failed(trial):
+            store.record_failed(trial.key, FAILED_ERROR)
+        else:
+            store.record_done(trial.key, result(trial), complexity(trial))
+    store.flag_weak_teachers()
+    store.finish_sweep(sweep_id, {"total": len(trials), "done": 0, "failed": 1, "already": 0, "wall_s": 123.0})
+    store.close()
+    (out / "bench.json").write_text(json.dumps(bench_json()))
+    paths = build_report(out)
+    assert paths == [out / "report.md", out / "report.pdf"]
+    return out
+
+
+def csv(report: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(report / "tables" / f"{name}.csv")
+
+
+def default_accuracies(trials, dataset: str, method: str) -> dict[int, float]:
+    """seed -> best test accuracy (%) of the default-setting done trials, computed from the synthetic data."""
+    return {t.config.seed: 100 * accuracy(t) for t in trials if t.config.data.dataset == dataset and t.config.method == method
+            and is_run(t) and not is_failed(t) and t.config.loss.temperature in (1.0, 4.0) and t.config.loss.gamma in (0.0, 1.0)}  # fmt: skip
+
+
+def test_t_quantiles_match_tables():
+    assert t_quantile(0.95, 1) == pytest.approx(12.7062047, abs=1e-6)
+    assert t_quantile(0.95, 2) == pytest.approx(4.3026527, abs=1e-6)
+    assert t_quantile(0.95, 10) == pytest.approx(2.2281389, abs=1e-6)
+
+
+def test_accuracy_table_matches_store(report, trials):
+    table = csv(report, "accuracy").set_index(["dataset", "method"])
+    for dataset in ("eurosat", "rsscn7"):
+        baseline = default_accuracies(trials, dataset, "baseline")
+        for method in METHOD_ACCURACY:
+            by_seed = default_accuracies(trials, dataset, method)
+            row = table.loc[(dataset, method)]
+            values = list(by_seed.values())
+            assert row["n"] == len(values)
+            if not values:  # rsscn7 kd_cos: its only run failed
+                assert math.isnan(row["best_mean"]) and math.isnan(row["diff_mean"])
+                continue
+            assert row["best_mean"] == pytest.approx(sum(values) / len(values), abs=0.006)
+            assert row["last_mean"] == pytest.approx(sum(values) / len(values) - 2, abs=0.006)
+            if len(values) > 1:
+                mean = sum(values) / len(values)
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                assert row["best_std"] == pytest.approx(std, abs=0.006)
+            else:
+                assert math.isnan(row["best_std"])
+            if method != "baseline":
+                diffs = [by_seed[s] - baseline[s] for s in by_seed]
+                assert row["diff_mean"] == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
+    # rsscn7: one seed ran, kd_cos failed there
+    assert table.loc[("rsscn7", "kd_cos"), "n"] == 0
+    assert table.loc[("rsscn7", "kd_kl"), "planned"] == 3
+
+
+def test_paired_interval_by_hand(report, trials):
+    """eurosat kd_kl vs baseline over 3 seeds: mean ± t(0.975, 2) * sd / sqrt(3)."""
+    kd, base = default_accuracies(trials, "eurosat", "kd_kl"), default_accuracies(trials, "eurosat", "baseline")
+    diffs = [kd[s] - base[s] for s in (0, 1, 2)]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)
+    row = csv(report, "accuracy").set_index(["dataset", "method"]).loc[("eurosat", "kd_kl")]
+    assert (row["diff_low"], row["diff_high"]) == (pytest.approx(mean - half, abs=0.006), pytest.approx(mean + half, abs=0.006))
+    d = paired_difference(kd, base)
+    assert (d.low, d.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert summarize([1.0]).n == 1 and math.isnan(summarize([1.0]).std)
+
+
+def test_markdown_marks_failures_missing_and_notes(report, trials):
+    md = (report / "report.md").read_text()
+    assert "n=1, no interval" in md
+    assert f"Failed: KD (Cos) on rsscn7, seed 0 (T 1, β 0, γ 1): {FAILED_ERROR}" in md
+    assert "missing (pending)" in md and "20 of 60 planned trials have no result" in md
+    assert "| paper (reported) |  | 99.04 |" in md
+    assert "Teacher weaker than its students: vgg16 on rsscn7" in md
+    assert "Fewer than 3 finished seeds (rsscn7:" in md
+    assert "Table 3. Temperature ablation" in md and "Table 4. Loss-weight ablation" in md
+    assert "| KD (Cos) | 0/3 | — | — | — | — | — | — |" in md
+    incomplete = csv(report, "incomplete")
+    assert incomplete.loc[incomplete["status"] == "failed", "error"].tolist() == [FAILED_ERROR]
+    assert (incomplete["status"] == "pending").sum() == len(incomplete) - 1 == sum(not is_run(t) for t in trials)
+
+
+def test_best_student_is_marked(report, trials):
+    table = csv(report, "accuracy")
+    for dataset in ("eurosat", "rsscn7"):
+        means = {m: sum(v.values()) / len(v) for m in METHOD_ACCURACY if m != "teacher" and (v := default_accuracies(trials, dataset, m))}
+        best = max(means, key=means.get)
+        assert table.loc[table["best_student"] & (table["dataset"] == dataset), "method"].tolist() == [best]
+    assert "KD (KL+Cos) ★" in (report / "report.md").read_text()
+
+
+def test_latency_and_speedup_from_bench(report):
+    latency = csv(report, "latency")
+    batch1 = latency[latency["batch"] == 1].set_index("model")
+    assert batch1.loc["vgg16", "latency_median_ms"] == pytest.approx(40.0)
+    assert batch1.loc["mobilenet_v2", "images_per_s"] == pytest.approx(250.0)
+    assert "Speed-up: vgg16 latency / mobilenet\\_v2 latency" in (report / "report.md").read_text()
+    complexity = csv(report, "complexity").set_index(["dataset", "row"])
+    assert complexity.loc[("eurosat", "teacher/student"), "params"] == pytest.approx(134_000_000 / 2_200_000, abs=0.01)
+
+
+def pdf_pages(pdf: bytes) -> int:
+    """Page objects in a PDF, looking inside its compressed object streams too."""
+    chunks = [pdf]
+    for match in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
+        with contextlib.suppress(zlib.error):
+            chunks.append(zlib.decompress(match.group(1)))
+    return len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", b"".join(chunks)))
+
+
+def test_files_and_pdf(report):
+    pdf = (report / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf_pages(pdf) > 1
+    tables = {p.stem for p in (report / "tables").glob("*.csv")}
+    assert tables == {"accuracy", "complexity", "latency", "temperature", "loss_weights", "incomplete", "trials"}
+    figures = {p.stem for p in (report / "figures").glob("*.png")}
+    assert {p.stem for p in (report / "figures").glob("*.svg")} == figures
+    assert figures == {"accuracy", "accuracy_vs_cost", "temperature", "loss_weights", "training_curves", "confusion_eurosat", "confusion_rsscn7"}
+
+
+def test_rebuild_is_byte_identical(report, tmp_path):
+    """Same store, other folder: every file comes out the same (no generation time or path in any of them)."""
+    for name in (STORE_FILE, "bench.json"):
+        (tmp_path / name).write_bytes((report / name).read_bytes())
+    build_report(tmp_path)
+    outputs = ["report.md", "report.pdf", *(str(p.relative_to(report)) for p in report.glob("*/*.*"))]
+    assert [name for name in outputs if (tmp_path / name).read_bytes() != (report / name).read_bytes()] == []
+
+
+def test_store_without_results(tmp_path, trials):
+    """A sweep that planned trials but finished none: every cell is — and every trial is listed as missing."""
+    store = Store(tmp_path / STORE_FILE)
+    store.begin_sweep(RAW["name"], "ablations/synthetic.toml", RAW, trials, ENVIRONMENT)
+    store.close()
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "stale.png").write_bytes(b"old")
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "No bench.json" in md and "not finished" in md
+    assert md.count("missing (pending)") == len(trials)
+    assert list((tmp_path / "figures").iterdir()) == []
+    assert csv(tmp_path, "accuracy")["n"].eq(0).all()
+
+
+def test_cli_errors_in_one_line(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"kdbench: error: no results store in {tmp_path}: run python -m kdbench.sweep first"
+    Store(tmp_path / STORE_FILE).close()
+    with pytest.raises(UserError, match="records no sweep"):
+        build_report(tmp_path)

@@ -1,0 +1,201 @@
+"""The sweep: ablation validation, planning, the results store, resume, kill -9, concurrency, failures."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_one_line_error, make_image_folder, run_cli
+from kdbench.sweep.ablation import apply_overrides, parse_ablation
+from kdbench.sweep.plan import plan_trials
+
+TINY = """
+name = "tiny"
+[grid]
+datasets = ["imagefolder:{folder}"]
+methods = ["teacher", "baseline", "kd_kl", "kd_kl_cos"]
+seeds = [0]
+temperatures = [2.0, 4.0]
+[data]
+resolution = 16
+[teacher]
+model = "resnet18"
+epochs = {teacher_epochs}
+batch_size = 8
+lr = {teacher_lr}
+[student]
+model = "mobilenet_v2"
+epochs = {student_epochs}
+batch_size = 8
+lr = 0.05
+[run]
+device = "cpu"
+"""
+
+
+def write_ablation(tmp_path: Path, folder: Path, teacher_epochs=1, student_epochs=1, teacher_lr=0.05) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY.format(folder=folder, teacher_epochs=teacher_epochs, student_epochs=student_epochs, teacher_lr=teacher_lr))
+    return path
+
+
+def store_rows(out: Path) -> list[dict]:
+    db = sqlite3.connect(out / "store.sqlite")
+    db.row_factory = sqlite3.Row
+    rows = [dict(r) for r in db.execute("SELECT key, method, status, completions, attempts, error, flags FROM trials")]
+    db.close()
+    return rows
+
+
+def base_raw(**grid) -> dict:
+    return {"name": "t", "grid": {"datasets": ["eurosat"], **grid}, "teacher": {"model": "vgg16"}}
+
+
+def test_plan_varies_each_method_only_along_its_axes_and_orders_teachers_first():
+    raw = base_raw(methods=["baseline", "kd_kl", "kd_cos", "kd_kl_cos", "teacher"], temperatures=[1.0, 4.0], kl_weights=[0.5, 1.0], cos_weights=[1.0], seeds=[0, 1])
+    trials = plan_trials(parse_ablation(raw, "t"))
+    count = {m: sum(t.config.method == m for t in trials) for m in ("teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos")}
+    assert count == {"teacher": 2, "baseline": 2, "kd_kl": 8, "kd_cos": 2, "kd_kl_cos": 8}
+    assert [t.role for t in trials[:2]] == ["teacher", "teacher"] and all(t.role == "student" for t in trials[2:])
+    teacher_keys = {t.key for t in trials[:2]}
+    assert all(t.teacher_key in teacher_keys for t in trials if t.config.method.startswith("kd"))
+    assert all(t.teacher_key is None for t in trials if t.config.method == "baseline")
+
+
+def test_keys_are_stable_and_change_only_with_what_affects_a_result():
+    keys = lambda raw: {(t.config.method, t.config.loss.temperature): t.key for t in plan_trials(parse_ablation(raw, "t"))}  # noqa: E731
+    a = keys(base_raw(methods=["baseline", "kd_kl"], temperatures=[4.0]))
+    assert a == keys(base_raw(methods=["baseline", "kd_kl"], temperatures=[4.0]))
+    b = keys(base_raw(methods=["baseline", "kd_kl"], temperatures=[2.0]))
+    assert a[("baseline", 1.0)] == b[("baseline", 1.0)] and a[("kd_kl", 4.0)] != b[("kd_kl", 2.0)]
+    c = keys({**base_raw(methods=["baseline"]), "student": {"epochs": 3}})
+    assert c[("baseline", 1.0)] != a[("baseline", 1.0)]
+
+
+def test_overrides_set_nested_typed_values():
+    raw = apply_overrides({"grid": {}}, ["grid.seeds=[0,1,2]", "teacher.epochs=2", "teacher.model=vgg16_bn", "data.augment=none"])
+    assert raw == {"grid": {"seeds": [0, 1, 2]}, "teacher": {"epochs": 2, "model": "vgg16_bn"}, "data": {"augment": "none"}}
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["grid.colour=1"], "unknown key ablation.grid.colour"),
+        (["teacher.epoch=3"], "unknown key ablation.teacher.epoch"),
+        (["grid.temperatures=[4.0, 0.0]"], "temperature must be > 0"),
+        (["grid.temperatures=[-1.0]"], "temperature must be > 0"),
+        (["grid.kl_weights=[-0.5]"], "loss weights must be >= 0"),
+        (["loss.alpha=0.0", "grid.kl_weights=[0.0]", "grid.cos_weights=[0.0]"], "all 0"),
+        (["grid.datasets=['mars']"], "unknown dataset 'mars'"),
+        (["student.model=resnet9000"], "unknown model 'resnet9000'"),
+        (["grid.seeds=[]"], "grid.seeds is empty"),
+        (["grid.methods=['dkd']"], "unknown method 'dkd'"),
+        (["teacher.epochs='ten'"], "teacher.epochs must be int"),
+        (["nonsense"], "must look like key=value"),
+    ],
+)
+def test_bad_ablations_fail_in_one_line_before_training(tmp_path, overrides, needle):
+    args = [a for o in overrides for a in ("--set", o)]
+    proc = run_cli("kdbench.sweep", "--out", str(tmp_path / "out"), *args)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_ablation_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("name = 'x'\n[grid\n")
+    assert_one_line_error(run_cli("kdbench.sweep", "--config", str(tmp_path / "bad.toml")), "not valid TOML")
+    assert_one_line_error(run_cli("kdbench.sweep", "--config", str(tmp_path / "none.toml")), "not found")
+
+
+def test_dry_run_lists_trials_and_cost_without_training(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
+    proc = run_cli("kdbench.sweep", "--config", str(write_ablation(tmp_path, folder)), "--dry-run", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert "6 trials (1 teachers, 5 students)" in proc.stdout and "estimated" in proc.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_runs_records_and_skips_finished_trials(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
+    ablation, out = write_ablation(tmp_path, folder), tmp_path / "out"
+    first = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().splitlines()[-1] == "trials: 6 total, 6 done, 0 failed, 0 already done"
+    rows = store_rows(out)
+    assert len(rows) == 6 and all(r["status"] == "done" and r["completions"] == 1 for r in rows)
+    started = time.time()
+    again = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report")
+    assert again.stdout.strip().splitlines()[-1] == "trials: 6 total, 0 done, 0 failed, 6 already done"
+    assert time.time() - started < 60
+    assert all(r["completions"] == 1 for r in store_rows(out))
+    for key in (r["key"] for r in rows):
+        assert (out / "trials" / key / "metrics.json").exists()
+
+
+def test_failed_teacher_fails_its_students_and_the_exit_status(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
+    ablation, out = write_ablation(tmp_path, folder, teacher_lr=1e12), tmp_path / "out"
+    proc = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report", "--set", "teacher.warmup_epochs=0")
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines()[-1] == "trials: 6 total, 1 done, 5 failed, 0 already done"
+    rows = {r["method"] + str(i): r for i, r in enumerate(store_rows(out))}
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    assert any("non-finite loss" in r["error"] for r in failed if r["method"] == "teacher")
+    assert all("teacher trial" in r["error"] for r in failed if r["method"] != "teacher")
+    assert [r["method"] for r in rows.values() if r["status"] == "done"] == ["baseline"]
+
+
+def test_sigkill_mid_trial_then_rerun_does_every_trial_exactly_once(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=16)
+    ablation, out = write_ablation(tmp_path, folder, teacher_epochs=3, student_epochs=3), tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    # wait until one trial is done and a later one has checkpointed an epoch: we are mid-trial
+    while time.time() < deadline:
+        if (out / "store.sqlite").exists() and any(r["status"] == "done" for r in store_rows(out)):
+            running = [r for r in store_rows(out) if r["status"] == "running"]
+            if running and (out / "trials" / running[0]["key"] / "last.pt").exists():
+                break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the sweep never reached the middle of a trial")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = [r["key"] for r in store_rows(out) if r["status"] == "running"]
+    assert interrupted
+    rerun = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report")
+    assert rerun.returncode == 0, rerun.stderr
+    rows = store_rows(out)
+    assert len(rows) == 6 and all(r["status"] == "done" and r["completions"] == 1 for r in rows)
+    log = (out / "trials" / interrupted[0] / "train.log").read_text()
+    assert "resuming from" in log
+
+
+def test_two_sweeps_on_one_store_stay_consistent(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
+    ablation, out = write_ablation(tmp_path, folder), tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    rows = store_rows(out)
+    assert len(rows) == 6 and all(r["status"] == "done" and r["completions"] == 1 for r in rows)
+
+
+def test_process_pool_workers_give_the_same_results(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
+    ablation = write_ablation(tmp_path, folder)
+    serial = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(tmp_path / "a"), "--no-report", "--threads", "1", "--set", "grid.methods=['teacher','kd_kl']")
+    pooled = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(tmp_path / "b"), "--no-report", "--workers", "2", "--threads", "1", "--set", "grid.methods=['teacher','kd_kl']")
+    assert serial.returncode == 0 and pooled.returncode == 0, pooled.stderr
+    acc = lambda out: {r[0]: r[1] for r in sqlite3.connect(out / "store.sqlite").execute("SELECT key, best_test_accuracy FROM trials")}  # noqa: E731
+    assert acc(tmp_path / "a") == acc(tmp_path / "b")
