@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_one_line_error, make_image_folder, run_cli
+from conftest import assert_one_line_error, call_main, make_image_folder, run_cli
+from kdbench.train import main as train_main
 from kdbench.config import DataConfig
 from kdbench.data import prepare_data
 from kdbench.data.decode import load_images
@@ -137,7 +138,7 @@ def test_d4_views_are_the_eight_symmetries():
         ("few", ["too few"]),
     ],
 )
-def test_train_cli_bad_data_is_one_line(tmp_path, setup, needles):
+def test_train_cli_bad_data_is_one_line(tmp_path, capsys, setup, needles):
     folder = make_image_folder(tmp_path / "set", classes=2, per_class=6)
     args = []
     if setup == "corrupt":
@@ -148,7 +149,7 @@ def test_train_cli_bad_data_is_one_line(tmp_path, setup, needles):
         (folder / "empty").mkdir()
     else:
         args = ["--images-per-class", "3", "--val-fraction", "0.5", "--test-fraction", "0.4"]
-    proc = run_cli("kdbench.train", "--dataset", f"imagefolder:{folder}", "--model", "mobilenet_v2", "--out", str(tmp_path / "run"), "--epochs", "1", *args)
+    proc = call_main(train_main, ["--dataset", f"imagefolder:{folder}", "--model", "mobilenet_v2", "--out", str(tmp_path / "run"), "--epochs", "1", *args], capsys)
     assert_one_line_error(proc, *needles)
 
 

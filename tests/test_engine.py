@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import assert_one_line_error, make_image_folder, run_cli
+from conftest import assert_one_line_error, call_main, make_image_folder, run_cli
+from kdbench.train import main as train_main
 from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
 from kdbench.data.presets import AUGMENTATIONS, apply_views, normalize
 from kdbench.engine.teacher import OnlineTeacher, build_logit_cache, cached_teacher
@@ -108,10 +109,10 @@ def test_teacher_of_other_classes_and_bad_checkpoint(image_folder, tmp_path):
 
 @pytest.mark.parametrize("bad, needle", [(["-T", "0"], "temperature"), (["--alpha", "0", "--beta", "0", "--gamma", "0"], "all 0"),
                                           (["--beta", "-1"], "beta"), (["--model", "nonet"], "unknown model")])  # fmt: skip
-def test_bad_cli_values_are_one_line(image_folder, tmp_path, bad, needle):
+def test_bad_cli_values_are_one_line(image_folder, tmp_path, capsys, bad, needle):
     torch.save({}, tmp_path / "t.pt")
-    proc = run_cli("kdbench.train", "--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "t.pt"),
-                   "--out", str(tmp_path / "o"), *bad)  # fmt: skip
+    proc = call_main(train_main, ["--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "t.pt"),
+                                  "--out", str(tmp_path / "o"), *bad], capsys)  # fmt: skip
     assert_one_line_error(proc, needle)
 
 

@@ -33,7 +33,10 @@ RAW = {
     "teacher": {"epochs": 3},
     "student": {"epochs": 4},
 }
-CLASSES = {"eurosat": [f"class_{i}" for i in range(10)], "rsscn7": ["Grass", "Field", "Industry", "RiverLake", "Forest", "Resident", "Parking"]}
+CLASSES = {
+    "eurosat": [f"class_{i}" for i in range(10)],
+    "rsscn7": ["Grass", "Field", "Industry", "RiverLake", "Forest", "Resident", "Parking"],
+}
 METHOD_ACCURACY = {"teacher": 0.90, "baseline": 0.80, "kd_kl": 0.84, "kd_cos": 0.82, "kd_kl_cos": 0.86}
 ENVIRONMENT = {"kdbench": "0.1.0", "git_commit": "abc1234", "python": "3.12", "torch": "2.9", "torchvision": "0.24",
                "platform": "Linux", "cpu": "Test CPU", "cpu_count": 2, "torch_threads": 2, "device": "cpu"}  # fmt: skip
@@ -62,8 +65,8 @@ def result(trial) -> dict:
     c = trial.config
     classes, best = CLASSES[c.data.dataset], accuracy(trial)
     epochs = c.recipe.epochs
-    history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": best * e / epochs, "val_loss": 1 / e,
-                "val_accuracy": best * e / epochs, "lr": 0.01, "images_per_s": 100.0, "seconds": 1.0} for e in range(1, epochs + 1)]  # fmt: skip
+    history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": best * e / epochs, "val_loss": 1 / e, "val_accuracy": best * e / epochs,
+                "lr": 0.01, "images_per_s": 100.0, "seconds": 1.0} for e in range(1, epochs + 1)]  # fmt: skip
     return {
         "key": trial.key, "config": c.identity(), "classes": classes,
         "data": {"folder": "/data", "train": 14 * len(classes), "val": 2 * len(classes), "test": 4 * len(classes), "skipped": []},
@@ -137,7 +140,8 @@ def csv(report: Path, name: str) -> pd.DataFrame:
 def default_accuracies(trials, dataset: str, method: str) -> dict[int, float]:
     """seed -> best test accuracy (%) of the default-setting done trials, computed from the synthetic data."""
     return {t.config.seed: 100 * accuracy(t) for t in trials if t.config.data.dataset == dataset and t.config.method == method
-            and is_run(t) and not is_failed(t) and t.config.loss.temperature in (1.0, 4.0) and t.config.loss.gamma in (0.0, 1.0)}  # fmt: skip
+            and is_run(t) and not is_failed(t) and t.config.loss.temperature in (1.0, 4.0)
+            and t.config.loss.gamma in (0.0, 1.0)}  # fmt: skip
 
 
 def test_t_quantiles_match_tables():
@@ -174,6 +178,16 @@ def test_accuracy_table_matches_store(report, trials):
     assert table.loc[("rsscn7", "kd_kl"), "planned"] == 3
 
 
+def test_temperature_table_matches_store(report, trials):
+    table = csv(report, "temperature").set_index(["dataset", "method", "temperature"])
+    for temperature in (2.0, 4.0):
+        values = [100 * accuracy(t) for t in trials if t.config.data.dataset == "eurosat" and t.config.method == "kd_kl_cos"
+                  and t.config.loss.temperature == temperature and t.config.loss.gamma == 1.0]  # fmt: skip
+        row = table.loc[("eurosat", "kd_kl_cos", temperature)]
+        assert (row["n"], row["mean"]) == (3, pytest.approx(sum(values) / 3, abs=0.006))
+    assert table.loc[("rsscn7", "kd_kl", 2.0), "n"] == 1
+
+
 def test_paired_interval_by_hand(report, trials):
     """eurosat kd_kl vs baseline over 3 seeds: mean ± t(0.975, 2) * sd / sqrt(3)."""
     kd, base = default_accuracies(trials, "eurosat", "kd_kl"), default_accuracies(trials, "eurosat", "baseline")
@@ -196,6 +210,9 @@ def test_markdown_marks_failures_missing_and_notes(report, trials):
     assert "| paper (reported) |  | 99.04 |" in md
     assert "Teacher weaker than its students: vgg16 on rsscn7" in md
     assert "Fewer than 3 finished seeds (rsscn7:" in md
+    assert "differ by 1 pp or more in 9 of 9 cells of Table 1" in md
+    assert "Ablation synthetic from ablations/synthetic.toml." in md
+    assert "10 classes, train / val / test = 140 / 20 / 40 images" in md and "wall time 2 min 03 s" in md
     assert "Table 3. Temperature ablation" in md and "Table 4. Loss-weight ablation" in md
     assert "| KD (Cos) | 0/3 | — | — | — | — | — | — |" in md
     incomplete = csv(report, "incomplete")
@@ -218,8 +235,9 @@ def test_latency_and_speedup_from_bench(report):
     assert batch1.loc["vgg16", "latency_median_ms"] == pytest.approx(40.0)
     assert batch1.loc["mobilenet_v2", "images_per_s"] == pytest.approx(250.0)
     assert "Speed-up: vgg16 latency / mobilenet\\_v2 latency" in (report / "report.md").read_text()
-    complexity = csv(report, "complexity").set_index(["dataset", "row"])
-    assert complexity.loc[("eurosat", "teacher/student"), "params"] == pytest.approx(134_000_000 / 2_200_000, abs=0.01)
+    complexity = csv(report, "complexity").set_index("dataset")
+    assert complexity.loc["eurosat", "params_ratio"] == pytest.approx(134_000_000 / 2_200_000, abs=0.01)
+    assert complexity.loc["rsscn7", "student_flops"] == 6_400_000
 
 
 def pdf_pages(pdf: bytes) -> int:
@@ -238,7 +256,8 @@ def test_files_and_pdf(report):
     assert tables == {"accuracy", "complexity", "latency", "temperature", "loss_weights", "incomplete", "trials"}
     figures = {p.stem for p in (report / "figures").glob("*.png")}
     assert {p.stem for p in (report / "figures").glob("*.svg")} == figures
-    assert figures == {"accuracy", "accuracy_vs_cost", "temperature", "loss_weights", "training_curves", "confusion_eurosat", "confusion_rsscn7"}
+    expected = {"accuracy", "accuracy_vs_cost", "temperature", "loss_weights", "training_curves", "confusion_eurosat", "confusion_rsscn7"}
+    assert figures == expected
 
 
 def test_rebuild_is_byte_identical(report, tmp_path):

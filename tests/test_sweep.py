@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_one_line_error, make_image_folder, run_cli
+from conftest import REPO, assert_one_line_error, call_main, make_image_folder, run_cli
+from kdbench.sweep.__main__ import main as sweep_main
 from kdbench.sweep.ablation import apply_overrides, parse_ablation
 from kdbench.sweep.plan import plan_trials
 
@@ -99,16 +100,17 @@ def test_overrides_set_nested_typed_values():
         (["nonsense"], "must look like key=value"),
     ],
 )
-def test_bad_ablations_fail_in_one_line_before_training(tmp_path, overrides, needle):
+def test_bad_ablations_fail_in_one_line_before_training(tmp_path, capsys, overrides, needle):
     args = [a for o in overrides for a in ("--set", o)]
-    proc = run_cli("kdbench.sweep", "--out", str(tmp_path / "out"), *args)
+    proc = call_main(sweep_main, ["--out", str(tmp_path / "out"), *args], capsys)
     assert_one_line_error(proc, needle)
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_ablation_file(tmp_path):
+def test_bad_ablation_file(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("name = 'x'\n[grid\n")
-    assert_one_line_error(run_cli("kdbench.sweep", "--config", str(tmp_path / "bad.toml")), "not valid TOML")
+    assert_one_line_error(call_main(sweep_main, ["--config", str(tmp_path / "bad.toml")], capsys), "not valid TOML")
+    # one real subprocess: the exit status and stderr a user sees
     assert_one_line_error(run_cli("kdbench.sweep", "--config", str(tmp_path / "none.toml")), "not found")
 
 

@@ -76,8 +76,9 @@ def draw_figures(data: ReportData, tables: dict[str, Table], folder: Path) -> di
     for stem, draw, caption in specs:
         fig = draw()
         if fig is not None:
+            width = round(100 * min(1.0, fig.get_figwidth() / figures.WIDTH))  # narrow figures stay narrow in the PDF
             figures.save(fig, folder, stem)
-            blocks[stem] = FigureBlock(stem, caption, 70 if stem.startswith("confusion_") else 100)
+            blocks[stem] = FigureBlock(stem, caption, width)
     return blocks
 
 

@@ -27,7 +27,6 @@ PALETTE = dict(zip((get_method(m).label for m in METHODS), sns.color_palette("co
 WIDTH = 7.0  # inches: the text width of an A4 page
 DPI = 200
 ACCURACY_LABEL = "Test accuracy (%)"
-MAX_ANNOTATED_CLASSES = 25  # confusion matrices with more classes show colours only
 STYLE = {"svg.hashsalt": "kdbench-report", "font.size": 9, "axes.titlesize": 9, "legend.fontsize": 8}
 
 
@@ -180,11 +179,12 @@ def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
     classes = trials["result"].iloc[0]["classes"]
     counts = sum(np.array(r["best"]["test"]["confusion_matrix"]) for r in trials["result"])
     share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    cells = np.where(share >= 0.5, np.round(share).astype(int).astype(str), "")  # empty cells stay blank
     size = min(WIDTH, 2.0 + 0.32 * len(classes))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(size + 1.0, size))
-        sns.heatmap(pd.DataFrame(share, index=classes, columns=classes), annot=len(classes) <= MAX_ANNOTATED_CLASSES, fmt=".0f",
-                    cmap="Blues", vmin=0, vmax=100, square=True, ax=ax, annot_kws={"fontsize": 6},
+        sns.heatmap(pd.DataFrame(share, index=classes, columns=classes), annot=cells, fmt="", cmap="Blues", vmin=0, vmax=100,
+                    square=True, ax=ax, annot_kws={"fontsize": 6 if len(classes) <= 12 else 5},
                     cbar_kws={"label": "Share of the true class (%)"})  # fmt: skip
         ax.set(xlabel="Predicted class", ylabel="True class",
                title=f"{get_method(method).label} on {dataset}, best-val ckpt, {len(trials)} seed(s) summed")  # fmt: skip

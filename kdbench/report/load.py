@@ -32,7 +32,6 @@ METRICS = {"accuracy": "acc", "macro_precision": "precision", "macro_recall": "r
 class ReportData:
     """Everything the report shows, read once from the output folder."""
 
-    out_dir: Path
     sweep: dict  # Store.latest_sweep()
     ablation: Ablation
     trials: pd.DataFrame  # one row per planned trial, see :func:`trial_frame`
@@ -80,7 +79,7 @@ def load_report_data(out_dir: Path) -> ReportData:
     ablation = parse_ablation(sweep["ablation"], sweep["ablation_path"] or sweep["name"])
     bench_path = out_dir / BENCH_FILE
     bench = load_benchmark_json(bench_path) if bench_path.is_file() else None
-    return ReportData(out_dir, sweep, ablation, trial_frame(rows, ablation), bench)
+    return ReportData(sweep, ablation, trial_frame(rows, ablation), bench)
 
 
 def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:

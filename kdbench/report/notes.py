@@ -57,6 +57,8 @@ def _weak_teachers(data: ReportData) -> list[str]:
     for teacher in done[done["flags"].map(lambda f: "teacher_weaker_than_students" in f)].itertuples():
         students = done[done["teacher_key"] == teacher.key]
         better = students[students["best_acc"] > teacher.best_acc]
+        if better.empty:  # the store flagged it for students outside this sweep
+            continue
         best = better.loc[better["best_acc"].idxmax()]
         notes.append(f"Teacher weaker than its students: {teacher.model} on {teacher.dataset}, seed {teacher.seed}, reaches "
                      f"{teacher.best_acc:.2f}% test accuracy; {len(better)} of its {len(students)} finished students beat it "
@@ -65,12 +67,16 @@ def _weak_teachers(data: ReportData) -> list[str]:
 
 
 def _few_seeds(accuracy: pd.DataFrame) -> list[str]:
-    few = accuracy[(accuracy["n"] > 0) & (accuracy["n"] < MIN_SEEDS)]
+    finished = accuracy[accuracy["n"] > 0]
+    few = finished[finished["n"] < MIN_SEEDS]
     if few.empty:
         return []
-    groups = few.groupby("dataset", sort=False)
-    cells = "; ".join(f"{dataset}: " + ", ".join(f"{r.label} n={r.n}" for r in group.itertuples()) for dataset, group in groups)
-    return [f"Fewer than {MIN_SEEDS} finished seeds ({cells}): error bars and intervals are not meaningful there (one seed has none)."]
+    if len(few) == len(finished) and few["n"].nunique() == 1:
+        where = f"every cell of Table 1 has n={few['n'].iloc[0]}"
+    else:
+        groups = few.groupby("dataset", sort=False)
+        where = "; ".join(f"{dataset}: " + ", ".join(f"{r.label} n={r.n}" for r in group.itertuples()) for dataset, group in groups)
+    return [f"Fewer than {MIN_SEEDS} finished seeds ({where}): error bars and intervals are not meaningful there (one seed has none)."]
 
 
 def _best_vs_last(accuracy: pd.DataFrame) -> list[str]:

@@ -26,7 +26,8 @@ BEST_MARK = "★"
 MISSING = "—"
 MISSING_BENCH_NOTE = (
     f"No {BENCH_FILE} in the sweep folder: CPU latency and throughput were not measured, so speed-ups and the "
-    f"accuracy-vs-latency plot are left out. To add them run: {BENCH_COMMAND} (with --benchmark-json pointing into this folder)."
+    f"accuracy-vs-latency plot are left out. To add them, write {BENCH_FILE} into this folder with the inference benchmark, "
+    f"e.g. for reports/quick: {BENCH_COMMAND}."
 )
 
 
@@ -108,7 +109,7 @@ def accuracy_table(data: ReportData) -> Table:
         "macro averages (means over seeds). Seeds: finished / planned.",
         f"Δ: test accuracy minus the student baseline's, paired by seed, mean and two-sided {CONFIDENCE:.0%} Student-t "
         "interval over the pairs (t quantile with n - 1 degrees of freedom).",
-        f"{BEST_MARK} best student on the dataset (highest mean best-val-checkpoint test accuracy).",
+        f"{BEST_MARK} best student on the dataset (highest mean best-val-checkpoint test accuracy; all of them on a tie).",
         f"Last row: the best test accuracy the paper reports ({PAPER}), for reference; it is not in the CSV.",
     )
     return Table("accuracy", "Table 1. Test accuracy per method", _round(frame), display, notes, group="Dataset")
@@ -140,48 +141,64 @@ def _by_seed(trials: pd.DataFrame) -> dict[int, float]:
 
 
 def _best_student(frame: pd.DataFrame) -> pd.Series:
-    """True on the student row with the highest mean accuracy of each dataset (first in method order on ties)."""
-    students = frame[(frame["role"] == "student") & frame["best_mean"].notna()]
-    winners = students.sort_values("best_mean", ascending=False, kind="stable").drop_duplicates("dataset").index
-    return pd.Series(frame.index.isin(winners), index=frame.index)
+    """True on the student rows with the highest mean accuracy of their dataset (all of them on a tie)."""
+    students = frame["role"] == "student"
+    top = frame[students].groupby("dataset")["best_mean"].transform("max")
+    return pd.Series(students & np.isclose(frame["best_mean"], top.reindex(frame.index)), index=frame.index)
 
 
 def best_students(accuracy: Table) -> dict[str, str]:
-    """dataset -> method of its best student, from Table 1 (datasets without a finished student are left out)."""
-    best = accuracy.data[accuracy.data["best_student"]]
+    """dataset -> method of its best student from Table 1, the first in method order on a tie (datasets without one left out)."""
+    best = accuracy.data[accuracy.data["best_student"]].drop_duplicates("dataset")
     return dict(zip(best["dataset"], best["method"]))
 
 
 # --- 2. complexity and speed ----------------------------------------------------------------------
 def complexity_table(data: ReportData) -> Table:
-    """Table 2: parameters, FLOPs and checkpoint size of the teacher and student per dataset, and their ratios."""
-    rows = []
+    """Table 2: parameters, FLOPs and checkpoint size of the teacher and student per dataset, and their ratios.
+
+    The CSV has one row per dataset: ``teacher_*`` and ``student_*`` columns (model, params,
+    flops, bytes) and ``*_ratio`` columns (teacher / student), empty where a role has not finished.
+    """
+    rows, display = [], []
     for dataset in data.datasets:
-        info = {role: _complexity(data, dataset, role) for role in ("teacher", "student")}
-        for role in ("teacher", "student"):
-            c = info[role] or {}
-            rows.append({"dataset": dataset, "row": role, "model": c.get("model", MISSING), "resolution": c.get("resolution"),
-                         "num_classes": c.get("num_classes"), "params": c.get("params_total"), "flops": c.get("flops"),
-                         "checkpoint_bytes": c.get("checkpoint_bytes")})  # fmt: skip
+        info = {role: _complexity(data, dataset, role) or {} for role in ("teacher", "student")}
+        known = info["teacher"] or info["student"]
         ratios = compression(info["teacher"], info["student"]) if all(info.values()) else {}
-        models = f"{rows[-2]['model']}/{rows[-1]['model']}"
-        rows.append({"dataset": dataset, "row": "teacher/student", "model": models, "resolution": None, "num_classes": None,
-                     "params": ratios.get("params"), "flops": ratios.get("flops"), "checkpoint_bytes": ratios.get("bytes")})  # fmt: skip
-    frame = pd.DataFrame(rows)
-    ratio = frame["row"] == "teacher/student"
-    display = pd.DataFrame({
-        "Dataset": frame["dataset"],
-        "Model": [f"{r}: {m}" if not q else "ratio teacher / student" for r, m, q in zip(frame["row"], frame["model"], ratio)],
-        "Input": [MISSING if pd.isna(r) else f"{int(r)} px, {int(c)} classes" for r, c in zip(frame["resolution"], frame["num_classes"])],
-        "Params (M)": [_scaled(v, 1e6, q) for v, q in zip(frame["params"], ratio)],
-        "GFLOPs / image": [_scaled(v, 1e9, q) for v, q in zip(frame["flops"], ratio)],
-        "Size on disk (MB)": [_scaled(v, 1e6, q) for v, q in zip(frame["checkpoint_bytes"], ratio)],
-    })  # fmt: skip
+        row = {"dataset": dataset, "resolution": known.get("resolution"), "num_classes": known.get("num_classes")}
+        for role, c in info.items():
+            row |= {f"{role}_model": c.get("model"), f"{role}_params": c.get("params_total"), f"{role}_flops": c.get("flops"),
+                    f"{role}_bytes": c.get("checkpoint_bytes")}  # fmt: skip
+            display.append(_model_cells(dataset, role, c))
+        rows.append(row | {f"{key}_ratio": ratios.get(key) for key in ("params", "flops", "bytes")})
+        display.append(_ratio_cells(dataset, ratios))
+    counts = ["resolution", "num_classes", *(f"{r}_{k}" for r in ("teacher", "student") for k in ("params", "flops", "bytes"))]
+    frame = pd.DataFrame(rows).astype(dict.fromkeys(counts, "Int64")).round(2)
     notes = (
         f"{FLOP_CONVENTION}. GFLOPs are for one image at the trained resolution.",
         "Size on disk: bytes of the saved fp32 state dict (MB = 10^6 bytes). Ratio: how many times smaller the student is.",
     )
-    return Table("complexity", "Table 2. Model complexity", frame, display, notes, group="Dataset")
+    return Table("complexity", "Table 2. Model complexity", frame, pd.DataFrame(display), notes, group="Dataset")
+
+
+def _model_cells(dataset: str, role: str, c: dict) -> dict:
+    """A display row of one model: counts in millions, GFLOPs and MB (``—`` when no trial of the role finished)."""
+    def scaled(field: str, unit: float) -> str:
+        return f"{c[field] / unit:.4g}" if field in c else MISSING
+
+    return {"Dataset": dataset, "Model": f"{role}: {c.get('model', MISSING)}",
+            "Input": f"{c['resolution']} px, {c['num_classes']} classes" if c else MISSING,
+            "Params (M)": scaled("params_total", 1e6), "GFLOPs / image": scaled("flops", 1e9),
+            "Size on disk (MB)": scaled("checkpoint_bytes", 1e6)}  # fmt: skip
+
+
+def _ratio_cells(dataset: str, ratios: dict) -> dict:
+    """The display row of the teacher / student ratios."""
+    def times(key: str) -> str:
+        return f"{ratios[key]:.1f}×" if key in ratios else MISSING
+
+    return {"Dataset": dataset, "Model": "ratio teacher / student", "Input": MISSING,
+            "Params (M)": times("params"), "GFLOPs / image": times("flops"), "Size on disk (MB)": times("bytes")}  # fmt: skip
 
 
 def _complexity(data: ReportData, dataset: str, role: str) -> dict | None:
@@ -189,12 +206,6 @@ def _complexity(data: ReportData, dataset: str, role: str) -> dict | None:
     done = data.done
     found = done[(done["dataset"] == dataset) & (done["role"] == role) & done["complexity"].notna()]
     return found["complexity"].iloc[0] if len(found) else None
-
-
-def _scaled(value, unit: float, is_ratio: bool) -> str:
-    if value is None or pd.isna(value):
-        return MISSING
-    return f"{value:.1f}×" if is_ratio else f"{value / unit:.4g}"
 
 
 def latency_table(data: ReportData) -> Table:
@@ -270,10 +281,11 @@ def grid_summary(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
 def temperature_table(data: ReportData) -> Table:
     """Table 3: accuracy against the distillation temperature, one column per T."""
     frame = grid_summary(data, ("temperature",))
-    cells = frame.assign(cell=[_cell(r) for r in frame.itertuples()], T=frame["temperature"].map(lambda t: f"T = {t:g}"))
-    display = cells.pivot(index=["dataset", "label"], columns="T", values="cell").reset_index()
-    display = display.rename(columns={"dataset": "Dataset", "label": "Method"}).fillna(MISSING)
-    display.columns.name = None
+    rows = pd.MultiIndex.from_frame(frame[["dataset", "label"]].drop_duplicates())  # dataset and method order
+    cells = frame.assign(cell=[_cell(r) for r in frame.itertuples()])
+    display = cells.pivot(index=["dataset", "label"], columns="temperature", values="cell").reindex(rows).fillna(MISSING)
+    display.columns = [f"T = {t:g}" for t in display.columns]
+    display = display.reset_index().rename(columns={"dataset": "Dataset", "label": "Method"})
     grid = data.ablation.grid
     notes = (
         f"Test accuracy % (best-val ckpt), mean ± std (finished seeds / planned), at β = {axis_value(grid.kl_weights[0])}, "

@@ -2,7 +2,7 @@
 
 Each trial is one Ray task running :func:`kdbench.sweep.worker.execute_trial`; it
 asks for ``ctx.threads`` CPUs, and one GPU when the cluster has GPUs and the
-trial may use one.  A task whose worker process dies (a killed or lost node) is
+trial may use one.  A task whose worker process dies (killed, or its node lost) is
 retried up to ``MAX_RETRIES`` times, and since a trial resumes from its
 ``last.pt`` in the shared output folder, a retried trial resumes where it stopped.
 Students wait for their teacher through a task dependency: the teacher task's
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from kdbench.sweep.worker import Outcome, SweepContext, execute_trial
 
 MAX_RETRIES = 2  # times a trial is rerun after its worker process dies
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FORWARDED_ENV = ("KDBENCH_CACHE", "KDBENCH_DATA", "KDBENCH_NO_DOWNLOAD")
+FORWARDED_ENV = ("KDBENCH_CACHE", "KDBENCH_NO_DOWNLOAD")  # the driver's values, given to every worker
 
 
 def run_student(trial: PlannedTrial, ctx: SweepContext, teacher: Outcome) -> Outcome:
@@ -51,6 +52,17 @@ def run_student(trial: PlannedTrial, ctx: SweepContext, teacher: Outcome) -> Out
     if teacher.status != "done":
         return Outcome(trial.key, "failed", error=f"teacher trial {teacher.key} failed: {teacher.error}")
     return execute_trial(trial, ctx)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in one line for a ``host:port`` nobody listens on (Ray itself would retry for ever)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", or a ray:// client address: Ray reports those itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as err:
+        raise UserError(f"cannot reach the Ray cluster at {address} ({err}): is `ray start --head` running there?") from None
 
 
 class RayExecutor:
@@ -70,7 +82,9 @@ class RayExecutor:
     def run(self, trials: list[PlannedTrial], ctx: SweepContext, on_start: OnStart, on_outcome: OnOutcome) -> None:
         ray = self.ray
         ctx = dataclasses.replace(ctx, data_root=str(data_root(ctx.data_root).resolve()), progress=False)
-        started = self._connect(ctx) if not ray.is_initialized() else False
+        started = not ray.is_initialized()  # else the caller connected, and disconnects
+        if started:
+            self._connect(ctx)
         try:
             gpus = ray.cluster_resources().get("GPU", 0) > 0
             train, train_student = ray.remote(execute_trial), ray.remote(run_student)
@@ -96,23 +110,25 @@ class RayExecutor:
             if started:
                 ray.shutdown()
 
-    def _connect(self, ctx: SweepContext) -> bool:
-        """Connect to the cluster, or start a local instance; returns True (this sweep shuts it down)."""
+    def _connect(self, ctx: SweepContext) -> None:
+        """Connect to the cluster, or start a local instance of ``workers * threads`` CPUs."""
         env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
         # workers import kdbench from the driver's checkout when it is not installed on their node
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p))
         options = dict(runtime_env={"env_vars": env}, log_to_driver=False)
+        if self.address:
+            _check_reachable(self.address)
         try:
             if self.address:
                 self.ray.init(address=self.address, **options)
             else:
                 self.ray.init(address="local", num_cpus=self.workers * (ctx.threads or 1), include_dashboard=False, **options)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(f"cannot start or reach Ray at {self.address or 'a local instance'}: {one_line(err)}") from None
+            hint = " (a cluster with token authentication also needs RAY_AUTH_MODE=token here)" if self.address else ""
+            raise UserError(f"cannot start or reach Ray at {self.address or 'a local instance'}: {one_line(err)}{hint}") from None
         largest = max((n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n["Alive"]), default=0)
         if (ctx.threads or 1) > largest:
-            print(f"note: each trial asks for {ctx.threads} CPUs but the largest Ray node has {largest:g}: lower --threads", file=sys.stderr)
-        return True
+            print(f"note: each trial asks for {ctx.threads or 1} CPUs but the largest Ray node has {largest:g}: lower --threads", file=sys.stderr)
 
     def _outcome(self, ref, trial: PlannedTrial, teacher_ref) -> Outcome:
         """The task's Outcome; a task Ray could not finish (its worker died beyond retries) becomes a failed one."""

@@ -1,0 +1,189 @@
+"""Packed students (kdbench.engine.packed) against separate run_trial runs, on tiny synthetic data (CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import make_image_folder
+from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
+from kdbench.data.presets import AUGMENTATIONS
+from kdbench.engine import packed as packed_engine
+from kdbench.engine import trial as trial_engine
+from kdbench.engine.packed import MemberLoss, check_pack, compatible_key, init_pack, run_packed_trials, train_pack_epoch
+from kdbench.engine.trial import run_trial
+from kdbench.errors import NonFiniteError
+from kdbench.losses import LOSS_VERSION
+from kdbench.methods import get_method
+from kdbench.models import build_model, load_model_checkpoint
+
+QUIET = lambda message: None  # noqa: E731
+# 3 classes x 10 images: 21 train images, fewer than a batch, so an epoch is exactly one step
+KD_LOSSES = {
+    "kd_kl": LossConfig(temperature=2.0, beta=1.0, gamma=0.0),
+    "kd_cos": LossConfig(beta=0.0, gamma=0.5),
+    "kd_kl_cos": LossConfig(temperature=4.0, beta=0.5, gamma=1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny image folder and a resnet18 teacher trained on it for one epoch with run_trial."""
+    root = tmp_path_factory.mktemp("packed")
+    with pytest.MonkeyPatch.context() as mp:  # the autouse cache isolation is per test; this runs before it
+        mp.setenv("KDBENCH_CACHE", str(root / "kdbench-cache"))
+        mp.setenv("KDBENCH_NO_DOWNLOAD", "1")
+        folder = make_image_folder(root / "data", classes=3, per_class=10, size=16)
+        run_trial(_cfg(folder, "teacher", model="resnet18", epochs=1), root / "teacher", progress=False, log=QUIET)
+    return folder, str(root / "teacher" / "best.pt")
+
+
+def _cfg(folder, method, *, model="mobilenet_v2", epochs=2, loss=LossConfig(), teacher=None, seed=0) -> TrialConfig:
+    return TrialConfig(
+        method=method,
+        data=DataConfig(dataset=f"imagefolder:{folder}", resolution=16),
+        recipe=Recipe(model=model, epochs=epochs, batch_size=32, lr=0.05),
+        loss=loss,
+        seed=seed,
+        teacher_checkpoint=teacher if get_method(method).needs_teacher else None,
+        teacher_id=f"id of {teacher}" if get_method(method).needs_teacher else None,
+        device="cpu",
+    )
+
+
+def _no_dropout(monkeypatch) -> None:
+    """Members without dropout (its masks differ between packed and separate models); init RNG use is unchanged."""
+    real = trial_engine.build_model
+
+    def build(name, num_classes, pretrained="none"):
+        model = real(name, num_classes, pretrained)
+        model.classifier[0].p = 0.0
+        return model
+
+    monkeypatch.setattr(trial_engine, "build_model", build)
+    monkeypatch.setattr(packed_engine, "build_model", build)
+
+
+def _update(checkpoint, init: dict) -> torch.Tensor:
+    """All parameters of ``checkpoint`` minus ``init``, flattened."""
+    model, _ = load_model_checkpoint(checkpoint)
+    return torch.cat([(p - init[name]).detach().flatten() for name, p in model.named_parameters()])
+
+
+def test_initial_members_equal_fresh_separate_models(setup):
+    folder, teacher = setup
+    cfgs = [_cfg(folder, m, loss=loss, teacher=teacher) for m, loss in KD_LOSSES.items()]
+    members = init_pack(cfgs, 3).unpack()
+    torch.manual_seed(0)
+    fresh = build_model("mobilenet_v2", 3).state_dict()
+    for state in members:
+        assert state.keys() == fresh.keys()
+        assert all(torch.equal(state[k], fresh[k]) for k in fresh)
+
+
+def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup, tmp_path, monkeypatch):
+    folder, teacher = setup
+    _no_dropout(monkeypatch)
+    cfgs = [_cfg(folder, m, loss=loss, teacher=teacher, epochs=1) for m, loss in KD_LOSSES.items()]
+    pack = run_packed_trials(cfgs, [tmp_path / "pack" / m for m in KD_LOSSES], progress=False, log=QUIET)
+    torch.manual_seed(0)
+    init = dict(build_model("mobilenet_v2", 3).named_parameters())
+    for cfg, result in zip(cfgs, pack):
+        alone = run_trial(cfg, tmp_path / "alone" / cfg.method, progress=False, log=QUIET)
+        p, a = result["history"][0], alone["history"][0]
+        assert p.keys() == a.keys()
+        for term in [k for k in a if k == "train_loss" or k.startswith("term_")]:  # the first (only) step, before any update
+            assert p[term] == pytest.approx(a[term], rel=1e-4), term
+        # the SGD step: a mean over members instead of the sum would give 2/3 here, rounding gives ~1e-4
+        step_pack, step_alone = (_update(tmp_path / run / cfg.method / "best.pt", init) for run in ("pack", "alone"))
+        assert (step_pack - step_alone).norm() <= 1e-3 * step_alone.norm()
+        assert set(result) == set(alone) | {"pack"}
+        assert result["key"] == alone["key"] and result["config"] == alone["config"]
+        assert result["effective_loss"] == alone["effective_loss"] and result["teacher"]["mode"] == "cache"
+        assert result["pack"] == {"k": 3, "members": [c.key(LOSS_VERSION) for c in cfgs]}
+        model, ckpt = load_model_checkpoint(tmp_path / "pack" / cfg.method / "best.pt")
+        assert ckpt["model"] == "mobilenet_v2" and isinstance(model, type(build_model("mobilenet_v2", 3)))
+        on_disk = json.loads((tmp_path / "pack" / cfg.method / "metrics.json").read_text())
+        assert on_disk["key"] == result["key"] and (tmp_path / "pack" / cfg.method / "manifest.csv").exists()
+
+
+def test_pack_with_a_baseline_resumes_after_interruption_exactly(setup, tmp_path):
+    folder, teacher = setup
+    cfgs = [_cfg(folder, "baseline", teacher=teacher), _cfg(folder, "kd_kl_cos", loss=KD_LOSSES["kd_kl_cos"], teacher=teacher)]
+    full = run_packed_trials(cfgs, [tmp_path / "a" / c.method for c in cfgs], progress=False, log=QUIET)
+
+    def crash_after_epoch_1(message):
+        if message.startswith("epoch 1/2"):
+            raise KeyboardInterrupt
+
+    dirs = [tmp_path / "b" / c.method for c in cfgs]
+    with pytest.raises(KeyboardInterrupt):
+        run_packed_trials(cfgs, dirs, progress=False, log=crash_after_epoch_1)
+    assert (dirs[0] / "pack.pt").exists() and not (dirs[0] / "metrics.json").exists()
+    lines = []
+    resumed = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
+    assert any(line.startswith("resuming pack") and "after epoch 1" in line for line in lines)
+    for a, b in zip(full, resumed):
+        assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+        assert a["best"] == b["best"] and a["last"] == b["last"]
+    baseline, kd = full
+    assert baseline["teacher"] is None and kd["teacher"]["mode"] == "cache"
+    assert "term_kl" in kd["history"][0] and "term_kl" not in baseline["history"][0]
+    for result in full:
+        assert len(result["history"]) == 2 and result["pack"]["k"] == 2
+        for which in ("best", "last"):
+            assert 0 <= result[which]["test"]["accuracy"] <= 1 and math.isfinite(result[which]["val"]["loss"])
+        assert all(math.isfinite(h["train_loss"]) and 0 <= h["train_accuracy"] <= 1 for h in result["history"])
+
+
+def test_non_finite_member_loss_is_named(setup):
+    folder, teacher = setup
+    cfgs = [_cfg(folder, "baseline"), _cfg(folder, "kd_kl", loss=KD_LOSSES["kd_kl"], teacher=teacher)]
+    model = init_pack(cfgs, 3)
+    members = [MemberLoss(c.method, get_method(c.method), get_method(c.method).effective_loss(c.loss)) for c in cfgs]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    images, labels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+    nan_teacher = lambda positions, views, x: torch.full((len(positions), 3), float("nan"))  # noqa: E731
+    with pytest.raises(NonFiniteError, match=r"member\(s\) 1 kd_kl") as err:
+        train_pack_epoch(model, members, optimizer, scheduler, images, labels, AUGMENTATIONS["d4"], nan_teacher,
+                         batch_size=4, seed=0, epoch=0, device=torch.device("cpu"), desc="", progress=False)  # fmt: skip
+    assert "baseline" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (dict(seed=1), "seed"),
+        (dict(method="teacher"), "student"),
+        (dict(model="resnet18"), "mobilenet_v2"),
+        (dict(epochs=3), "recipe"),
+        (dict(resolution=32), "data"),
+        (dict(teacher="other.pt"), "one teacher"),
+        (dict(), "twice"),
+    ],
+)
+def test_incompatible_trials_are_refused(tmp_path, change, needle):
+    folder = tmp_path / "nowhere"  # refused before any data is read
+
+    def cfg(method="kd_kl", seed=0, model="mobilenet_v2", epochs=2, resolution=16, teacher="t.pt"):
+        c = _cfg(folder, method, model=model, epochs=epochs, teacher=teacher, seed=seed)
+        return dataclasses.replace(c, data=dataclasses.replace(c.data, resolution=resolution))
+
+    cfgs = [cfg(), cfg(**change)]
+    with pytest.raises(ValueError, match=needle):
+        run_packed_trials(cfgs, [tmp_path / "a", tmp_path / "b"], log=QUIET)
+
+
+def test_compatible_key_ignores_method_and_loss_and_a_baselines_teacher(tmp_path):
+    kd = [_cfg(tmp_path, m, loss=loss, teacher="t.pt") for m, loss in KD_LOSSES.items()]
+    assert len({compatible_key(c) for c in kd}) == 1
+    baseline = _cfg(tmp_path, "baseline")
+    assert compatible_key(baseline)[:4] == compatible_key(kd[0])[:4] and compatible_key(baseline)[4] is None
+    check_pack([baseline, *kd], [tmp_path / str(i) for i in range(4)])
+    with pytest.raises(ValueError, match="output folders"):
+        check_pack(kd, [tmp_path / "a"])
