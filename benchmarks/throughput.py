@@ -13,7 +13,9 @@ Rows (images/s = batch / step time; a pack's is the AGGREGATE student rate K * b
 Every row draws its batches like kdbench: synthetic uint8 images on the device, D4 views and
 normalisation on the device (``kdbench.data.presets``); bf16 autocast + channels_last on CUDA,
 fp32 on CPU.  KD rows use the ``kd_kl_cos`` loss, the cache holds random logits.  Compare rows
-as ratios to the plain student of the same run; peak memory is ``torch.cuda.max_memory_allocated``.
+as ratios to the plain student of the same run.  Peak memory is ``torch.cuda.max_memory_allocated``
+during the row, the synthetic images held on the device (``(steps or warmup) * batch`` of them)
+included.  kdbench's D4 views (``apply_views``) wait for the GPU once per batch in every row.
 """
 
 from __future__ import annotations
@@ -206,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         peak = f"{r['peak_mib']:9.0f}" if "peak_mib" in r else f"{'-':>9}"
         print(f"{r['name']:<32} {r['images_per_s']:10.0f} {r['step_ms']:9.2f} {r['ratio_to_plain_student']:16.2f} {peak}")
     if args.json:
-        meta = {k: v for k, v in vars(args).items() if k != "json"}
-        args.json.write_text(json.dumps({"device": device.type, "device_name": name, "torch": torch.__version__, **meta, "rows": rows}, indent=1))
+        meta = {"device": device.type, "device_name": name, "torch": torch.__version__}
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "device")}
+        args.json.write_text(json.dumps({**meta, **settings, "rows": rows}, indent=1))
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from kdbench.errors import UserError
 
 SCHEDULES = ("cosine", "onecycle", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -38,12 +39,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    """How one model is trained (SGD with momentum, per-step LR schedule)."""
+    """How one model is trained (SGD with momentum or AdamW, per-step LR schedule with warm-up)."""
 
     model: str = "mobilenet_v2"
     pretrained: str = "none"  # "none", "imagenet" or a state-dict path
     epochs: int = 10
     batch_size: int = 64
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adamw" (momentum is then beta1)
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -141,6 +143,8 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}.warmup_epochs must be between 0 and epochs ({recipe.epochs}), got {recipe.warmup_epochs}")
     if recipe.lr <= 0 or recipe.momentum < 0 or recipe.weight_decay < 0:
         raise UserError(f"{where}: lr must be > 0 and momentum, weight_decay >= 0")
+    if recipe.optimizer not in OPTIMIZERS:
+        raise UserError(f"{where}.optimizer must be one of {', '.join(OPTIMIZERS)}, got {recipe.optimizer!r}")
     if recipe.schedule not in SCHEDULES:
         raise UserError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got {recipe.schedule!r}")
 

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="torchvision model name (default vgg16 for a teacher, mobilenet_v2 for a student)")
     g.add_argument("--pretrained", default=r.pretrained, help="none, imagenet or a state-dict path")
     g.add_argument("--epochs", type=int, default=r.epochs)
+    g.add_argument("--optimizer", default=r.optimizer, help="sgd (default) or adamw")
     g.add_argument("--batch-size", type=int, default=r.batch_size)
     g.add_argument("--lr", type=float, default=r.lr)
     g.add_argument("--momentum", type=float, default=r.momentum)
@@ -77,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         model=args.model or default_model,
         pretrained=args.pretrained,
         epochs=args.epochs,
+        optimizer=args.optimizer,
         batch_size=args.batch_size,
         lr=args.lr,
         momentum=args.momentum,

@@ -46,8 +46,9 @@ def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
         assert {"macro_precision", "macro_recall", "macro_f1"} <= set(test)
 
 
-def test_learns_the_synthetic_task(image_folder, tmp_path):
-    result = run_trial(tiny_trial(image_folder, method="baseline", epochs=6), tmp_path / "run", progress=False, log=lambda m: None)
+def test_learns_the_synthetic_task(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=20)
+    result = run_trial(tiny_trial(folder, method="baseline", model="resnet18", epochs=6), tmp_path / "run", progress=False, log=lambda m: None)
     assert result["best"]["test"]["accuracy"] >= 0.75  # classes differ by colour: chance is 0.33
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_image_folder
+from conftest import REPO, make_image_folder, run_cli
 from test_sweep import store_rows, write_ablation
 
 TEACHER_AND_KD = "grid.methods=['teacher','kd_kl']"  # a teacher and its two students (T = 2, 4)
@@ -31,6 +31,7 @@ def ray_env() -> dict:
 
 
 def start_sweep(env: dict, *args: str) -> subprocess.Popen:
+    """``python -m kdbench.sweep`` in the background (its pid names the Ray session it starts)."""
     cmd = [sys.executable, "-m", "kdbench.sweep", "--no-report", "--threads", "1", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -74,8 +75,8 @@ def test_ray_sweep_matches_the_local_executor(tmp_path, ray_env):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
     ablation = write_ablation(tmp_path, folder)
     methods = "grid.methods=['teacher','baseline','kd_kl']"
-    local = start_sweep(ray_env, "--config", str(ablation), "--out", str(tmp_path / "local"), "--set", methods)
-    finish(local)
+    local = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(tmp_path / "local"), "--no-report", "--threads", "1", "--set", methods)
+    assert local.returncode == 0, local.stderr
     on_ray = start_sweep(ray_env, "--config", str(ablation), "--out", str(tmp_path / "ray"), "--set", methods, "--executor", "ray", "--workers", "2")
     assert finish(on_ray).strip().splitlines()[-1] == "trials: 4 total, 4 done, 0 failed, 0 already done"
     rows = store_rows(tmp_path / "ray")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from kdbench.config import LossConfig
+from kdbench.config import LossConfig, Recipe
 from kdbench.data.presets import Augmentation, normalize
 from kdbench.engine.metrics import confusion_matrix, summarize
 from kdbench.engine.runtime import autocast, memory_format
@@ -32,9 +32,19 @@ class EpochStats:
         return self.images / max(self.seconds, 1e-9)
 
 
+SYNC_EVERY = 25
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of an epoch's shuffling, views and dropout: a resumed run replays the same epoch."""
     return seed * 100_003 + epoch
+
+
+def make_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD with momentum (the land-use recipe) or AdamW (steadier for from-scratch low-resolution VGG)."""
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, betas=(recipe.momentum, 0.999), weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -86,13 +96,18 @@ def train_one_epoch(
     order = torch.randperm(n, generator=generator)
     views = aug.sample_views(n, generator)
     fmt = memory_format(device)
-    total_loss, correct, seen = 0.0, 0, 0
-    term_sums: dict[str, float] = {}
+    steps = steps_per_epoch(n, batch_size)
+    # running sums stay on the device; reading them syncs, so CUDA checks every SYNC_EVERY steps
+    check_every = 1 if device.type == "cpu" else SYNC_EVERY
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    term_sums: dict[str, torch.Tensor] = {}
+    seen = 0
     start = time.perf_counter()
-    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
-    for lo in range(0, steps_per_epoch(n, batch_size) * batch_size, batch_size):
-        positions = order[lo : lo + batch_size]
-        batch_views = views[lo : lo + batch_size]
+    bar = tqdm(total=steps * min(batch_size, n), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
+    for step in range(steps):
+        positions = order[step * batch_size : (step + 1) * batch_size]
+        batch_views = views[step * batch_size : (step + 1) * batch_size]
         dev_positions = positions.to(device)
         x = normalize(aug(images[dev_positions], batch_views, generator)).contiguous(memory_format=fmt)
         y = labels[dev_positions]
@@ -101,28 +116,30 @@ def train_one_epoch(
         logits = logits.float()
         teacher_logits = teacher(positions, batch_views, x) if teacher is not None else None
         loss, terms = method.loss(logits, teacher_logits, y, loss_cfg)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"non-finite loss ({loss.item()}) at epoch {epoch + 1}: lower the learning rate or check the teacher and data"
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         b = len(positions)
-        total_loss += loss.item() * b
-        correct += int((logits.argmax(1) == y).sum())
         seen += b
+        loss_sum += loss.detach() * b
+        correct += (logits.argmax(1) == y).sum()
         for name, value in terms._asdict().items():
             if value is not None:
-                term_sums[name] = term_sums.get(name, 0.0) + value.item() * b
-        elapsed = time.perf_counter() - start
-        bar.update(b)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
+                term_sums[name] = term_sums.get(name, 0.0) + value.detach() * b
+        if (step + 1) % check_every == 0 or step + 1 == steps:
+            mean_loss = loss_sum.item() / seen  # NaN or inf in any step propagates into the sum
+            if not math.isfinite(mean_loss):
+                raise NonFiniteError(
+                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}: lower the learning rate or check the teacher and data"
+                )
+            bar.update(seen - bar.n)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     bar.close()
     seconds = time.perf_counter() - start
     seen = max(seen, 1)
-    return EpochStats(total_loss / seen, correct / seen, seen, seconds, {k: v / seen for k, v in term_sums.items()})
+    terms_mean = {k: float(v) / seen for k, v in term_sums.items()}
+    return EpochStats(loss_sum.item() / seen, correct.item() / seen, seen, seconds, terms_mean)
 
 
 @torch.no_grad()

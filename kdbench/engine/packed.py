@@ -50,7 +50,7 @@ from tqdm import tqdm
 from kdbench.config import LossConfig, TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS, Augmentation, normalize
-from kdbench.engine.loop import EpochStats, epoch_seed, evaluate, lr_factor, steps_per_epoch
+from kdbench.engine.loop import EpochStats, epoch_seed, evaluate, lr_factor, make_optimizer, steps_per_epoch
 from kdbench.engine.runtime import autocast, environment, memory_format, resolve_device
 from kdbench.engine.trial import METRICS_FILE, _mean, _teacher, _write_json
 from kdbench.errors import NonFiniteError, UserError
@@ -62,6 +62,7 @@ from kdbench.packing import PackedMobileNetV2
 PACK_STATE_FILE = "pack.pt"
 PACK_STATE_FORMAT = "kdbench-pack-state-v1"
 PACK_MODEL = "mobilenet_v2"
+CHECK_EVERY = 25  # CUDA steps between reads of the running losses (each read waits for the GPU)
 
 
 class MemberLoss(NamedTuple):
@@ -141,8 +142,10 @@ def train_pack_epoch(
     """One epoch of :func:`~kdbench.engine.loop.train_one_epoch` for K members at once; one EpochStats per member.
 
     The batches (order, views, crops) are train_one_epoch's for ``seed`` and ``epoch``;
-    the step minimises ``sum_i L_i``.  Stops with NonFiniteError naming every member
-    whose loss is NaN/inf.  Timings and images/s are the pack's: each image trains K members.
+    the step minimises ``sum_i L_i``.  Each member's running sums stay on the device
+    and are read (a sync) after every step on the CPU, every :data:`CHECK_EVERY` steps
+    on CUDA: a NaN/inf loss stops the epoch there with a NonFiniteError naming every
+    non-finite member.  Timings and images/s are the pack's: each image trains K members.
     """
     packed.train()
     generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
@@ -151,13 +154,14 @@ def train_pack_epoch(
     order = torch.randperm(n, generator=generator)
     views = aug.sample_views(n, generator)
     fmt = memory_format(device)
-    sums: list[dict[str, float]] = [{} for _ in members]
-    seen = 0
+    steps = steps_per_epoch(n, batch_size)
+    check_every = 1 if device.type == "cpu" else CHECK_EVERY
+    sums, layout, means, seen = None, [], [{} for _ in members], 0
     start = time.perf_counter()
-    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
-    for lo in range(0, steps_per_epoch(n, batch_size) * batch_size, batch_size):
-        positions = order[lo : lo + batch_size]
-        batch_views = views[lo : lo + batch_size]
+    bar = tqdm(total=steps * min(batch_size, n), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
+    for step in range(steps):
+        positions = order[step * batch_size : (step + 1) * batch_size]
+        batch_views = views[step * batch_size : (step + 1) * batch_size]
         dev_positions = positions.to(device)
         x = normalize(aug(images[dev_positions], batch_views, generator)).contiguous(memory_format=fmt)
         y = labels[dev_positions]
@@ -165,51 +169,54 @@ def train_pack_epoch(
             logits = packed(x)
         logits = logits.float()
         teacher_logits = teacher(positions, batch_views, x) if teacher is not None else None
-        losses, step = _member_losses(members, logits, teacher_logits, y)
-        _check_finite(members, step, epoch)
+        losses, scalars, layout = _member_losses(members, logits, teacher_logits, y)
         optimizer.zero_grad(set_to_none=True)
         torch.stack(losses).sum().backward()
         optimizer.step()
         scheduler.step()
         b = len(positions)
-        for total, values in zip(sums, step):
-            for name, value in values.items():
-                total[name] = total.get(name, 0.0) + value * b
         seen += b
-        bar.update(b)
-        bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}", k=len(members))
+        sums = scalars * b if sums is None else sums + scalars * b
+        if (step + 1) % check_every == 0 or step + 1 == steps:
+            means = _member_means(sums / seen, layout)
+            _check_finite(members, means, epoch, step)
+            bar.update(seen - bar.n)
+            bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}", k=len(members))
     bar.close()
     seconds = time.perf_counter() - start
-    seen = max(seen, 1)
     return [
-        EpochStats(
-            s.get("loss", 0.0) / seen, s.get("correct", 0.0) / seen, seen, seconds,
-            {k[len("term_") :]: v / seen for k, v in s.items() if k.startswith("term_")},
-        )  # fmt: skip
-        for s in sums
+        EpochStats(m.get("loss", 0.0), m.get("correct", 0.0), seen, seconds,
+                   {k[len("term_") :]: v for k, v in m.items() if k.startswith("term_")})  # fmt: skip
+        for m in means
     ]
 
 
 def _member_losses(
     members: Sequence[MemberLoss], logits: torch.Tensor, teacher_logits: torch.Tensor | None, y: torch.Tensor
-) -> tuple[list[torch.Tensor], list[dict[str, float]]]:
-    """Each member's loss tensor, and its batch-mean ``loss``, ``correct`` fraction and terms as floats (one sync)."""
-    losses, names, scalars = [], [], []
+) -> tuple[list[torch.Tensor], torch.Tensor, list[list[str]]]:
+    """Each member's loss; its batch means (``loss``, ``correct`` fraction, ``term_*``) flat on the device, and their names."""
+    losses, scalars, layout = [], [], []
     for i, m in enumerate(members):
         loss, terms = m.method.loss(logits[i], teacher_logits if m.method.needs_teacher else None, y, m.cfg)
         losses.append(loss)
-        present = {f"term_{k}": v for k, v in terms._asdict().items() if v is not None}
-        names.append(["loss", "correct", *present])
-        scalars += [loss.detach(), (logits[i].argmax(1) == y).float().mean(), *(v.detach() for v in present.values())]
-    flat = iter(torch.stack(scalars).tolist())
-    return losses, [{name: next(flat) for name in member} for member in names]
+        present = {f"term_{k}": v.detach() for k, v in terms._asdict().items() if v is not None}
+        layout.append(["loss", "correct", *present])
+        scalars += [loss.detach(), (logits[i].argmax(1) == y).float().mean(), *present.values()]
+    return losses, torch.stack(scalars), layout
 
 
-def _check_finite(members: Sequence[MemberLoss], step: list[dict[str, float]], epoch: int) -> None:
-    bad = [f"{i} {m.label} (loss {s['loss']})" for i, (m, s) in enumerate(zip(members, step)) if not math.isfinite(s["loss"])]
+def _member_means(flat: torch.Tensor, layout: list[list[str]]) -> list[dict[str, float]]:
+    """Split the flat means back per member (reading them waits for the device)."""
+    values = iter(flat.tolist())
+    return [{name: next(values) for name in names} for names in layout]
+
+
+def _check_finite(members: Sequence[MemberLoss], means: list[dict[str, float]], epoch: int, step: int) -> None:
+    """A NaN/inf in any step so far propagates into the member's mean loss."""
+    bad = [f"{i} {m.label} (mean loss {s['loss']})" for i, (m, s) in enumerate(zip(members, means)) if not math.isfinite(s["loss"])]
     if bad:
         raise NonFiniteError(
-            f"non-finite loss at epoch {epoch + 1} in packed member(s) {'; '.join(bad)}: "
+            f"non-finite loss at epoch {epoch + 1}, step {step + 1} in packed member(s) {'; '.join(bad)}: "
             "lower the learning rate or check the teacher and data"
         )
 
@@ -247,77 +254,100 @@ def run_packed_trials(
     """
     t0 = time.perf_counter()
     check_pack(cfgs, out_dirs)
-    first = cfgs[0]
-    recipe, device = first.recipe, resolve_device(first.device)
-    fmt = memory_format(device)
-    data = prepare_data(first.data, data_root, download=download)
-    split = {s: data.indices(s).to(device) for s in ("train", "val", "test")}
-    images, labels = data.images.to(device), data.labels.to(device)
-    train_images, train_labels = images[split["train"]], labels[split["train"]]
-    aug = AUGMENTATIONS[first.data.augment]
-
-    packed = init_pack(cfgs, len(data.classes)).to(device, memory_format=fmt)
+    device = resolve_device(cfgs[0].device)
+    data = prepare_data(cfgs[0].data, data_root, download=download)
+    splits = _Splits(data, device)
+    packed = init_pack(cfgs, len(data.classes)).to(device, memory_format=memory_format(device))
     members = [_member(cfg, Path(out), len(data.classes), device) for cfg, out in zip(cfgs, out_dirs)]
     for m in members:
         m.out.mkdir(parents=True, exist_ok=True)
         data.write_manifest(m.out / "manifest.csv")
     teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
+    train_images, _ = splits["train"]
     teacher, teacher_info = _teacher(teacher_cfg, True, data, train_images, device, log) if teacher_cfg else (None, None)
-
-    optimizer = torch.optim.SGD(packed.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
-    steps = max(1, steps_per_epoch(len(train_images), recipe.batch_size))
-    total_steps, warmup_steps = steps * recipe.epochs, steps * recipe.warmup_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.schedule, step, total_steps, warmup_steps))
-    state_path = members[0].out / PACK_STATE_FILE
-    start_epoch = _resume(state_path, members, packed, optimizer, scheduler, log)
-
-    val_images, val_labels = images[split["val"]], labels[split["val"]]
-    k = len(members)
-    for epoch in range(start_epoch, recipe.epochs):
-        stats = train_pack_epoch(
-            packed, [m.loss for m in members], optimizer, scheduler, train_images, train_labels, aug, teacher,
-            batch_size=recipe.batch_size, seed=first.seed, epoch=epoch, device=device,
-            desc=f"pack of {k} {first.data.dataset} epoch {epoch + 1}/{recipe.epochs}", progress=progress,
-        )  # fmt: skip
-        _load_members(packed, members)
-        lr = optimizer.param_groups[0]["lr"]
-        for m, s in zip(members, stats):
-            val = evaluate(m.model, val_images, val_labels, data.classes, batch_size=recipe.eval_batch_size, device=device)
-            m.history.append(_history_entry(epoch + 1, s, val, lr))
-            if m.best is None or val["accuracy"] > m.best["val_accuracy"]:
-                m.best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"]}
-                save_checkpoint(m.out / "best.pt", m.model, model_name=PACK_MODEL, classes=data.classes, extra={"trial": m.identity, "epoch": epoch + 1})
-        _save_state(state_path, members, packed, optimizer, scheduler, epoch + 1)
-        log(
-            f"epoch {epoch + 1}/{recipe.epochs}: "
-            + "; ".join(f"[{i}] {m.loss.label} loss {m.history[-1]['train_loss']:.4f} val acc {m.history[-1]['val_accuracy']:.4f}" for i, m in enumerate(members))
-            + f" ({stats[0].images_per_s:.0f} img/s x {k} students)"
-        )
-
-    _load_members(packed, members)
-    eval_sets = {s: (images[split[s]], labels[split[s]]) for s in ("val", "test")}
-    keys = [m.cfg.key(LOSS_VERSION) for m in members]
+    _train(packed, members, teacher, splits, cfgs[0], progress, log)
+    pack = {"k": len(members), "members": [m.cfg.key(LOSS_VERSION) for m in members]}
     results = []
     for m in members:
-        last = {"epoch": recipe.epochs, **_split_metrics(m.model, eval_sets, data.classes, recipe.eval_batch_size, device)}
-        best_model, _ = load_model_checkpoint(m.out / "best.pt")
-        best_model = best_model.to(device, memory_format=fmt)
-        best = {"epoch": m.best["epoch"], **_split_metrics(best_model, eval_sets, data.classes, recipe.eval_batch_size, device)}
-        info = teacher_info if m.loss.method.needs_teacher else None
-        result = _result(m, data, info, best, last, t0, device) | {"pack": {"k": k, "members": keys}}
+        result = _member_result(m, splits, teacher_info if m.loss.method.needs_teacher else None, t0) | {"pack": pack}
         _write_json(m.out / METRICS_FILE, result)
+        best, last = result["best"], result["last"]
         log(
             f"{m.loss.label}: test accuracy best-on-val (epoch {best['epoch']}) {best['test']['accuracy']:.4f}, "
-            f"last epoch ({recipe.epochs}) {last['test']['accuracy']:.4f}"
+            f"last epoch ({last['epoch']}) {last['test']['accuracy']:.4f}"
         )
         results.append(result)
     return results
 
 
+class _Splits:
+    """The dataset on the device (moved once): ``splits[name] -> (uint8 images, labels)``."""
+
+    def __init__(self, data: PreparedData, device: torch.device):
+        self.data, self.device = data, device
+        images, labels = data.images.to(device), data.labels.to(device)
+        self.sets = {s: (images[i], labels[i]) for s in ("train", "val", "test") for i in [data.indices(s).to(device)]}
+
+    def __getitem__(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sets[split]
+
+
+def _train(
+    packed: PackedMobileNetV2, members: list[_Member], teacher, splits: _Splits, first: TrialConfig, progress: bool, log
+) -> None:
+    """The epochs not yet done (resuming from the pack state); run_trial's optimiser, schedule and per-epoch records."""
+    recipe, device, k = first.recipe, splits.device, len(members)
+    train_images, train_labels = splits["train"]
+    optimizer = make_optimizer(packed.parameters(), recipe)
+    steps = max(1, steps_per_epoch(len(train_images), recipe.batch_size))
+    total_steps, warmup_steps = steps * recipe.epochs, steps * recipe.warmup_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.schedule, step, total_steps, warmup_steps))
+    state_path = members[0].out / PACK_STATE_FILE
+    for epoch in range(_resume(state_path, members, packed, optimizer, scheduler, log), recipe.epochs):
+        stats = train_pack_epoch(
+            packed, [m.loss for m in members], optimizer, scheduler, train_images, train_labels, AUGMENTATIONS[first.data.augment],
+            teacher, batch_size=recipe.batch_size, seed=first.seed, epoch=epoch, device=device,
+            desc=f"pack of {k} {first.data.dataset} epoch {epoch + 1}/{recipe.epochs}", progress=progress,
+        )  # fmt: skip
+        _load_members(packed, members)
+        for m, s in zip(members, stats):
+            _record_epoch(m, epoch + 1, s, optimizer.param_groups[0]["lr"], splits, recipe.eval_batch_size)
+        _save_state(state_path, members, packed, optimizer, scheduler, epoch + 1)
+        summary = "; ".join(
+            f"[{i}] {m.loss.label} loss {m.history[-1]['train_loss']:.4f} val acc {m.history[-1]['val_accuracy']:.4f}"
+            for i, m in enumerate(members)
+        )
+        log(f"epoch {epoch + 1}/{recipe.epochs}: {summary} ({stats[0].images_per_s:.0f} img/s x {k} students)")
+    _load_members(packed, members)
+
+
+def _record_epoch(m: _Member, epoch: int, stats: EpochStats, lr: float, splits: _Splits, eval_batch_size: int) -> None:
+    """Validate member ``m`` (its model holds this epoch's weights), append its history row, save best.pt if it improved."""
+    val = evaluate(m.model, *splits["val"], splits.data.classes, batch_size=eval_batch_size, device=splits.device)
+    m.history.append(
+        {
+            "epoch": epoch,
+            "train_loss": stats.loss,
+            "train_accuracy": stats.accuracy,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "lr": lr,
+            "images_per_s": stats.images_per_s,
+            "seconds": stats.seconds,
+            **{f"term_{k}": v for k, v in stats.terms.items()},
+        }
+    )
+    if m.best is None or val["accuracy"] > m.best["val_accuracy"]:
+        m.best = {"epoch": epoch, "val_accuracy": val["accuracy"]}
+        extra = {"trial": m.identity, "epoch": epoch}
+        save_checkpoint(m.out / "best.pt", m.model, model_name=PACK_MODEL, classes=splits.data.classes, extra=extra)
+
+
 def _member(cfg: TrialConfig, out: Path, num_classes: int, device: torch.device) -> _Member:
     method = get_method(cfg.method)
     loss_cfg = method.effective_loss(cfg.loss)
-    label = f"{cfg.method} T={loss_cfg.temperature:g} a={loss_cfg.alpha:g} b={loss_cfg.beta:g} g={loss_cfg.gamma:g} [{cfg.key(LOSS_VERSION)}]"
+    weights = f"T={loss_cfg.temperature:g} alpha={loss_cfg.alpha:g} beta={loss_cfg.beta:g} gamma={loss_cfg.gamma:g}"
+    label = f"{cfg.method} {weights} [{cfg.key(LOSS_VERSION)}]"
     model = build_model(PACK_MODEL, num_classes).to(device, memory_format=memory_format(device))
     return _Member(cfg, out, MemberLoss(label, method, loss_cfg), model)
 
@@ -328,27 +358,16 @@ def _load_members(packed: PackedMobileNetV2, members: Sequence[_Member]) -> None
         m.model.load_state_dict(state)
 
 
-def _history_entry(epoch: int, stats: EpochStats, val: dict, lr: float) -> dict:
-    """One row of ``history``, as run_trial writes it."""
-    return {
-        "epoch": epoch,
-        "train_loss": stats.loss,
-        "train_accuracy": stats.accuracy,
-        "val_loss": val["loss"],
-        "val_accuracy": val["accuracy"],
-        "lr": lr,
-        "images_per_s": stats.images_per_s,
-        "seconds": stats.seconds,
-        **{f"term_{k}": v for k, v in stats.terms.items()},
-    }
+def _member_result(m: _Member, splits: _Splits, teacher_info: dict | None, t0: float) -> dict:
+    """run_trial's result for member ``m`` (its model holds the last weights); ``total_s`` is the whole pack's wall time."""
+    recipe, device, data = m.cfg.recipe, splits.device, splits.data
 
+    def split_metrics(model: nn.Module) -> dict:
+        return {
+            s: evaluate(model, *splits[s], data.classes, batch_size=recipe.eval_batch_size, device=device) for s in ("val", "test")
+        }
 
-def _split_metrics(model: nn.Module, sets: dict, classes: list[str], batch_size: int, device: torch.device) -> dict:
-    return {name: evaluate(model, x, y, classes, batch_size=batch_size, device=device) for name, (x, y) in sets.items()}
-
-
-def _result(m: _Member, data: PreparedData, teacher_info: dict | None, best: dict, last: dict, t0: float, device: torch.device) -> dict:
-    """run_trial's result dict for member ``m`` (``total_s`` is the whole pack's wall time)."""
+    best_model, _ = load_model_checkpoint(m.out / "best.pt")
     return {
         "format": "kdbench-result-v1",
         "key": m.cfg.key(LOSS_VERSION),
@@ -358,8 +377,8 @@ def _result(m: _Member, data: PreparedData, teacher_info: dict | None, best: dic
         "classes": data.classes,
         "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
         "teacher": teacher_info,
-        "best": best,
-        "last": last,
+        "best": {"epoch": m.best["epoch"], **split_metrics(best_model.to(device, memory_format=memory_format(device)))},
+        "last": {"epoch": recipe.epochs, **split_metrics(m.model)},
         "history": m.history,
         "timings": {
             "total_s": time.perf_counter() - t0,

@@ -27,7 +27,7 @@ import torch
 from kdbench.config import TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
-from kdbench.engine.loop import evaluate, lr_factor, steps_per_epoch, train_one_epoch
+from kdbench.engine.loop import evaluate, lr_factor, make_optimizer, steps_per_epoch, train_one_epoch
 from kdbench.engine.runtime import environment, memory_format, resolve_device
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError
@@ -74,7 +74,7 @@ def run_trial(
     model = build_model(recipe.model, len(data.classes), recipe.pretrained).to(device, memory_format=memory_format(device))
     teacher, teacher_info = _teacher(cfg, method.needs_teacher, data, train_images, device, log)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(model.parameters(), recipe)
     steps = max(1, steps_per_epoch(len(train_idx), recipe.batch_size))
     total_steps = steps * recipe.epochs
     warmup_steps = steps * recipe.warmup_epochs
