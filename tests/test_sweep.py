@@ -1,5 +1,6 @@
 """The sweep: ablation validation, planning, the results store, resume, kill -9, concurrency, failures."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -201,3 +202,32 @@ def test_process_pool_workers_give_the_same_results(tmp_path):
     assert serial.returncode == 0 and pooled.returncode == 0, pooled.stderr
     acc = lambda out: {r[0]: r[1] for r in sqlite3.connect(out / "store.sqlite").execute("SELECT key, best_test_accuracy FROM trials")}  # noqa: E731
     assert acc(tmp_path / "a") == acc(tmp_path / "b")
+
+
+def test_pack_grouping_and_default():
+    from kdbench.sweep.packs import default_pack_size, pack_trials
+
+    raw = base_raw(methods=["teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos"], temperatures=[2.0, 4.0], seeds=[0, 1])
+    trials = plan_trials(parse_ablation(raw, "t"))
+    units = pack_trials(trials, 4)
+    assert [u.role for u in units[:2]] == ["teacher", "teacher"]
+    packs = [u for u in units if u.members]
+    # per seed: kd_kl x2 T, kd_cos, kd_kl_cos x2 T = 5 KD students sharing a teacher -> a pack of 4 and one single
+    assert sorted(len(p.members) for p in packs) == [4, 4]
+    assert sorted(t.key for u in units for t in u.trials) == sorted(t.key for t in trials)
+    for p in packs:
+        assert len({m.teacher_key for m in p.members}) == 1 and {m.config.seed for m in p.members} == {p.config.seed}
+    assert pack_trials(trials, 1) == trials
+    assert default_pack_size(0, "cpu") == 1 and default_pack_size(0, "cuda") == 8 and default_pack_size(3, "cpu") == 3
+
+
+def test_sweep_with_packed_students_on_request(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
+    ablation, out = write_ablation(tmp_path, folder), tmp_path / "out"
+    proc = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report", "--pack", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "trials: 6 total, 6 done, 0 failed, 0 already done"
+    rows = store_rows(out)
+    assert all(r["status"] == "done" and r["completions"] == 1 for r in rows)
+    packed = [json.loads((out / "trials" / r["key"] / "metrics.json").read_text()).get("pack") for r in rows]
+    assert sum(p is not None for p in packed) == 3 and all(p["k"] == 3 for p in packed if p)

@@ -90,12 +90,7 @@ def train_one_epoch(
 ) -> EpochStats:
     """Train over ``images`` (uint8, already on ``device``) once; stops with NonFiniteError on a NaN/inf loss."""
     model.train()
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    torch.manual_seed(epoch_seed(seed, epoch))  # dropout masks
     n = len(images)
-    order = torch.randperm(n, generator=generator)
-    views = aug.sample_views(n, generator)
-    fmt = memory_format(device)
     steps = steps_per_epoch(n, batch_size)
     # running sums stay on the device; reading them syncs, so CUDA checks every SYNC_EVERY steps
     check_every = 1 if device.type == "cpu" else SYNC_EVERY
@@ -105,12 +100,8 @@ def train_one_epoch(
     seen = 0
     start = time.perf_counter()
     bar = tqdm(total=steps * min(batch_size, n), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
-    for step in range(steps):
-        positions = order[step * batch_size : (step + 1) * batch_size]
-        batch_views = views[step * batch_size : (step + 1) * batch_size]
-        dev_positions = positions.to(device)
-        x = normalize(aug(images[dev_positions], batch_views, generator)).contiguous(memory_format=fmt)
-        y = labels[dev_positions]
+    batches = epoch_batches(images, labels, aug, batch_size=batch_size, seed=seed, epoch=epoch, device=device)
+    for step, (positions, batch_views, x, y) in enumerate(batches):
         with autocast(device):
             logits = model(x)
         logits = logits.float()
@@ -140,6 +131,27 @@ def train_one_epoch(
     seen = max(seen, 1)
     terms_mean = {k: float(v) / seen for k, v in term_sums.items()}
     return EpochStats(loss_sum.item() / seen, correct.item() / seen, seen, seconds, terms_mean)
+
+
+def epoch_batches(images: torch.Tensor, labels: torch.Tensor, aug: Augmentation, *, batch_size: int, seed: int, epoch: int, device: torch.device):
+    """Yield ``(positions, views, inputs, targets)`` for each step of an epoch.
+
+    The order, the views, the crops and the dropout masks all follow from
+    ``epoch_seed(seed, epoch)``: a resumed run, a packed run and the teacher-logit
+    cache see exactly the same batches.  ``positions`` index the training images.
+    """
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    torch.manual_seed(epoch_seed(seed, epoch))  # dropout masks
+    n = len(images)
+    order = torch.randperm(n, generator=generator)
+    views = aug.sample_views(n, generator)
+    fmt = memory_format(device)
+    for step in range(steps_per_epoch(n, batch_size)):
+        positions = order[step * batch_size : (step + 1) * batch_size]
+        batch_views = views[step * batch_size : (step + 1) * batch_size]
+        dev_positions = positions.to(device)
+        x = normalize(aug(images[dev_positions], batch_views, generator)).contiguous(memory_format=fmt)
+        yield positions, batch_views, x, labels[dev_positions]
 
 
 @torch.no_grad()

@@ -15,8 +15,9 @@ the same batches, so they train together as one
   Member ``i``'s parameters ``theta_i`` are disjoint slices of the packed tensors
   and ``out[i]`` depends on ``theta_i`` only, so ``dL/dtheta_i = dL_i/dtheta_i``
   (a mean would scale every member's gradient by ``1/K``);
-* optimiser: one SGD over the packed parameters; its update is elementwise, so it
-  acts as K separate SGDs sharing run_trial's LR schedule.
+* optimiser: run_trial's (:func:`~kdbench.engine.loop.make_optimizer`: SGD with
+  momentum or AdamW) over the packed parameters; its update is elementwise, so it
+  acts as K separate optimisers sharing run_trial's LR schedule.
 
 Results equal K separate :func:`~kdbench.engine.trial.run_trial` runs up to float
 rounding, except the dropout masks: drawn per member and sample from the same
@@ -49,20 +50,19 @@ from tqdm import tqdm
 
 from kdbench.config import LossConfig, TrialConfig
 from kdbench.data import PreparedData, prepare_data
-from kdbench.data.presets import AUGMENTATIONS, Augmentation, normalize
-from kdbench.engine.loop import EpochStats, epoch_seed, evaluate, lr_factor, make_optimizer, steps_per_epoch
-from kdbench.engine.runtime import autocast, environment, memory_format, resolve_device
-from kdbench.engine.trial import METRICS_FILE, _mean, _teacher, _write_json
+from kdbench.data.presets import AUGMENTATIONS, Augmentation
+from kdbench.engine.loop import SYNC_EVERY, EpochStats, epoch_batches, evaluate, make_optimizer, steps_per_epoch
+from kdbench.engine.runtime import autocast, memory_format, resolve_device
+from kdbench.engine.trial import METRICS_FILE, build_result, history_row, make_scheduler, teacher_source, write_json
 from kdbench.errors import NonFiniteError, UserError
 from kdbench.losses import LOSS_VERSION
 from kdbench.methods import Method, get_method
-from kdbench.models import atomic_torch_save, build_model, load_checkpoint_file, load_model_checkpoint, save_checkpoint
+from kdbench.models import atomic_torch_save, build_model, load_checkpoint_file, save_checkpoint
 from kdbench.packing import PackedMobileNetV2
 
 PACK_STATE_FILE = "pack.pt"
 PACK_STATE_FORMAT = "kdbench-pack-state-v1"
 PACK_MODEL = "mobilenet_v2"
-CHECK_EVERY = 25  # CUDA steps between reads of the running losses (each read waits for the GPU)
 
 
 class MemberLoss(NamedTuple):
@@ -143,28 +143,19 @@ def train_pack_epoch(
 
     The batches (order, views, crops) are train_one_epoch's for ``seed`` and ``epoch``;
     the step minimises ``sum_i L_i``.  Each member's running sums stay on the device
-    and are read (a sync) after every step on the CPU, every :data:`CHECK_EVERY` steps
+    and are read (a sync) after every step on the CPU, every ``SYNC_EVERY`` steps
     on CUDA: a NaN/inf loss stops the epoch there with a NonFiniteError naming every
     non-finite member.  Timings and images/s are the pack's: each image trains K members.
     """
     packed.train()
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    torch.manual_seed(epoch_seed(seed, epoch))  # dropout masks
     n = len(images)
-    order = torch.randperm(n, generator=generator)
-    views = aug.sample_views(n, generator)
-    fmt = memory_format(device)
     steps = steps_per_epoch(n, batch_size)
-    check_every = 1 if device.type == "cpu" else CHECK_EVERY
+    check_every = 1 if device.type == "cpu" else SYNC_EVERY
     sums, layout, means, seen = None, [], [{} for _ in members], 0
     start = time.perf_counter()
     bar = tqdm(total=steps * min(batch_size, n), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
-    for step in range(steps):
-        positions = order[step * batch_size : (step + 1) * batch_size]
-        batch_views = views[step * batch_size : (step + 1) * batch_size]
-        dev_positions = positions.to(device)
-        x = normalize(aug(images[dev_positions], batch_views, generator)).contiguous(memory_format=fmt)
-        y = labels[dev_positions]
+    batches = epoch_batches(images, labels, aug, batch_size=batch_size, seed=seed, epoch=epoch, device=device)
+    for step, (positions, batch_views, x, y) in enumerate(batches):
         with autocast(device):
             logits = packed(x)
         logits = logits.float()
@@ -264,13 +255,13 @@ def run_packed_trials(
         data.write_manifest(m.out / "manifest.csv")
     teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
     train_images, _ = splits["train"]
-    teacher, teacher_info = _teacher(teacher_cfg, True, data, train_images, device, log) if teacher_cfg else (None, None)
+    teacher, teacher_info = teacher_source(teacher_cfg, True, data, train_images, device, log) if teacher_cfg else (None, None)
     _train(packed, members, teacher, splits, cfgs[0], progress, log)
     pack = {"k": len(members), "members": [m.cfg.key(LOSS_VERSION) for m in members]}
     results = []
     for m in members:
         result = _member_result(m, splits, teacher_info if m.loss.method.needs_teacher else None, t0) | {"pack": pack}
-        _write_json(m.out / METRICS_FILE, result)
+        write_json(m.out / METRICS_FILE, result)
         best, last = result["best"], result["last"]
         log(
             f"{m.loss.label}: test accuracy best-on-val (epoch {best['epoch']}) {best['test']['accuracy']:.4f}, "
@@ -299,9 +290,7 @@ def _train(
     recipe, device, k = first.recipe, splits.device, len(members)
     train_images, train_labels = splits["train"]
     optimizer = make_optimizer(packed.parameters(), recipe)
-    steps = max(1, steps_per_epoch(len(train_images), recipe.batch_size))
-    total_steps, warmup_steps = steps * recipe.epochs, steps * recipe.warmup_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.schedule, step, total_steps, warmup_steps))
+    scheduler = make_scheduler(optimizer, recipe, len(train_images))
     state_path = members[0].out / PACK_STATE_FILE
     for epoch in range(_resume(state_path, members, packed, optimizer, scheduler, log), recipe.epochs):
         stats = train_pack_epoch(
@@ -324,19 +313,7 @@ def _train(
 def _record_epoch(m: _Member, epoch: int, stats: EpochStats, lr: float, splits: _Splits, eval_batch_size: int) -> None:
     """Validate member ``m`` (its model holds this epoch's weights), append its history row, save best.pt if it improved."""
     val = evaluate(m.model, *splits["val"], splits.data.classes, batch_size=eval_batch_size, device=splits.device)
-    m.history.append(
-        {
-            "epoch": epoch,
-            "train_loss": stats.loss,
-            "train_accuracy": stats.accuracy,
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "lr": lr,
-            "images_per_s": stats.images_per_s,
-            "seconds": stats.seconds,
-            **{f"term_{k}": v for k, v in stats.terms.items()},
-        }
-    )
+    m.history.append(history_row(epoch, stats, val, lr))
     if m.best is None or val["accuracy"] > m.best["val_accuracy"]:
         m.best = {"epoch": epoch, "val_accuracy": val["accuracy"]}
         extra = {"trial": m.identity, "epoch": epoch}
@@ -360,33 +337,8 @@ def _load_members(packed: PackedMobileNetV2, members: Sequence[_Member]) -> None
 
 def _member_result(m: _Member, splits: _Splits, teacher_info: dict | None, t0: float) -> dict:
     """run_trial's result for member ``m`` (its model holds the last weights); ``total_s`` is the whole pack's wall time."""
-    recipe, device, data = m.cfg.recipe, splits.device, splits.data
-
-    def split_metrics(model: nn.Module) -> dict:
-        return {
-            s: evaluate(model, *splits[s], data.classes, batch_size=recipe.eval_batch_size, device=device) for s in ("val", "test")
-        }
-
-    best_model, _ = load_model_checkpoint(m.out / "best.pt")
-    return {
-        "format": "kdbench-result-v1",
-        "key": m.cfg.key(LOSS_VERSION),
-        "loss_version": LOSS_VERSION,
-        "config": m.cfg.identity(),
-        "effective_loss": dataclasses.asdict(m.loss.cfg),
-        "classes": data.classes,
-        "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
-        "teacher": teacher_info,
-        "best": {"epoch": m.best["epoch"], **split_metrics(best_model.to(device, memory_format=memory_format(device)))},
-        "last": {"epoch": recipe.epochs, **split_metrics(m.model)},
-        "history": m.history,
-        "timings": {
-            "total_s": time.perf_counter() - t0,
-            "train_s": sum(h["seconds"] for h in m.history),
-            "train_images_per_s": _mean(h["images_per_s"] for h in m.history),
-        },
-        "environment": environment(device),
-    }
+    sets = {s: splits[s] for s in ("val", "test")}
+    return build_result(m.cfg, splits.data, teacher_info, m.model, m.out / "best.pt", m.best["epoch"], m.history, sets, t0, splits.device)
 
 
 def _resume(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer, scheduler, log) -> int:

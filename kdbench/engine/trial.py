@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 
-from kdbench.config import TrialConfig
+from kdbench.config import Recipe, TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
-from kdbench.engine.loop import evaluate, lr_factor, make_optimizer, steps_per_epoch, train_one_epoch
+from kdbench.engine.loop import EpochStats, evaluate, lr_factor, make_optimizer, steps_per_epoch, train_one_epoch
 from kdbench.engine.runtime import environment, memory_format, resolve_device
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError
@@ -72,37 +72,23 @@ def run_trial(
     aug = AUGMENTATIONS[cfg.data.augment]
 
     model = build_model(recipe.model, len(data.classes), recipe.pretrained).to(device, memory_format=memory_format(device))
-    teacher, teacher_info = _teacher(cfg, method.needs_teacher, data, train_images, device, log)
+    teacher, teacher_info = teacher_source(cfg, method.needs_teacher, data, train_images, device, log)
 
     optimizer = make_optimizer(model.parameters(), recipe)
-    steps = max(1, steps_per_epoch(len(train_idx), recipe.batch_size))
-    total_steps = steps * recipe.epochs
-    warmup_steps = steps * recipe.warmup_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.schedule, step, total_steps, warmup_steps))
+    scheduler = make_scheduler(optimizer, recipe, len(train_idx))
 
     identity = json.dumps(cfg.identity(), sort_keys=True)
     state = _resume(out / "last.pt", identity, model, optimizer, scheduler, log)
     history, best = state["history"], state["best"]
+    sets = {s: (images[i.to(device)], labels[i.to(device)]) for s, i in (("val", val_idx), ("test", test_idx))}
     for epoch in range(state["epoch"], recipe.epochs):
         stats = train_one_epoch(
             model, method, loss_cfg, optimizer, scheduler, train_images, train_labels, aug, teacher,
             batch_size=recipe.batch_size, seed=cfg.seed, epoch=epoch, device=device,
             desc=f"{cfg.method} {cfg.data.dataset} epoch {epoch + 1}/{recipe.epochs}", progress=progress,
         )  # fmt: skip
-        val = evaluate(model, images[val_idx.to(device)], labels[val_idx.to(device)], data.classes, batch_size=recipe.eval_batch_size, device=device)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": stats.loss,
-                "train_accuracy": stats.accuracy,
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": stats.images_per_s,
-                "seconds": stats.seconds,
-                **{f"term_{k}": v for k, v in stats.terms.items()},
-            }
-        )
+        val = evaluate(model, *sets["val"], data.classes, batch_size=recipe.eval_batch_size, device=device)
+        history.append(history_row(epoch + 1, stats, val, optimizer.param_groups[0]["lr"]))
         log(
             f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f} train acc {stats.accuracy:.4f} "
             f"val acc {val['accuracy']:.4f} ({stats.images_per_s:.0f} img/s)"
@@ -112,46 +98,78 @@ def run_trial(
             save_checkpoint(out / "best.pt", model, model_name=recipe.model, classes=data.classes, extra={"trial": identity, "epoch": epoch + 1})
         _save_resume_state(out / "last.pt", model, optimizer, scheduler, recipe.model, data.classes, identity, epoch + 1, history, best)
 
-    test_images, test_labels = images[test_idx.to(device)], labels[test_idx.to(device)]
-    val_images, val_labels = images[val_idx.to(device)], labels[val_idx.to(device)]
-
-    def split_metrics(m: torch.nn.Module) -> dict:
-        return {
-            "val": evaluate(m, val_images, val_labels, data.classes, batch_size=recipe.eval_batch_size, device=device),
-            "test": evaluate(m, test_images, test_labels, data.classes, batch_size=recipe.eval_batch_size, device=device),
-        }
-
-    last = {"epoch": recipe.epochs, **split_metrics(model)}
-    best_model, _ = load_model_checkpoint(out / "best.pt")
-    best_metrics = {"epoch": best["epoch"], **split_metrics(best_model.to(device, memory_format=memory_format(device)))}
-    result = {
-        "format": "kdbench-result-v1",
-        "key": cfg.key(LOSS_VERSION),
-        "loss_version": LOSS_VERSION,
-        "config": cfg.identity(),
-        "effective_loss": dataclasses.asdict(loss_cfg),
-        "classes": data.classes,
-        "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
-        "teacher": teacher_info,
-        "best": best_metrics,
-        "last": last,
-        "history": history,
-        "timings": {
-            "total_s": time.perf_counter() - t0,
-            "train_s": sum(h["seconds"] for h in history),
-            "train_images_per_s": _mean(h["images_per_s"] for h in history),
-        },
-        "environment": environment(device),
-    }
-    _write_json(out / METRICS_FILE, result)
+    result = build_result(cfg, data, teacher_info, model, out / "best.pt", best["epoch"], history, sets, t0, device)
+    write_json(out / METRICS_FILE, result)
     log(
-        f"test accuracy: best-on-val (epoch {best_metrics['epoch']}) {best_metrics['test']['accuracy']:.4f}, "
-        f"last epoch ({recipe.epochs}) {last['test']['accuracy']:.4f}"
+        f"test accuracy: best-on-val (epoch {result['best']['epoch']}) {result['best']['test']['accuracy']:.4f}, "
+        f"last epoch ({recipe.epochs}) {result['last']['test']['accuracy']:.4f}"
     )
     return result
 
 
-def _teacher(cfg: TrialConfig, needed: bool, data: PreparedData, train_images: torch.Tensor, device: torch.device, log):
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, n_train: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's per-step schedule (warm-up, then cosine / one-cycle / constant) over all epochs."""
+    steps = max(1, steps_per_epoch(n_train, recipe.batch_size))
+    total_steps, warmup_steps = steps * recipe.epochs, steps * recipe.warmup_epochs
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(recipe.schedule, step, total_steps, warmup_steps))
+
+
+def history_row(epoch: int, stats: EpochStats, val: dict, lr: float) -> dict:
+    """One epoch of a run's history: training loss, accuracy and loss terms, validation metrics, LR, speed."""
+    return {
+        "epoch": epoch,
+        "train_loss": stats.loss,
+        "train_accuracy": stats.accuracy,
+        "val_loss": val["loss"],
+        "val_accuracy": val["accuracy"],
+        "lr": lr,
+        "images_per_s": stats.images_per_s,
+        "seconds": stats.seconds,
+        **{f"term_{k}": v for k, v in stats.terms.items()},
+    }
+
+
+def build_result(
+    cfg: TrialConfig,
+    data: PreparedData,
+    teacher_info: dict | None,
+    last_model: torch.nn.Module,
+    best_checkpoint: Path,
+    best_epoch: int,
+    history: list[dict],
+    sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    t0: float,
+    device: torch.device,
+) -> dict:
+    """A trial's result: val and test metrics of the best-on-validation checkpoint and of the last weights, and its record."""
+    batch_size = cfg.recipe.eval_batch_size
+
+    def split_metrics(model: torch.nn.Module) -> dict:
+        return {s: evaluate(model, *sets[s], data.classes, batch_size=batch_size, device=device) for s in ("val", "test")}
+
+    best_model, _ = load_model_checkpoint(best_checkpoint)
+    return {
+        "format": "kdbench-result-v1",
+        "key": cfg.key(LOSS_VERSION),
+        "loss_version": LOSS_VERSION,
+        "config": cfg.identity(),
+        "effective_loss": dataclasses.asdict(get_method(cfg.method).effective_loss(cfg.loss)),
+        "classes": data.classes,
+        "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
+        "teacher": teacher_info,
+        "best": {"epoch": best_epoch, **split_metrics(best_model.to(device, memory_format=memory_format(device)))},
+        "last": {"epoch": cfg.recipe.epochs, **split_metrics(last_model)},
+        "history": history,
+        "timings": {
+            "total_s": time.perf_counter() - t0,
+            "train_s": sum(h["seconds"] for h in history),
+            "train_images_per_s": sum(h["images_per_s"] for h in history) / max(len(history), 1),
+        },
+        "environment": environment(device),
+    }
+
+
+def teacher_source(cfg: TrialConfig, needed: bool, data: PreparedData, train_images: torch.Tensor, device: torch.device, log):
     """The teacher's logits source for a KD trial (cache where the augmentation allows), and a record of it."""
     if not needed:
         return None, None
@@ -221,12 +239,8 @@ def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, i
     )
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from kdbench.errors import cli_main
+from kdbench.errors import UserError, cli_main
 from kdbench.sweep.ablation import load_ablation
 from kdbench.sweep.plan import plan_trials
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the expanded trials, their count and cost; train nothing")
     p.add_argument("--out", help="output folder (default reports/<ablation name>/)")
     p.add_argument("--workers", type=int, default=1, help="trials run in parallel processes (default 1)")
+    p.add_argument("--pack", type=int, help="students trained together in one packed network (default run.pack: 8 on CUDA, 1 on CPU; 1 disables)")
     p.add_argument("--threads", type=int, help="torch threads per trial (default: CPU cores / workers)")
     p.add_argument("--executor", choices=("local", "ray"), default="local", help="local processes (default) or a Ray cluster")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default $RAY_ADDRESS; none: start a local Ray)")
@@ -60,12 +61,23 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads or max(1, (os.cpu_count() or 1) // max(args.workers, 1)),
         progress=args.workers == 1 and args.executor == "local" and sys.stderr.isatty(),
     )
+    shown = os.path.relpath(path)
+    path = Path(shown) if not shown.startswith("..") else path
     print(f"sweep {ablation.name}: {len(trials)} trials from {path} into {out_dir}/")
-    counts = run_sweep(ablation, path, raw, trials, out_dir, executor, ctx)
+    counts = run_sweep(ablation, path, raw, trials, out_dir, executor, ctx, pack=pack_size(args.pack, ablation))
     if not args.no_report:
         write_report(out_dir)
     print(f"trials: {counts['total']} total, {counts['done']} done, {counts['failed']} failed, {counts['already']} already done")
     return 1 if counts["failed"] else 0
+
+
+def pack_size(requested: int | None, ablation) -> int:
+    from kdbench.engine.runtime import resolve_device
+    from kdbench.sweep.packs import default_pack_size
+
+    if requested is not None and requested < 1:
+        raise UserError(f"--pack must be >= 1, got {requested}")
+    return default_pack_size(requested or ablation.run.pack, resolve_device(ablation.run.device).type)
 
 
 def write_report(out_dir: Path) -> None:

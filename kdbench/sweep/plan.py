@@ -17,13 +17,22 @@ AXES = {"temperature": "temperatures", "beta": "kl_weights", "gamma": "cos_weigh
 
 @dataclass(frozen=True)
 class PlannedTrial:
+    """One trial, or a pack of student trials trained together (``members``; the pack's own
+    ``config`` is its first member's, and ``key`` names the pack, not a store row)."""
+
     key: str
     config: TrialConfig
     teacher_key: str | None = None
+    members: tuple[PlannedTrial, ...] = ()
 
     @property
     def role(self) -> str:
         return get_method(self.config.method).role
+
+    @property
+    def trials(self) -> tuple[PlannedTrial, ...]:
+        """The store's trials this unit runs: its members, or itself."""
+        return self.members or (self,)
 
 
 def plan_trials(ablation: Ablation) -> list[PlannedTrial]:

@@ -12,6 +12,7 @@ from kdbench.data.specs import get_spec
 from kdbench.engine.runtime import environment, resolve_device
 from kdbench.sweep.ablation import Ablation
 from kdbench.sweep.executors import Executor
+from kdbench.sweep.packs import pack_trials
 from kdbench.sweep.plan import PlannedTrial
 from kdbench.sweep.store import STORE_FILE, Store
 from kdbench.sweep.worker import Outcome, SweepContext
@@ -38,9 +39,10 @@ def run_sweep(
     executor: Executor,
     ctx: SweepContext,
     *,
+    pack: int = 1,
     log=print,
 ) -> dict:
-    """Run the trials the store does not have as done; returns the summary counts."""
+    """Run the trials the store does not have as done (students in packs of ``pack``); returns the summary counts."""
     t0 = time.time()
     store = Store(out_dir / STORE_FILE)
     sweep_id = store.begin_sweep(ablation.name, str(ablation_path), raw, trials, environment(resolve_device(ablation.run.device)))
@@ -50,12 +52,24 @@ def run_sweep(
     counts = {"total": len(trials), "done": 0, "failed": 0, "already": len(already)}
     bar = tqdm(total=len(trials), initial=len(already), desc=f"sweep {ablation.name}", unit="trial", dynamic_ncols=True)
 
-    def on_start(trial: PlannedTrial) -> None:
-        store.mark_running(trial.key)
-        c = trial.config
-        bar.set_postfix_str(f"{c.method} {c.data.dataset} seed {c.seed}")
+    units = pack_trials(todo, pack)
+    packs = {u.key: u for u in units if u.members}
+
+    def on_start(unit: PlannedTrial) -> None:
+        for trial in unit.trials:
+            store.mark_running(trial.key)
+        c = unit.config
+        what = f"pack of {len(unit.members)} students" if unit.members else c.method
+        bar.set_postfix_str(f"{what} {c.data.dataset} seed {c.seed}")
 
     def on_outcome(outcome: Outcome) -> None:
+        if outcome.key in packs:  # a pack: its members' outcomes, or one failure for all of them
+            for member in outcome.members or [Outcome(t.key, "failed", error=outcome.error) for t in packs[outcome.key].members]:
+                record(member)
+        else:
+            record(outcome)
+
+    def record(outcome: Outcome) -> None:
         trial = by_key[outcome.key]
         c = trial.config
         if outcome.status == "done":
@@ -70,7 +84,7 @@ def run_sweep(
         bar.update(1)
 
     try:
-        executor.run(todo, ctx, on_start, on_outcome)
+        executor.run(units, ctx, on_start, on_outcome)
     finally:
         bar.close()
         weak = store.flag_weak_teachers()

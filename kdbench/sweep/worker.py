@@ -15,6 +15,7 @@ import json
 import os
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Outcome:
     error: str | None = None
     seconds: float = 0.0
     recovered: bool = False  # finished earlier, store write was lost
+    members: list[Outcome] | None = None  # a pack's per-trial outcomes
 
 
 def trial_dir(out_dir: str | Path, key: str) -> Path:
@@ -50,38 +52,75 @@ def trial_dir(out_dir: str | Path, key: str) -> Path:
 
 
 def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
-    """Train ``trial`` (resuming from its checkpoint if interrupted) and return its outcome; never raises for a trial's own failure."""
-    from kdbench.engine.trial import METRICS_FILE, run_trial
+    """Train ``trial`` (or every member of a pack) and return its outcome; never raises for a trial's own failure.
+
+    Each member's folder is locked for the whole run; members whose ``metrics.json``
+    is already there are returned as recovered, the rest train (resuming from their
+    checkpoints), singly with ``run_trial`` or together with ``run_packed_trials``.
+    A pack's outcome lists its members' outcomes in ``members``.
+    """
+    from kdbench.engine.trial import METRICS_FILE
 
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
-    folder = trial_dir(ctx.out_dir, trial.key)
-    folder.mkdir(parents=True, exist_ok=True)
+    members = list(trial.members) or [trial]
+    folders = [trial_dir(ctx.out_dir, m.key) for m in members]
     t0 = time.perf_counter()
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        previous = _finished_result(folder / METRICS_FILE, trial.key)
-        if previous is not None:
-            return Outcome(trial.key, "done", previous, recovered=True)
-        cfg = trial.config
-        if trial.teacher_key:
-            checkpoint = trial_dir(ctx.out_dir, trial.teacher_key) / "best.pt"
-            if not checkpoint.exists():
-                return Outcome(trial.key, "failed", error=f"teacher trial {trial.teacher_key} has no checkpoint (did it fail?)")
-            cfg = dataclasses.replace(cfg, teacher_checkpoint=str(checkpoint))
-        try:
-            result = run_trial(cfg, folder, data_root=ctx.data_root, download=ctx.download, progress=ctx.progress, log=_logger(folder))
-        except UserError as err:
-            return Outcome(trial.key, "failed", error=one_line(err), seconds=time.perf_counter() - t0)
-        except torch.OutOfMemoryError:
-            return Outcome(trial.key, "failed", error="out of memory: lower batch_size or resolution", seconds=time.perf_counter() - t0)
-        except Exception as err:  # any other crash is recorded, with its traceback beside the trial
+    with ExitStack() as stack:
+        for folder in sorted(folders):
+            folder.mkdir(parents=True, exist_ok=True)
+            fcntl.flock(stack.enter_context(open(folder / ".lock", "w")), fcntl.LOCK_EX)
+        outcomes = {}
+        for m, folder in zip(members, folders):
+            previous = _finished_result(folder / METRICS_FILE, m.key)
+            if previous is not None:
+                outcomes[m.key] = Outcome(m.key, "done", previous, recovered=True)
+        todo = [(m, f) for m, f in zip(members, folders) if m.key not in outcomes]
+        if todo:
+            outcomes.update(_train([m for m, _ in todo], [f for _, f in todo], trial.teacher_key, ctx, t0))
+    results = [outcomes[m.key] for m in members]
+    if not trial.members:
+        return results[0]
+    status = "done" if all(o.status == "done" for o in results) else "failed"
+    return Outcome(trial.key, status, members=results, seconds=time.perf_counter() - t0)
+
+
+def _train(members: list[PlannedTrial], folders: list[Path], teacher_key: str | None, ctx: SweepContext, t0: float) -> dict[str, Outcome]:
+    """Run ``members`` (one trial, or a pack) in ``folders``; a failure fails them all, with one message."""
+    from kdbench.engine.packed import run_packed_trials
+    from kdbench.engine.trial import run_trial
+
+    def failed(error: str) -> dict[str, Outcome]:
+        return {m.key: Outcome(m.key, "failed", error=error, seconds=time.perf_counter() - t0) for m in members}
+
+    cfgs = [m.config for m in members]
+    if teacher_key:
+        checkpoint = trial_dir(ctx.out_dir, teacher_key) / "best.pt"
+        if not checkpoint.exists():
+            return failed(f"teacher trial {teacher_key} has no checkpoint (did it fail?)")
+        cfgs = [dataclasses.replace(c, teacher_checkpoint=str(checkpoint)) if c.teacher_id else c for c in cfgs]
+    logs = [_logger(f) for f in folders]
+
+    def log(message: str) -> None:
+        for write in logs:
+            write(message)
+
+    options = dict(data_root=ctx.data_root, download=ctx.download, progress=ctx.progress, log=log)
+    try:
+        if len(members) == 1:
+            results = [run_trial(cfgs[0], folders[0], **options)]
+        else:
+            results = run_packed_trials(cfgs, folders, **options)
+    except UserError as err:
+        return failed(one_line(err))
+    except torch.OutOfMemoryError:
+        return failed("out of memory: lower batch_size, resolution or --pack")
+    except Exception as err:  # any other crash is recorded, with its traceback beside the trial
+        for folder in folders:
             (folder / "error.log").write_text(traceback.format_exc())
-            return Outcome(
-                trial.key, "failed", error=f"{type(err).__name__}: {one_line(err)} (traceback in {folder / 'error.log'})",
-                seconds=time.perf_counter() - t0,
-            )  # fmt: skip
-    return Outcome(trial.key, "done", result, seconds=time.perf_counter() - t0)
+        return failed(f"{type(err).__name__}: {one_line(err)} (traceback in {folders[0] / 'error.log'})")
+    seconds = time.perf_counter() - t0
+    return {m.key: Outcome(m.key, "done", r, seconds=seconds) for m, r in zip(members, results)}
 
 
 def _finished_result(path: Path, key: str) -> dict | None:
