@@ -19,7 +19,6 @@ from kdbench.errors import UserError
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)

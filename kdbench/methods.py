@@ -82,27 +82,28 @@ class Method:
         return losses.combine(terms, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma), terms
 
 
+class HardLabels(Method):
+    """Plain supervised training: ``CE(s, y)`` with weight 1, whatever the grid's loss settings."""
+
+    def effective_loss(self, loss: LossConfig) -> LossConfig:
+        return LossConfig(alpha=1.0, beta=0.0, gamma=0.0, temperature=1.0)
+
+
 @register
-class Teacher(Method):
-    """The teacher network trained on hard labels (cross-entropy only)."""
+class Teacher(HardLabels):
+    """The teacher network trained on hard labels."""
 
     name = "teacher"
     label = "Teacher"
     role = "teacher"
 
-    def effective_loss(self, loss: LossConfig) -> LossConfig:
-        return LossConfig(alpha=1.0, beta=0.0, gamma=0.0, temperature=1.0)
-
 
 @register
-class Baseline(Method):
-    """The student trained alone on hard labels (cross-entropy only)."""
+class Baseline(HardLabels):
+    """The student trained alone on hard labels."""
 
     name = "baseline"
     label = "Student baseline (CE)"
-
-    def effective_loss(self, loss: LossConfig) -> LossConfig:
-        return LossConfig(alpha=1.0, beta=0.0, gamma=0.0, temperature=1.0)
 
 
 @register

@@ -83,8 +83,3 @@ def get_spec(dataset: str) -> DatasetSpec:
         f"unknown dataset {dataset!r}: use one of {', '.join(BUILTIN_DATASETS)} or imagefolder:<path> "
         "for a folder of <class>/<image> files"
     )
-
-
-def dataset_label(dataset: str) -> str:
-    """A short display name: the built-in name, or the folder name of an imagefolder."""
-    return Path(dataset[len(IMAGEFOLDER_PREFIX):]).name if dataset.startswith(IMAGEFOLDER_PREFIX) else dataset

