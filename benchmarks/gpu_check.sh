@@ -27,9 +27,8 @@
 # carry: [".device-data"]).
 #
 # Nothing is downloaded or pip-installed, except wheels found in .whl/ (installed with
-# --no-index).  fvcore may be missing there: the sweep imports kdbench.profile (fvcore) lazily,
-# after each finished trial, to store its complexity; without fvcore this script runs the sweep
-# with that step switched off (complexity stored as null) and without the report (--no-report).
+# --no-index).  fvcore may be missing there: the sweep then stores no complexity for its trials
+# (null), and this script skips the report (--no-report).
 #
 # Settings (environment): DEVICE (cuda; cpu for a dry run), RESOLUTION (64), BATCH (128),
 # STEPS (30), WARMUP (5), PACKS (4,8), TEACHER (vgg16, the throughput teacher), COMPILE (0; 1 adds
@@ -78,18 +77,7 @@ sweep_args=(--config ablations/paper.toml --set 'grid.datasets=["eurosat"]' --se
     --data-root "$DATA_ROOT" --no-download --no-report --out "$WORK/sweep")
 [[ -n "${IMAGES_PER_CLASS:-}" ]] && sweep_args+=(--set "data.images_per_class=$IMAGES_PER_CLASS")
 sweep_status=0
-python - "${sweep_args[@]}" <<'EOF' || sweep_status=$?
-import importlib.util
-import sys
-
-import kdbench.sweep.runner as runner
-from kdbench.sweep.__main__ import main
-
-if importlib.util.find_spec("fvcore") is None:
-    print("fvcore is not installed: trial complexity is not stored (null)")
-    runner.trial_complexity = lambda trial, result: None
-sys.exit(main(sys.argv[1:]))
-EOF
+python -m kdbench.sweep "${sweep_args[@]}" || sweep_status=$?
 
 stage "results"
 python - "$WORK" "$RESULTS" <<'EOF'

@@ -25,8 +25,11 @@ def check_datasets(ablation: Ablation, root: str | None, download: bool) -> None
 
 
 def trial_complexity(trial: PlannedTrial, result: dict) -> dict | None:
-    from kdbench.profile import complexity
-
+    """The trained model's params, FLOPs and size (kdbench.profile); None where fvcore is not installed."""
+    try:
+        from kdbench.profile import complexity
+    except ImportError:  # fvcore is a dependency, but a bare GPU box may run without it
+        return None
     return complexity(trial.config.recipe.model, len(result["classes"]), trial.config.data.resolution)
 
 
@@ -73,8 +76,8 @@ def run_sweep(
         trial = by_key[outcome.key]
         c = trial.config
         if outcome.status == "done":
-            store.record_done(outcome.key, outcome.result, trial_complexity(trial, outcome.result))
-            counts["done"] += 1
+            fresh = store.record_done(outcome.key, outcome.result, trial_complexity(trial, outcome.result))
+            counts["done" if fresh else "already"] += 1  # another sweep on this store may have recorded it first
             acc = outcome.result["best"]["test"]["accuracy"]
             how = "recovered from its metrics.json" if outcome.recovered else f"{outcome.seconds:.0f}s"
             bar.write(f"done   {c.method:<10} {c.data.dataset:<10} seed {c.seed} test acc {acc:.4f} ({how}) [{outcome.key}]")
