@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,14 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0)
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class MemberLoss(NamedTuple):
+    """One model's loss in an epoch: ``method.loss(logits, teacher_logits, y, cfg)``; ``label`` names it in errors."""
+
+    label: str
+    method: Method
+    cfg: LossConfig
+
+
 def train_one_epoch(
     model: nn.Module,
     method: Method,
@@ -80,57 +90,103 @@ def train_one_epoch(
     labels: torch.Tensor,
     aug: Augmentation,
     teacher,
+    **kwargs,
+) -> EpochStats:
+    """Train ``model`` over ``images`` (uint8, already on the device) once; see :func:`train_members_epoch`."""
+    member = MemberLoss(method.name, method, loss_cfg)
+    return train_members_epoch(model, [member], optimizer, scheduler, images, labels, aug, teacher, stacked=False, **kwargs)[0]
+
+
+def train_members_epoch(
+    model: nn.Module,
+    members: Sequence[MemberLoss],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    aug: Augmentation,
+    teacher,
     *,
+    stacked: bool,
     batch_size: int,
     seed: int,
     epoch: int,
     device: torch.device,
     desc: str,
     progress: bool,
-) -> EpochStats:
-    """Train over ``images`` (uint8, already on ``device``) once; stops with NonFiniteError on a NaN/inf loss."""
+) -> list[EpochStats]:
+    """One epoch for one model (``stacked=False``: logits ``[B, C]``) or a pack (``[K, B, C]``).
+
+    Each step minimises ``sum_i L_i`` with ``L_i = members[i].method.loss(logits[i], ...)``
+    over the batches of :func:`epoch_batches`, with one teacher lookup per batch.  The
+    running sums stay on the device and are read (a sync) after every step on the CPU and
+    every ``SYNC_EVERY`` steps on CUDA: a NaN/inf loss stops the epoch there with a
+    NonFiniteError naming the members concerned.  Returns one EpochStats per member.
+    """
     model.train()
     n = len(images)
     steps = steps_per_epoch(n, batch_size)
-    # running sums stay on the device; reading them syncs, so CUDA checks every SYNC_EVERY steps
     check_every = 1 if device.type == "cpu" else SYNC_EVERY
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    term_sums: dict[str, torch.Tensor] = {}
-    seen = 0
+    sums, layout, means, seen = None, [], [{} for _ in members], 0
     start = time.perf_counter()
     bar = tqdm(total=steps * min(batch_size, n), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
     batches = epoch_batches(images, labels, aug, batch_size=batch_size, seed=seed, epoch=epoch, device=device)
     for step, (positions, batch_views, x, y) in enumerate(batches):
         with autocast(device):
             logits = model(x)
-        logits = logits.float()
+        logits = logits.float() if stacked else logits.float().unsqueeze(0)
         teacher_logits = teacher(positions, batch_views, x) if teacher is not None else None
-        loss, terms = method.loss(logits, teacher_logits, y, loss_cfg)
+        losses, scalars, layout = _member_losses(members, logits, teacher_logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.stack(losses).sum().backward()
         optimizer.step()
         scheduler.step()
         b = len(positions)
         seen += b
-        loss_sum += loss.detach() * b
-        correct += (logits.argmax(1) == y).sum()
-        for name, value in terms._asdict().items():
-            if value is not None:
-                term_sums[name] = term_sums.get(name, 0.0) + value.detach() * b
+        sums = scalars * b if sums is None else sums + scalars * b
         if (step + 1) % check_every == 0 or step + 1 == steps:
-            mean_loss = loss_sum.item() / seen  # NaN or inf in any step propagates into the sum
-            if not math.isfinite(mean_loss):
-                raise NonFiniteError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1}: lower the learning rate or check the teacher and data"
-                )
+            means = _member_means(sums / seen, layout)
+            _check_finite(members, means, epoch, step)
             bar.update(seen - bar.n)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{correct.item() / seen:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            postfix = {"loss": f"{means[0]['loss']:.3f}", "acc": f"{means[0]['correct']:.3f}"} if len(members) == 1 else {"k": len(members)}
+            bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}", **postfix)
     bar.close()
     seconds = time.perf_counter() - start
-    seen = max(seen, 1)
-    terms_mean = {k: float(v) / seen for k, v in term_sums.items()}
-    return EpochStats(loss_sum.item() / seen, correct.item() / seen, seen, seconds, terms_mean)
+    return [
+        EpochStats(m.get("loss", 0.0), m.get("correct", 0.0), seen, seconds,
+                   {k[len("term_") :]: v for k, v in m.items() if k.startswith("term_")})  # fmt: skip
+        for m in means
+    ]
+
+
+def _member_losses(
+    members: Sequence[MemberLoss], logits: torch.Tensor, teacher_logits: torch.Tensor | None, y: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor, list[list[str]]]:
+    """Each member's loss; its batch means (``loss``, ``correct`` fraction, ``term_*``) flat on the device, and their names."""
+    losses, scalars, layout = [], [], []
+    for i, m in enumerate(members):
+        loss, terms = m.method.loss(logits[i], teacher_logits if m.method.needs_teacher else None, y, m.cfg)
+        losses.append(loss)
+        present = {f"term_{k}": v.detach() for k, v in terms._asdict().items() if v is not None}
+        layout.append(["loss", "correct", *present])
+        scalars += [loss.detach(), (logits[i].argmax(1) == y).float().mean(), *present.values()]
+    return losses, torch.stack(scalars), layout
+
+
+def _member_means(flat: torch.Tensor, layout: list[list[str]]) -> list[dict[str, float]]:
+    """Split the flat means back per member (reading them waits for the device)."""
+    values = iter(flat.tolist())
+    return [{name: next(values) for name in names} for names in layout]
+
+
+def _check_finite(members: Sequence[MemberLoss], means: list[dict[str, float]], epoch: int, step: int) -> None:
+    """A NaN/inf in any step so far propagates into the member's mean loss."""
+    bad = [f"{i} {m.label} (mean loss {s['loss']})" for i, (m, s) in enumerate(zip(members, means)) if not math.isfinite(s["loss"])]
+    if bad:
+        where = f" in packed member(s) {'; '.join(bad)}" if len(members) > 1 else ""
+        raise NonFiniteError(
+            f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where}: lower the learning rate or check the teacher and data"
+        )
 
 
 def epoch_batches(images: torch.Tensor, labels: torch.Tensor, aug: Augmentation, *, batch_size: int, seed: int, epoch: int, device: torch.device):

@@ -37,40 +37,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from kdbench.config import LossConfig, TrialConfig
+from kdbench.config import TrialConfig
 from kdbench.data import PreparedData, prepare_data
-from kdbench.data.presets import AUGMENTATIONS, Augmentation
-from kdbench.engine.loop import SYNC_EVERY, EpochStats, epoch_batches, evaluate, make_optimizer, steps_per_epoch
-from kdbench.engine.runtime import autocast, memory_format, resolve_device
+from kdbench.data.presets import AUGMENTATIONS
+from kdbench.engine.loop import EpochStats, MemberLoss, evaluate, make_optimizer, train_members_epoch
+from kdbench.engine.runtime import memory_format, resolve_device
 from kdbench.engine.trial import METRICS_FILE, build_result, history_row, make_scheduler, teacher_source, write_json
-from kdbench.errors import NonFiniteError, UserError
+from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
-from kdbench.methods import Method, get_method
+from kdbench.methods import get_method
 from kdbench.models import atomic_torch_save, build_model, load_checkpoint_file, save_checkpoint
 from kdbench.packing import PackedMobileNetV2
 
 PACK_STATE_FILE = "pack.pt"
 PACK_STATE_FORMAT = "kdbench-pack-state-v1"
 PACK_MODEL = "mobilenet_v2"
-
-
-class MemberLoss(NamedTuple):
-    """Member ``i``'s loss: ``method.loss(out[i], teacher_logits, y, cfg)``; ``label`` names it in errors."""
-
-    label: str
-    method: Method
-    cfg: LossConfig
 
 
 def compatible_key(cfg: TrialConfig) -> tuple:
@@ -122,94 +112,13 @@ def init_pack(cfgs: Sequence[TrialConfig], num_classes: int) -> PackedMobileNetV
     return PackedMobileNetV2.from_members(members)
 
 
-def train_pack_epoch(
-    packed: nn.Module,
-    members: Sequence[MemberLoss],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    aug: Augmentation,
-    teacher,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    device: torch.device,
-    desc: str,
-    progress: bool,
-) -> list[EpochStats]:
+def train_pack_epoch(packed: nn.Module, members: Sequence[MemberLoss], *args, **kwargs) -> list[EpochStats]:
     """One epoch of :func:`~kdbench.engine.loop.train_one_epoch` for K members at once; one EpochStats per member.
 
-    The batches (order, views, crops) are train_one_epoch's for ``seed`` and ``epoch``;
-    the step minimises ``sum_i L_i``.  Each member's running sums stay on the device
-    and are read (a sync) after every step on the CPU, every ``SYNC_EVERY`` steps
-    on CUDA: a NaN/inf loss stops the epoch there with a NonFiniteError naming every
-    non-finite member.  Timings and images/s are the pack's: each image trains K members.
+    The batches (order, views, crops) are train_one_epoch's for ``seed`` and ``epoch``; the
+    step minimises ``sum_i L_i``.  Timings and images/s are the pack's: each image trains K members.
     """
-    packed.train()
-    n = len(images)
-    steps = steps_per_epoch(n, batch_size)
-    check_every = 1 if device.type == "cpu" else SYNC_EVERY
-    sums, layout, means, seen = None, [], [{} for _ in members], 0
-    start = time.perf_counter()
-    bar = tqdm(total=steps * min(batch_size, n), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
-    batches = epoch_batches(images, labels, aug, batch_size=batch_size, seed=seed, epoch=epoch, device=device)
-    for step, (positions, batch_views, x, y) in enumerate(batches):
-        with autocast(device):
-            logits = packed(x)
-        logits = logits.float()
-        teacher_logits = teacher(positions, batch_views, x) if teacher is not None else None
-        losses, scalars, layout = _member_losses(members, logits, teacher_logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()
-        optimizer.step()
-        scheduler.step()
-        b = len(positions)
-        seen += b
-        sums = scalars * b if sums is None else sums + scalars * b
-        if (step + 1) % check_every == 0 or step + 1 == steps:
-            means = _member_means(sums / seen, layout)
-            _check_finite(members, means, epoch, step)
-            bar.update(seen - bar.n)
-            bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}", k=len(members))
-    bar.close()
-    seconds = time.perf_counter() - start
-    return [
-        EpochStats(m.get("loss", 0.0), m.get("correct", 0.0), seen, seconds,
-                   {k[len("term_") :]: v for k, v in m.items() if k.startswith("term_")})  # fmt: skip
-        for m in means
-    ]
-
-
-def _member_losses(
-    members: Sequence[MemberLoss], logits: torch.Tensor, teacher_logits: torch.Tensor | None, y: torch.Tensor
-) -> tuple[list[torch.Tensor], torch.Tensor, list[list[str]]]:
-    """Each member's loss; its batch means (``loss``, ``correct`` fraction, ``term_*``) flat on the device, and their names."""
-    losses, scalars, layout = [], [], []
-    for i, m in enumerate(members):
-        loss, terms = m.method.loss(logits[i], teacher_logits if m.method.needs_teacher else None, y, m.cfg)
-        losses.append(loss)
-        present = {f"term_{k}": v.detach() for k, v in terms._asdict().items() if v is not None}
-        layout.append(["loss", "correct", *present])
-        scalars += [loss.detach(), (logits[i].argmax(1) == y).float().mean(), *present.values()]
-    return losses, torch.stack(scalars), layout
-
-
-def _member_means(flat: torch.Tensor, layout: list[list[str]]) -> list[dict[str, float]]:
-    """Split the flat means back per member (reading them waits for the device)."""
-    values = iter(flat.tolist())
-    return [{name: next(values) for name in names} for names in layout]
-
-
-def _check_finite(members: Sequence[MemberLoss], means: list[dict[str, float]], epoch: int, step: int) -> None:
-    """A NaN/inf in any step so far propagates into the member's mean loss."""
-    bad = [f"{i} {m.label} (mean loss {s['loss']})" for i, (m, s) in enumerate(zip(members, means)) if not math.isfinite(s["loss"])]
-    if bad:
-        raise NonFiniteError(
-            f"non-finite loss at epoch {epoch + 1}, step {step + 1} in packed member(s) {'; '.join(bad)}: "
-            "lower the learning rate or check the teacher and data"
-        )
+    return train_members_epoch(packed, members, *args, stacked=True, **kwargs)
 
 
 @dataclasses.dataclass
