@@ -148,6 +148,16 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got {recipe.schedule!r}")
 
 
+def check_loss(loss: LossConfig, where: str, hint: str = "") -> None:
+    """:func:`kdbench.losses.check_weights` on a config, as a one-line UserError: ``where`` + the problem + ``hint``."""
+    from kdbench.losses import check_weights
+
+    try:
+        check_weights(loss.alpha, loss.beta, loss.gamma, loss.temperature, loss.cosine_on)
+    except ValueError as err:
+        raise UserError(f"{where}{err}{hint}") from err
+
+
 def check_data(data: DataConfig, where: str) -> None:
     from kdbench.data.presets import AUGMENTATIONS
     from kdbench.data.specs import get_spec

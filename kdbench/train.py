@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_data, check_recipe
+from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_data, check_loss, check_recipe
 from kdbench.errors import UserError, cli_main
-from kdbench.losses import check_weights
 from kdbench.methods import METHODS, get_method
 
 
@@ -90,10 +89,7 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
     check_data(data, "data")
     check_recipe(recipe, "recipe")
     effective = method.effective_loss(loss)
-    try:
-        check_weights(effective.alpha, effective.beta, effective.gamma, effective.temperature, effective.cosine_on)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    check_loss(effective, "")
     return TrialConfig(method=method.name, data=data, recipe=recipe, loss=effective, seed=args.seed, teacher_checkpoint=args.teacher, device=args.device)
 
 

@@ -58,7 +58,8 @@ def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, down
     index = limit_per_class(index, cfg.images_per_class, cfg.split_seed)
     images, bad = load_images(folder, index.paths, cfg.resolution, skip_bad=cfg.skip_bad_images)
     if bad:
-        index = _without(index, {b["path"] for b in bad}, bad)
+        dropped = {b["path"] for b in bad}
+        index = index.subset([i for i, p in enumerate(index.paths) if p not in dropped], bad)
     split = stratified_split(
         index,
         val_fraction=spec.val_fraction if cfg.val_fraction is None else cfg.val_fraction,
@@ -66,14 +67,3 @@ def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, down
         seed=cfg.split_seed,
     )
     return PreparedData(folder=folder, index=index, split=split, images=images, labels=torch.tensor(index.labels))
-
-
-def _without(index: ImageIndex, drop: set[str], bad: list[dict]) -> ImageIndex:
-    keep = [i for i, p in enumerate(index.paths) if p not in drop]
-    return ImageIndex(
-        root=index.root,
-        classes=index.classes,
-        paths=[index.paths[i] for i in keep],
-        labels=[index.labels[i] for i in keep],
-        skipped=index.skipped + bad,
-    )

@@ -20,6 +20,16 @@ class ImageIndex:
     labels: list[int]
     skipped: list[dict] = field(default_factory=list)  # {"path": ..., "reason": ...}
 
+    def subset(self, keep: list[int], skipped: list[dict] = ()) -> ImageIndex:
+        """The images at positions ``keep`` (in that order), with ``skipped`` added to the record."""
+        return ImageIndex(
+            root=self.root,
+            classes=self.classes,
+            paths=[self.paths[i] for i in keep],
+            labels=[self.labels[i] for i in keep],
+            skipped=self.skipped + list(skipped),
+        )
+
 
 def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool = False) -> ImageIndex:
     """List the images of ``root/<class>/`` (sorted; hidden files are not part of a dataset).
@@ -77,14 +87,7 @@ def limit_per_class(index: ImageIndex, images_per_class: int | None, seed: int) 
         members = [i for i, y in enumerate(index.labels) if y == label]
         random.Random(f"subset:{seed}:{name}").shuffle(members)
         keep += sorted(members[:images_per_class])
-    keep.sort()
-    return ImageIndex(
-        root=index.root,
-        classes=index.classes,
-        paths=[index.paths[i] for i in keep],
-        labels=[index.labels[i] for i in keep],
-        skipped=index.skipped,
-    )
+    return index.subset(sorted(keep))
 
 
 def stratified_split(index: ImageIndex, *, val_fraction: float, test_fraction: float, seed: int) -> list[str]:

@@ -26,6 +26,11 @@ class Executor(Protocol):
     def run(self, trials: list[PlannedTrial], ctx: SweepContext, on_start: OnStart, on_outcome: OnOutcome) -> None: ...
 
 
+def failed_by_teacher(key: str, teacher: Outcome) -> Outcome:
+    """The outcome of a trial that cannot run because its teacher trial failed."""
+    return Outcome(key, "failed", error=f"teacher trial {teacher.key} failed: {teacher.error}")
+
+
 class Dependencies:
     """Which trials can start: teachers at once, students once their teacher (if it is in this run) is done."""
 
@@ -49,7 +54,7 @@ class Dependencies:
         if outcome.status == "done":
             self.ready += students
             return []
-        return [Outcome(s.key, "failed", error=f"teacher trial {outcome.key} failed: {outcome.error}") for s in students]
+        return [failed_by_teacher(s.key, outcome) for s in students]
 
 
 class LocalExecutor:

@@ -6,9 +6,9 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from kdbench.config import LossConfig, TrialConfig
+from kdbench.config import LossConfig, TrialConfig, check_loss
 from kdbench.errors import UserError
-from kdbench.losses import LOSS_VERSION, check_weights
+from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
 from kdbench.sweep.ablation import Ablation
 
@@ -61,7 +61,7 @@ def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
             axes = method.sweep_axes(base)
             for values in itertools.product(*(getattr(grid, AXES[a]) for a in axes)):
                 loss = method.effective_loss(dataclasses.replace(base, **dict(zip(axes, values))))
-                _check_loss(loss, method.name, dataset)
+                check_loss(loss, f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)")
                 cfg = TrialConfig(
                     method=method.name, data=data, recipe=ablation.student, loss=loss, seed=seed,
                     teacher_id=teacher_key if method.needs_teacher else None, device=ablation.run.device,
@@ -72,10 +72,3 @@ def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
     if not ordered:
         raise UserError("the ablation expands to no trials: add methods or datasets to [grid]")
     return ordered
-
-
-def _check_loss(loss: LossConfig, method: str, dataset: str) -> None:
-    try:
-        check_weights(loss.alpha, loss.beta, loss.gamma, loss.temperature, loss.cosine_on)
-    except ValueError as err:
-        raise UserError(f"{method} on {dataset}: {err} (check loss.alpha and the grid's weights)") from err

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from kdbench.data.locate import data_root
 from kdbench.errors import UserError, one_line
-from kdbench.sweep.executors import Dependencies, OnOutcome, OnStart
+from kdbench.sweep.executors import Dependencies, OnOutcome, OnStart, failed_by_teacher
 from kdbench.sweep.plan import PlannedTrial
 from kdbench.sweep.worker import Outcome, SweepContext, execute_trial
 
@@ -50,7 +50,7 @@ FORWARDED_ENV = ("KDBENCH_CACHE", "KDBENCH_NO_DOWNLOAD")  # the driver's values,
 def run_student(trial: PlannedTrial, ctx: SweepContext, teacher: Outcome) -> Outcome:
     """Train a student once its teacher's task is done; a failed teacher fails it without training."""
     if teacher.status != "done":
-        return Outcome(trial.key, "failed", error=f"teacher trial {teacher.key} failed: {teacher.error}")
+        return failed_by_teacher(trial.key, teacher)
     return execute_trial(trial, ctx)
 
 

@@ -50,8 +50,9 @@ def run_sweep(
     store = Store(out_dir / STORE_FILE)
     sweep_id = store.begin_sweep(ablation.name, str(ablation_path), raw, trials, environment(resolve_device(ablation.run.device)))
     by_key = {t.key: t for t in trials}
-    already = [t for t in trials if store.status(t.key) == "done"]
-    todo = [t for t in trials if store.status(t.key) != "done"]
+    done = {t.key for t in trials if store.status(t.key) == "done"}
+    already = [t for t in trials if t.key in done]
+    todo = [t for t in trials if t.key not in done]
     counts = {"total": len(trials), "done": 0, "failed": 0, "already": len(already)}
     bar = tqdm(total=len(trials), initial=len(already), desc=f"sweep {ablation.name}", unit="trial", dynamic_ncols=True)
 
