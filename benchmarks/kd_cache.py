@@ -33,9 +33,22 @@ def epoch_seconds(method_name: str, teacher, images, labels, args) -> float:
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     stats = train_one_epoch(
-        student, method, method.effective_loss(LossConfig()), optimizer, scheduler, images, labels, AUGMENTATIONS["d4"], teacher,
-        batch_size=args.batch_size, seed=0, epoch=0, device=torch.device("cpu"), desc=method_name, progress=False,
-    )  # fmt: skip
+        student,
+        method,
+        method.effective_loss(LossConfig()),
+        optimizer,
+        scheduler,
+        images,
+        labels,
+        AUGMENTATIONS["d4"],
+        teacher,
+        batch_size=args.batch_size,
+        seed=0,
+        epoch=0,
+        device=torch.device("cpu"),
+        desc=method_name,
+        progress=False,
+    )
     return stats.seconds
 
 
@@ -66,7 +79,10 @@ def main() -> None:
         ("KD (KL+Cos), online teacher", epoch_seconds("kd_kl_cos", online, images, labels, args)),
     ]
     base = rows[0][1]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} images at {args.resolution} px, batch {args.batch_size}, fp32")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} images at {args.resolution} px, "
+        f"batch {args.batch_size}, fp32"
+    )
     print(f"{'variant':<32} {'s/epoch':>8} {'img/s':>8} {'x baseline':>10}")
     n = (args.images // args.batch_size) * args.batch_size
     for name, seconds in rows:

@@ -22,25 +22,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from kdbench.config import LossConfig  # noqa: E402
-from kdbench.data.presets import AUGMENTATIONS, normalize  # noqa: E402
-from kdbench.engine.loop import train_one_epoch  # noqa: E402
-from kdbench.engine.packed import MemberLoss, train_pack_epoch  # noqa: E402
-from kdbench.engine.runtime import autocast, memory_format, resolve_device  # noqa: E402
-from kdbench.engine.teacher import CachedTeacher  # noqa: E402
-from kdbench.methods import get_method  # noqa: E402
-from kdbench.models import build_model  # noqa: E402
-from kdbench.packing import PackedMobileNetV2  # noqa: E402
+from kdbench.config import LossConfig
+from kdbench.data.presets import AUGMENTATIONS, normalize
+from kdbench.engine.loop import train_one_epoch
+from kdbench.engine.packed import MemberLoss, train_pack_epoch
+from kdbench.engine.runtime import autocast, memory_format, resolve_device
+from kdbench.engine.teacher import CachedTeacher
+from kdbench.methods import get_method
+from kdbench.models import build_model
+from kdbench.packing import PackedMobileNetV2
 
 AUG = AUGMENTATIONS["d4"]
 KD = get_method("kd_kl_cos")
@@ -151,8 +148,22 @@ def engine_epoch(bench: Bench, model, step_fn, losses) -> Callable[[int], None]:
 
     def run(steps: int) -> None:
         n = steps * bench.batch
-        step_fn(model, losses, optimizer, scheduler, bench.images[:n], bench.labels[:n], AUG, cache,
-                batch_size=bench.batch, seed=0, epoch=0, device=bench.device, desc="", progress=False)  # fmt: skip
+        step_fn(
+            model,
+            losses,
+            optimizer,
+            scheduler,
+            bench.images[:n],
+            bench.labels[:n],
+            AUG,
+            cache,
+            batch_size=bench.batch,
+            seed=0,
+            epoch=0,
+            device=bench.device,
+            desc="",
+            progress=False,
+        )
 
     return run
 
@@ -197,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     packs = [int(k) for k in args.packs.split(",") if k.strip()]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = "bf16 autocast + channels_last" if device.type == "cuda" else "fp32"
-    print(f"{device.type} ({name}); torch {torch.__version__}; {args.resolution} px, batch {args.batch_size}, "
-          f"{args.classes} classes, {precision}; {args.warmup} warm-up + {args.steps} timed steps per row")  # fmt: skip
+    print(
+        f"{device.type} ({name}); torch {torch.__version__}; {args.resolution} px, batch {args.batch_size}, "
+        f"{args.classes} classes, {precision}; {args.warmup} warm-up + {args.steps} timed steps per row"
+    )
     timers = {n: (1, t) for n, t in plain_rows(bench).items()} | kdbench_rows(bench, packs)
     rows = [measure(bench, row_name, k, timer) for row_name, (k, timer) in timers.items()]
     base = next(r for r in rows if r["name"].startswith("plain student"))["images_per_s"]

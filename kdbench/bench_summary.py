@@ -78,11 +78,13 @@ def speedups(table: pd.DataFrame, teacher: str = "vgg16", student: str = "mobile
     )
     if pairs.empty:
         raise UserError(f"the benchmark has no case that times both {teacher} and {student}: check the model names")
-    return pd.DataFrame({
-        **{key: pairs[key] for key in keys},
-        "teacher_ms": pairs["latency_median_ms_teacher"],
-        "student_ms": pairs["latency_median_ms_student"],
-        "teacher_images_per_s": pairs["images_per_s_teacher"],
-        "student_images_per_s": pairs["images_per_s_student"],
-        "speedup": pairs["latency_median_ms_teacher"] / pairs["latency_median_ms_student"],
-    })
+    return pd.DataFrame(
+        {
+            **{key: pairs[key] for key in keys},
+            "teacher_ms": pairs["latency_median_ms_teacher"],
+            "student_ms": pairs["latency_median_ms_student"],
+            "teacher_images_per_s": pairs["images_per_s_teacher"],
+            "student_images_per_s": pairs["images_per_s_student"],
+            "speedup": pairs["latency_median_ms_teacher"] / pairs["latency_median_ms_student"],
+        }
+    )

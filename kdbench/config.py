@@ -172,4 +172,6 @@ def check_data(data: DataConfig, where: str) -> None:
     for name in ("val_fraction", "test_fraction"):
         value = getattr(data, name)
         if value is not None and not 0 < value < 1:
-            raise UserError(f"{where}.{name} must be in (0, 1), got {value}: model selection needs a val split, results a test split")
+            raise UserError(
+                f"{where}.{name} must be in (0, 1), got {value}: model selection needs a val split, results a test split"
+            )

@@ -99,8 +99,7 @@ def loss_terms(
         raise ValueError(f"student logits must be [batch, classes], got shape {tuple(student_logits.shape)}")
     if targets.shape != student_logits.shape[:1]:
         raise ValueError(
-            f"targets shape {tuple(targets.shape)} does not match the batch of student logits "
-            f"{tuple(student_logits.shape)}"
+            f"targets shape {tuple(targets.shape)} does not match the batch of student logits {tuple(student_logits.shape)}"
         )
     needs_teacher = beta > 0 or gamma > 0
     if needs_teacher:

@@ -28,8 +28,7 @@ def available_models() -> list[str]:
 def check_model_name(name: str) -> None:
     if name not in available_models():
         raise UserError(
-            f"unknown model {name!r}: use a torchvision classification model name such as "
-            "vgg16, vgg16_bn, mobilenet_v2, resnet18"
+            f"unknown model {name!r}: use a torchvision classification model name such as vgg16, vgg16_bn, mobilenet_v2, resnet18"
         )
 
 
@@ -48,7 +47,9 @@ def _imagenet_state(name: str) -> dict[str, torch.Tensor]:
     try:
         weights = torchvision.models.get_model_weights(name).DEFAULT
     except (ValueError, AttributeError) as err:
-        raise UserError(f"torchvision has no ImageNet weights for {name!r}: use pretrained = \"none\" or a state-dict path") from err
+        raise UserError(
+            f'torchvision has no ImageNet weights for {name!r}: use pretrained = "none" or a state-dict path'
+        ) from err
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as err:  # network errors come in many types (URLError, OSError, HTTPError)
@@ -121,12 +122,16 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Rebuild a model from a kdbench checkpoint; returns ``(model, checkpoint)``."""
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a kdbench checkpoint (no '{CHECKPOINT_FORMAT}' header): pass best.pt or last.pt from a kdbench run")
+        raise UserError(
+            f"{path} is not a kdbench checkpoint (no '{CHECKPOINT_FORMAT}' header): pass best.pt or last.pt from a kdbench run"
+        )
     model = build_model(ckpt["model"], num_classes=len(ckpt["classes"]))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise UserError(f"{path}: weights do not fit {ckpt['model']} with {len(ckpt['classes'])} classes; the file is damaged") from err
+        raise UserError(
+            f"{path}: weights do not fit {ckpt['model']} with {len(ckpt['classes'])} classes; the file is damaged"
+        ) from err
     return model, ckpt
 
 

@@ -148,8 +148,7 @@ class PackedMobileNetV2(nn.Module):
             raise ValueError(f"k must be >= 1, got {k}")
         self.k, self.num_classes = k, num_classes
         members = [
-            torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width_mult, dropout=dropout)
-            for _ in range(k)
+            torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width_mult, dropout=dropout) for _ in range(k)
         ]
         states = [member.state_dict() for member in members]
         # members[0] serves as the layout template; its state was captured above.

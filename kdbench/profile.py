@@ -86,7 +86,7 @@ def complexity(model_name: str, num_classes: int, resolution: int) -> dict:
     return copy.deepcopy(_measure(model_name, num_classes, resolution))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measure(model_name: str, num_classes: int, resolution: int) -> dict:
     model = build_model(model_name, num_classes).eval()
     analysis = (
@@ -137,14 +137,16 @@ def format_table(teacher: dict, student: dict) -> str:
     """A plain-text table of both models, the compression ratios and the FLOP convention."""
     rows = [["role", "model", "params", "GFLOPs", "MB on disk", *(f"{t} GF" for t in LAYER_TYPES)]]
     for role, info in (("teacher", teacher), ("student", student)):
-        rows.append([
-            role,
-            info["model"],
-            f"{info['params_total']:,}",
-            f"{info['flops'] / 1e9:.4f}",
-            f"{info['checkpoint_bytes'] / 1e6:.1f}",
-            *(f"{info['flops_by_type'][t] / 1e9:.4f}" for t in LAYER_TYPES),
-        ])
+        rows.append(
+            [
+                role,
+                info["model"],
+                f"{info['params_total']:,}",
+                f"{info['flops'] / 1e9:.4f}",
+                f"{info['checkpoint_bytes'] / 1e6:.1f}",
+                *(f"{info['flops_by_type'][t] / 1e9:.4f}" for t in LAYER_TYPES),
+            ]
+        )
     ratios = compression(teacher, student)
     rows.append(["ratio", "teacher/student", *(f"{ratios[k]:.1f}x" for k in ("params", "flops", "bytes"))])
     lines = [
@@ -170,7 +172,11 @@ def num_classes_for(dataset: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kdbench.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="eurosat", help=f"sets the class count: {', '.join(f'{k} {v.num_classes}' for k, v in BUILTIN_DATASETS.items())}")
+    parser.add_argument(
+        "--dataset",
+        default="eurosat",
+        help=f"sets the class count: {', '.join(f'{k} {v.num_classes}' for k, v in BUILTIN_DATASETS.items())}",
+    )
     parser.add_argument("--num-classes", type=int, help="class count; overrides --dataset")
     parser.add_argument("--resolution", type=int, default=224, help="input side in pixels (default 224)")
     parser.add_argument("--teacher", default="vgg16", help="torchvision model name (default vgg16)")
@@ -188,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher = complexity(args.teacher, num_classes, args.resolution)
     student = complexity(args.student, num_classes, args.resolution)
     if args.json:
-        report = {"teacher": teacher, "student": student, "compression": compression(teacher, student), "flop_convention": FLOP_CONVENTION}
+        report = {
+            "teacher": teacher,
+            "student": student,
+            "compression": compression(teacher, student),
+            "flop_convention": FLOP_CONVENTION,
+        }
         print(json.dumps(report, indent=2))
     else:
         print(format_table(teacher, student))

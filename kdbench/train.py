@@ -18,7 +18,9 @@ from kdbench.methods import METHODS, get_method
 
 def build_parser() -> argparse.ArgumentParser:
     d, r, lo = DataConfig(), Recipe(), LossConfig()
-    p = argparse.ArgumentParser(prog="python -m kdbench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m kdbench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--method", choices=list(METHODS), help="default: teacher without --teacher, kd_kl_cos with it")
     p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (best.pt of a teacher run) for KD methods")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
@@ -90,7 +92,15 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
     check_recipe(recipe, "recipe")
     effective = method.effective_loss(loss)
     check_loss(effective, "")
-    return TrialConfig(method=method.name, data=data, recipe=recipe, loss=effective, seed=args.seed, teacher_checkpoint=args.teacher, device=args.device)
+    return TrialConfig(
+        method=method.name,
+        data=data,
+        recipe=recipe,
+        loss=effective,
+        seed=args.seed,
+        teacher_checkpoint=args.teacher,
+        device=args.device,
+    )
 
 
 @cli_main
@@ -99,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     from kdbench.engine.trial import run_trial  # torch-heavy import after the arguments are checked
 
-    result = run_trial(cfg, args.out, data_root=args.data_root, download=not args.no_download, progress=not args.quiet and sys.stderr.isatty())
+    result = run_trial(
+        cfg,
+        args.out,
+        data_root=args.data_root,
+        download=not args.no_download,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
     print(f"wrote {args.out}/metrics.json, best.pt, last.pt, manifest.csv (trial {result['key']})")
     return 0
 

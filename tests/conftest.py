@@ -52,11 +52,18 @@ def shared_data() -> Path:
     return root
 
 
-def run_cli(module: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would, returning the completed process."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -76,3 +83,18 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _SKIPPED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI every test must run: a skipped test (a missing extra, missing data) fails the run."""
+    if os.environ.get("CI") and _SKIPPED and exitstatus == 0:
+        print(f"\nCI: {len(_SKIPPED)} test(s) skipped, which CI does not allow: {', '.join(_SKIPPED[:5])}")
+        session.exitstatus = 1

@@ -4,10 +4,9 @@ import csv
 
 import pytest
 import torch
+from conftest import assert_one_line_error, call_main, make_image_folder, run_cli
 from PIL import Image
 
-from conftest import assert_one_line_error, call_main, make_image_folder, run_cli
-from kdbench.train import main as train_main
 from kdbench.config import DataConfig
 from kdbench.data import prepare_data
 from kdbench.data.decode import load_images
@@ -16,11 +15,12 @@ from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.presets import AUGMENTATIONS, apply_view, apply_views
 from kdbench.data.specs import get_spec
 from kdbench.errors import UserError
+from kdbench.train import main as train_main
 
 
 def test_data_root_order(monkeypatch, tmp_path):
     monkeypatch.setenv("KDBENCH_DATA", str(tmp_path))
-    assert data_root("/explicit") .as_posix() == "/explicit"
+    assert data_root("/explicit").as_posix() == "/explicit"
     assert data_root(None) == tmp_path
     monkeypatch.delenv("KDBENCH_DATA")
     assert data_root(None).as_posix() == "data"
@@ -28,7 +28,12 @@ def test_data_root_order(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     "name, layout, fmt",
-    [("eurosat", "eurosat", "jpg"), ("eurosat", "eurosat/2750", "jpg"), ("ucmerced", "ucmerced/UCMerced_LandUse/Images", "tif"), ("rsscn7", "rsscn7", "jpg")],
+    [
+        ("eurosat", "eurosat", "jpg"),
+        ("eurosat", "eurosat/2750", "jpg"),
+        ("ucmerced", "ucmerced/UCMerced_LandUse/Images", "tif"),
+        ("rsscn7", "rsscn7", "jpg"),
+    ],
 )
 def test_plain_and_official_archive_layouts(tmp_path, name, layout, fmt):
     make_image_folder(tmp_path / layout, classes=2, per_class=3, fmt=fmt)
@@ -113,7 +118,7 @@ def test_stray_files_and_empty_classes(image_folder):
 def test_manifest_written_with_every_image(image_folder, tmp_path):
     data = prepare_data(DataConfig(dataset=f"imagefolder:{image_folder}", resolution=16))
     data.write_manifest(tmp_path / "m.csv")
-    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    rows = list(csv.DictReader((tmp_path / "m.csv").read_text().splitlines()))
     assert len(rows) == 36 and {r["split"] for r in rows} == {"train", "val", "test"}
     assert rows[0]["path"].startswith("class0/") and rows[0]["class"] == "class0"
 
@@ -149,7 +154,21 @@ def test_train_cli_bad_data_is_one_line(tmp_path, capsys, setup, needles):
         (folder / "empty").mkdir()
     else:
         args = ["--images-per-class", "3", "--val-fraction", "0.5", "--test-fraction", "0.4"]
-    proc = call_main(train_main, ["--dataset", f"imagefolder:{folder}", "--model", "mobilenet_v2", "--out", str(tmp_path / "run"), "--epochs", "1", *args], capsys)
+    proc = call_main(
+        train_main,
+        [
+            "--dataset",
+            f"imagefolder:{folder}",
+            "--model",
+            "mobilenet_v2",
+            "--out",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            *args,
+        ],
+        capsys,
+    )
     assert_one_line_error(proc, *needles)
 
 

@@ -9,17 +9,47 @@ import json
 import sqlite3
 
 import pytest
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.integration
 
 
 def test_teacher_and_kd_student_train_on_eurosat(shared_data, tmp_path):
-    common = ["--dataset", "eurosat", "--data-root", str(shared_data), "--resolution", "32", "--images-per-class", "8", "--batch-size", "16"]
-    teacher = run_cli("kdbench.train", *common, "--model", "vgg16", "--epochs", "1", "--lr", "0.005", "--out", str(tmp_path / "teacher"))
+    common = [
+        "--dataset",
+        "eurosat",
+        "--data-root",
+        str(shared_data),
+        "--resolution",
+        "32",
+        "--images-per-class",
+        "8",
+        "--batch-size",
+        "16",
+    ]
+    teacher = run_cli(
+        "kdbench.train",
+        *common,
+        "--model",
+        "vgg16",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.005",
+        "--out",
+        str(tmp_path / "teacher"),
+    )
     assert teacher.returncode == 0, teacher.stderr
-    student = run_cli("kdbench.train", *common, "--teacher", str(tmp_path / "teacher" / "best.pt"), "--epochs", "2", "--out", str(tmp_path / "kd"))
+    student = run_cli(
+        "kdbench.train",
+        *common,
+        "--teacher",
+        str(tmp_path / "teacher" / "best.pt"),
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "kd"),
+    )
     assert student.returncode == 0, student.stderr
     result = json.loads((tmp_path / "kd" / "metrics.json").read_text())
     assert result["classes"][:2] == ["AnnualCrop", "Forest"] and len(result["classes"]) == 10
@@ -34,15 +64,29 @@ def test_teacher_and_kd_student_train_on_eurosat(shared_data, tmp_path):
 def test_sweep_over_the_three_datasets_with_report(shared_data, tmp_path):
     out = tmp_path / "sweep"
     proc = run_cli(
-        "kdbench.sweep", "--data-root", str(shared_data), "--out", str(out),
-        "--set", "data.images_per_class=6", "--set", "teacher.epochs=1", "--set", "student.epochs=1",
-        "--set", "teacher.model='vgg16'", "--set", "teacher.lr=0.005",
-    )  # fmt: skip
+        "kdbench.sweep",
+        "--data-root",
+        str(shared_data),
+        "--out",
+        str(out),
+        "--set",
+        "data.images_per_class=6",
+        "--set",
+        "teacher.epochs=1",
+        "--set",
+        "student.epochs=1",
+        "--set",
+        "teacher.model='vgg16'",
+        "--set",
+        "teacher.lr=0.005",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "trials: 15 total, 15 done, 0 failed, 0 already done"
     db = sqlite3.connect(out / "store.sqlite")
     rows = db.execute("SELECT dataset, method, status, completions, complexity FROM trials").fetchall()
-    assert {(r[0], r[1]) for r in rows} == {(d, m) for d in ("eurosat", "ucmerced", "rsscn7") for m in ("teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos")}
+    assert {(r[0], r[1]) for r in rows} == {
+        (d, m) for d in ("eurosat", "ucmerced", "rsscn7") for m in ("teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos")
+    }
     assert all(r[2] == "done" and r[3] == 1 for r in rows)
     complexity = {r[1]: json.loads(r[4]) for r in rows if r[0] == "ucmerced"}
     assert complexity["teacher"]["params_total"] == 134_346_581 and complexity["baseline"]["params_total"] == 2_250_773

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torchvision
-
 from conftest import make_image_folder
+
 from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.engine import packed as packed_engine
@@ -54,12 +54,12 @@ def setup(tmp_path_factory):
     return folder, str(root / "teacher" / "best.pt")
 
 
-def _cfg(folder, method, *, model="mobilenet_v2", epochs=2, loss=LossConfig(), teacher=None, seed=0) -> TrialConfig:
+def _cfg(folder, method, *, model="mobilenet_v2", epochs=2, loss=None, teacher=None, seed=0) -> TrialConfig:
     return TrialConfig(
         method=method,
         data=DataConfig(dataset=f"imagefolder:{folder}", resolution=16),
         recipe=Recipe(model=model, epochs=epochs, batch_size=32, lr=0.05),
-        loss=loss,
+        loss=loss or LossConfig(),
         seed=seed,
         teacher_checkpoint=teacher if get_method(method).needs_teacher else None,
         teacher_id=f"id of {teacher}" if get_method(method).needs_teacher else None,
@@ -128,7 +128,10 @@ def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup,
 
 def test_pack_with_a_baseline_resumes_after_interruption_exactly(setup, tmp_path):
     folder, teacher = setup
-    cfgs = [_cfg(folder, "baseline", teacher=teacher), _cfg(folder, "kd_kl_cos", loss=KD_LOSSES["kd_kl_cos"], teacher=teacher)]
+    cfgs = [
+        _cfg(folder, "baseline", teacher=teacher),
+        _cfg(folder, "kd_kl_cos", loss=KD_LOSSES["kd_kl_cos"], teacher=teacher),
+    ]
     full = run_packed_trials(cfgs, [tmp_path / "a" / c.method for c in cfgs], progress=False, log=QUIET)
 
     def crash_after_epoch_1(message):
@@ -165,8 +168,22 @@ def test_non_finite_member_loss_is_named(setup):
     images, labels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
     nan_teacher = lambda positions, views, x: torch.full((len(positions), 3), float("nan"))  # noqa: E731
     with pytest.raises(NonFiniteError, match=r"member\(s\) 1 kd_kl") as err:
-        train_pack_epoch(model, members, optimizer, scheduler, images, labels, AUGMENTATIONS["d4"], nan_teacher,
-                         batch_size=4, seed=0, epoch=0, device=torch.device("cpu"), desc="", progress=False)  # fmt: skip
+        train_pack_epoch(
+            model,
+            members,
+            optimizer,
+            scheduler,
+            images,
+            labels,
+            AUGMENTATIONS["d4"],
+            nan_teacher,
+            batch_size=4,
+            seed=0,
+            epoch=0,
+            device=torch.device("cpu"),
+            desc="",
+            progress=False,
+        )
     assert "baseline" not in str(err.value)
 
 

@@ -58,7 +58,14 @@ def test_fvcore_warnings_are_summarised_not_dumped(caplog):
 
 
 def test_flops_by_type_groups_operators():
-    by_operator = {"conv": 5, "addmm": 2, "linear": 1, "batch_norm": 3, "adaptive_avg_pool2d": 4, "upsample_nearest2d": 1}
+    by_operator = {
+        "conv": 5,
+        "addmm": 2,
+        "linear": 1,
+        "batch_norm": 3,
+        "adaptive_avg_pool2d": 4,
+        "upsample_nearest2d": 1,
+    }
     assert flops_by_type(by_operator) == {"conv": 5, "linear": 3, "batchnorm": 3, "other": 5}
 
 
@@ -109,7 +116,10 @@ def test_cli_errors_are_one_line(capsys, argv, message):
 def test_cli_subprocess_unknown_model():
     result = subprocess.run(
         [sys.executable, "-m", "kdbench.profile", "--teacher", "nosuchnet"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -123,11 +133,28 @@ def test_benchmark_json_reader_on_a_real_run(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [
-            sys.executable, "-m", "pytest", "tests/benchmarks/test_inference.py", "-q", "-p", "no:cacheprovider",
-            "--benchmark-enable", "--benchmark-only", f"--benchmark-json={out}", "-k", "batch1",
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/benchmarks/test_inference.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-enable",
+            "--benchmark-only",
+            f"--benchmark-json={out}",
+            "-k",
+            "batch1",
         ],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "KDBENCH_BENCH_RESOLUTIONS": "32", "OMP_NUM_THREADS": "1"},  # one thread: quick even on a busy machine
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **os.environ,
+            "KDBENCH_BENCH_RESOLUTIONS": "32",
+            "OMP_NUM_THREADS": "1",
+        },  # one thread: quick even on a busy machine
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     table = load_benchmark_json(out)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, make_image_folder, run_cli
 from test_sweep import store_rows, write_ablation
 
@@ -27,13 +26,21 @@ def ray_env() -> dict:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_IMPORT_WARNING": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_ADDRESS": "",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DISABLE_IMPORT_WARNING": "1",
+    }
 
 
 def start_sweep(env: dict, *args: str) -> subprocess.Popen:
     """``python -m kdbench.sweep`` in the background (its pid names the Ray session it starts)."""
     cmd = [sys.executable, "-m", "kdbench.sweep", "--no-report", "--threads", "1", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
@@ -59,7 +66,9 @@ def processes() -> list[tuple[int, str]]:
 
 
 def ray_processes_of(driver_pid: int) -> list[str]:
-    """Ray's own processes (GCS, raylet, ...) of the local instance a driver started: its session folder names the driver's pid."""
+    """Ray's own processes (GCS, raylet, ...) of the local instance a driver started.
+
+    Its session folder names the driver's pid."""
     return [f"{pid} {args[:120]}" for pid, args in processes() if "/session_" in args and f"_{driver_pid}/" in args]
 
 
@@ -75,9 +84,32 @@ def test_ray_sweep_matches_the_local_executor(tmp_path, ray_env):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
     ablation = write_ablation(tmp_path, folder)
     methods = "grid.methods=['teacher','baseline','kd_kl']"
-    local = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(tmp_path / "local"), "--no-report", "--threads", "1", "--set", methods)
+    local = run_cli(
+        "kdbench.sweep",
+        "--config",
+        str(ablation),
+        "--out",
+        str(tmp_path / "local"),
+        "--no-report",
+        "--threads",
+        "1",
+        "--set",
+        methods,
+    )
     assert local.returncode == 0, local.stderr
-    on_ray = start_sweep(ray_env, "--config", str(ablation), "--out", str(tmp_path / "ray"), "--set", methods, "--executor", "ray", "--workers", "2")
+    on_ray = start_sweep(
+        ray_env,
+        "--config",
+        str(ablation),
+        "--out",
+        str(tmp_path / "ray"),
+        "--set",
+        methods,
+        "--executor",
+        "ray",
+        "--workers",
+        "2",
+    )
     assert finish(on_ray).strip().splitlines()[-1] == "trials: 4 total, 4 done, 0 failed, 0 already done"
     rows = store_rows(tmp_path / "ray")
     assert len(rows) == 4 and all(r["status"] == "done" and r["completions"] == 1 for r in rows)
@@ -85,7 +117,7 @@ def test_ray_sweep_matches_the_local_executor(tmp_path, ray_env):
 
 
 def running_teacher_worker(out: Path):
-    """The pid of the Ray worker running the teacher trial once it is mid-trial (an epoch checkpointed, not finished), else None."""
+    """The pid of the Ray worker running the teacher trial once it is mid-trial (an epoch checkpointed), else None."""
     try:
         key = next(r["key"] for r in store_rows(out) if r["method"] == "teacher")
     except (sqlite3.Error, StopIteration):  # the store is not there yet

@@ -28,7 +28,12 @@ from kdbench.sweep.store import STORE_FILE, Store
 RAW = {
     "name": "synthetic",
     "description": "test store",
-    "grid": {"datasets": ["eurosat", "rsscn7"], "seeds": [0, 1, 2], "temperatures": [4.0, 2.0], "cos_weights": [1.0, 0.5]},
+    "grid": {
+        "datasets": ["eurosat", "rsscn7"],
+        "seeds": [0, 1, 2],
+        "temperatures": [4.0, 2.0],
+        "cos_weights": [1.0, 0.5],
+    },
     "data": {"resolution": 32, "images_per_class": 20},
     "teacher": {"epochs": 3},
     "student": {"epochs": 4},
@@ -38,8 +43,18 @@ CLASSES = {
     "rsscn7": ["Grass", "Field", "Industry", "RiverLake", "Forest", "Resident", "Parking"],
 }
 METHOD_ACCURACY = {"teacher": 0.90, "baseline": 0.80, "kd_kl": 0.84, "kd_cos": 0.82, "kd_kl_cos": 0.86}
-ENVIRONMENT = {"kdbench": "0.1.0", "git_commit": "abc1234", "python": "3.12", "torch": "2.9", "torchvision": "0.24",
-               "platform": "Linux", "cpu": "Test CPU", "cpu_count": 2, "torch_threads": 2, "device": "cpu"}  # fmt: skip
+ENVIRONMENT = {
+    "kdbench": "0.1.0",
+    "git_commit": "abc1234",
+    "python": "3.12",
+    "torch": "2.9",
+    "torchvision": "0.24",
+    "platform": "Linux",
+    "cpu": "Test CPU",
+    "cpu_count": 2,
+    "torch_threads": 2,
+    "device": "cpu",
+}
 FAILED_ERROR = "RuntimeError: out of memory"
 
 
@@ -56,8 +71,16 @@ def metrics(acc: float, classes: list[str]) -> dict:
     k = len(classes)
     diag = round(20 * acc)
     cm = [[diag if i == j else (20 - diag if j == (i + 1) % k else 0) for j in range(k)] for i in range(k)]
-    return {"accuracy": acc, "macro_precision": acc - 0.01, "macro_recall": acc - 0.02, "macro_f1": acc - 0.015,
-            "per_class_accuracy": {c: diag / 20 for c in classes}, "confusion_matrix": cm, "n": 20 * k, "loss": 1 - acc}  # fmt: skip
+    return {
+        "accuracy": acc,
+        "macro_precision": acc - 0.01,
+        "macro_recall": acc - 0.02,
+        "macro_f1": acc - 0.015,
+        "per_class_accuracy": dict.fromkeys(classes, diag / 20),
+        "confusion_matrix": cm,
+        "n": 20 * k,
+        "loss": 1 - acc,
+    }
 
 
 def result(trial) -> dict:
@@ -65,23 +88,53 @@ def result(trial) -> dict:
     c = trial.config
     classes, best = CLASSES[c.data.dataset], accuracy(trial)
     epochs = c.recipe.epochs
-    history = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": best * e / epochs, "val_loss": 1 / e, "val_accuracy": best * e / epochs,
-                "lr": 0.01, "images_per_s": 100.0, "seconds": 1.0} for e in range(1, epochs + 1)]  # fmt: skip
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "train_accuracy": best * e / epochs,
+            "val_loss": 1 / e,
+            "val_accuracy": best * e / epochs,
+            "lr": 0.01,
+            "images_per_s": 100.0,
+            "seconds": 1.0,
+        }
+        for e in range(1, epochs + 1)
+    ]
     return {
-        "key": trial.key, "config": c.identity(), "classes": classes,
-        "data": {"folder": "/data", "train": 14 * len(classes), "val": 2 * len(classes), "test": 4 * len(classes), "skipped": []},
-        "teacher": None, "best": {"epoch": epochs - 1, "val": metrics(best, classes), "test": metrics(best, classes)},
+        "key": trial.key,
+        "config": c.identity(),
+        "classes": classes,
+        "data": {
+            "folder": "/data",
+            "train": 14 * len(classes),
+            "val": 2 * len(classes),
+            "test": 4 * len(classes),
+            "skipped": [],
+        },
+        "teacher": None,
+        "best": {"epoch": epochs - 1, "val": metrics(best, classes), "test": metrics(best, classes)},
         "last": {"epoch": epochs, "val": metrics(best - 0.02, classes), "test": metrics(best - 0.02, classes)},
-        "history": history, "timings": {"total_s": 5.0, "train_s": 4.0, "train_images_per_s": 100.0}, "environment": ENVIRONMENT,
-    }  # fmt: skip
+        "history": history,
+        "timings": {"total_s": 5.0, "train_s": 4.0, "train_images_per_s": 100.0},
+        "environment": ENVIRONMENT,
+    }
 
 
 def complexity(trial) -> dict:
     c = trial.config
     teacher = c.recipe.model == "vgg16"
-    return {"model": c.recipe.model, "num_classes": len(CLASSES[c.data.dataset]), "resolution": c.data.resolution,
-            "params_total": 134_000_000 if teacher else 2_200_000, "params_trainable": 0, "flops": 313_000_000 if teacher else 6_400_000,
-            "flops_by_type": {}, "checkpoint_bytes": 537_000_000 if teacher else 9_000_000, "unsupported_ops": {}}  # fmt: skip
+    return {
+        "model": c.recipe.model,
+        "num_classes": len(CLASSES[c.data.dataset]),
+        "resolution": c.data.resolution,
+        "params_total": 134_000_000 if teacher else 2_200_000,
+        "params_trainable": 0,
+        "flops": 313_000_000 if teacher else 6_400_000,
+        "flops_by_type": {},
+        "checkpoint_bytes": 537_000_000 if teacher else 9_000_000,
+        "unsupported_ops": {},
+    }
 
 
 def bench_json() -> dict:
@@ -90,9 +143,20 @@ def bench_json() -> dict:
     for model, base in (("vgg16", 0.040), ("mobilenet_v2", 0.004)):
         for batch in (1, 32):
             median = base * (1 if batch == 1 else 12)
-            stats = {"min": 0.9 * median, "max": 1.3 * median, "mean": 1.02 * median, "stddev": median / 20, "median": median,
-                     "q1": 0.95 * median, "q3": 1.05 * median, "iqr": median / 10, "rounds": 10, "iterations": 1,
-                     "ops": 1 / median, "total": 10 * median}  # fmt: skip
+            stats = {
+                "min": 0.9 * median,
+                "max": 1.3 * median,
+                "mean": 1.02 * median,
+                "stddev": median / 20,
+                "median": median,
+                "q1": 0.95 * median,
+                "q3": 1.05 * median,
+                "iqr": median / 10,
+                "rounds": 10,
+                "iterations": 1,
+                "ops": 1 / median,
+                "total": 10 * median,
+            }
             info = {"model": model, "batch": batch, "resolution": 64, "runtime": "torch", "threads": 2}
             entries.append({"name": f"test_torch_inference[{model}-batch{batch}]", "extra_info": info, "stats": stats})
     return {"benchmarks": entries}
@@ -139,9 +203,16 @@ def csv(report: Path, name: str) -> pd.DataFrame:
 
 def default_accuracies(trials, dataset: str, method: str) -> dict[int, float]:
     """seed -> best test accuracy (%) of the default-setting done trials, computed from the synthetic data."""
-    return {t.config.seed: 100 * accuracy(t) for t in trials if t.config.data.dataset == dataset and t.config.method == method
-            and is_run(t) and not is_failed(t) and t.config.loss.temperature in (1.0, 4.0)
-            and t.config.loss.gamma in (0.0, 1.0)}  # fmt: skip
+    return {
+        t.config.seed: 100 * accuracy(t)
+        for t in trials
+        if t.config.data.dataset == dataset
+        and t.config.method == method
+        and is_run(t)
+        and not is_failed(t)
+        and t.config.loss.temperature in (1.0, 4.0)
+        and t.config.loss.gamma in (0.0, 1.0)
+    }
 
 
 def test_t_quantiles_match_tables():
@@ -181,8 +252,14 @@ def test_accuracy_table_matches_store(report, trials):
 def test_temperature_table_matches_store(report, trials):
     table = csv(report, "temperature").set_index(["dataset", "method", "temperature"])
     for temperature in (2.0, 4.0):
-        values = [100 * accuracy(t) for t in trials if t.config.data.dataset == "eurosat" and t.config.method == "kd_kl_cos"
-                  and t.config.loss.temperature == temperature and t.config.loss.gamma == 1.0]  # fmt: skip
+        values = [
+            100 * accuracy(t)
+            for t in trials
+            if t.config.data.dataset == "eurosat"
+            and t.config.method == "kd_kl_cos"
+            and t.config.loss.temperature == temperature
+            and t.config.loss.gamma == 1.0
+        ]
         row = table.loc[("eurosat", "kd_kl_cos", temperature)]
         assert (row["n"], row["mean"]) == (3, pytest.approx(sum(values) / 3, abs=0.006))
     assert table.loc[("rsscn7", "kd_kl", 2.0), "n"] == 1
@@ -196,7 +273,10 @@ def test_paired_interval_by_hand(report, trials):
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
     half = 4.302652729911275 * sd / math.sqrt(3)
     row = csv(report, "accuracy").set_index(["dataset", "method"]).loc[("eurosat", "kd_kl")]
-    assert (row["diff_low"], row["diff_high"]) == (pytest.approx(mean - half, abs=0.006), pytest.approx(mean + half, abs=0.006))
+    assert (row["diff_low"], row["diff_high"]) == (
+        pytest.approx(mean - half, abs=0.006),
+        pytest.approx(mean + half, abs=0.006),
+    )
     d = paired_difference(kd, base)
     assert (d.low, d.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
     assert summarize([1.0]).n == 1 and math.isnan(summarize([1.0]).std)
@@ -223,7 +303,11 @@ def test_markdown_marks_failures_missing_and_notes(report, trials):
 def test_best_student_is_marked(report, trials):
     table = csv(report, "accuracy")
     for dataset in ("eurosat", "rsscn7"):
-        means = {m: sum(v.values()) / len(v) for m in METHOD_ACCURACY if m != "teacher" and (v := default_accuracies(trials, dataset, m))}
+        means = {
+            m: sum(v.values()) / len(v)
+            for m in METHOD_ACCURACY
+            if m != "teacher" and (v := default_accuracies(trials, dataset, m))
+        }
         best = max(means, key=means.get)
         assert table.loc[table["best_student"] & (table["dataset"] == dataset), "method"].tolist() == [best]
     assert "KD (KL+Cos) ★" in (report / "report.md").read_text()
@@ -256,7 +340,15 @@ def test_files_and_pdf(report):
     assert tables == {"accuracy", "complexity", "latency", "temperature", "loss_weights", "incomplete", "trials"}
     figures = {p.stem for p in (report / "figures").glob("*.png")}
     assert {p.stem for p in (report / "figures").glob("*.svg")} == figures
-    expected = {"accuracy", "accuracy_vs_cost", "temperature", "loss_weights", "training_curves", "confusion_eurosat", "confusion_rsscn7"}
+    expected = {
+        "accuracy",
+        "accuracy_vs_cost",
+        "temperature",
+        "loss_weights",
+        "training_curves",
+        "confusion_eurosat",
+        "confusion_rsscn7",
+    }
     assert figures == expected
 
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, assert_one_line_error, call_main, make_image_folder, run_cli
+
 from kdbench.sweep.__main__ import main as sweep_main
 from kdbench.sweep.ablation import apply_overrides, parse_ablation
 from kdbench.sweep.plan import plan_trials
@@ -42,7 +42,9 @@ device = "cpu"
 
 def write_ablation(tmp_path: Path, folder: Path, teacher_epochs=1, student_epochs=1, teacher_lr=0.05) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.format(folder=folder, teacher_epochs=teacher_epochs, student_epochs=student_epochs, teacher_lr=teacher_lr))
+    path.write_text(
+        TINY.format(folder=folder, teacher_epochs=teacher_epochs, student_epochs=student_epochs, teacher_lr=teacher_lr)
+    )
     return path
 
 
@@ -59,7 +61,13 @@ def base_raw(**grid) -> dict:
 
 
 def test_plan_varies_each_method_only_along_its_axes_and_orders_teachers_first():
-    raw = base_raw(methods=["baseline", "kd_kl", "kd_cos", "kd_kl_cos", "teacher"], temperatures=[1.0, 4.0], kl_weights=[0.5, 1.0], cos_weights=[1.0], seeds=[0, 1])
+    raw = base_raw(
+        methods=["baseline", "kd_kl", "kd_cos", "kd_kl_cos", "teacher"],
+        temperatures=[1.0, 4.0],
+        kl_weights=[0.5, 1.0],
+        cos_weights=[1.0],
+        seeds=[0, 1],
+    )
     trials = plan_trials(parse_ablation(raw, "t"))
     count = {m: sum(t.config.method == m for t in trials) for m in ("teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos")}
     assert count == {"teacher": 2, "baseline": 2, "kd_kl": 8, "kd_cos": 2, "kd_kl_cos": 8}
@@ -81,7 +89,11 @@ def test_keys_are_stable_and_change_only_with_what_affects_a_result():
 
 def test_overrides_set_nested_typed_values():
     raw = apply_overrides({"grid": {}}, ["grid.seeds=[0,1,2]", "teacher.epochs=2", "teacher.model=vgg16_bn", "data.augment=none"])
-    assert raw == {"grid": {"seeds": [0, 1, 2]}, "teacher": {"epochs": 2, "model": "vgg16_bn"}, "data": {"augment": "none"}}
+    assert raw == {
+        "grid": {"seeds": [0, 1, 2]},
+        "teacher": {"epochs": 2, "model": "vgg16_bn"},
+        "data": {"augment": "none"},
+    }
 
 
 @pytest.mark.parametrize(
@@ -143,7 +155,9 @@ def test_sweep_runs_records_and_skips_finished_trials(tmp_path):
 def test_failed_teacher_fails_its_students_and_the_exit_status(tmp_path):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
     ablation, out = write_ablation(tmp_path, folder, teacher_lr=1e12), tmp_path / "out"
-    proc = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report", "--set", "teacher.warmup_epochs=0")
+    proc = run_cli(
+        "kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report", "--set", "teacher.warmup_epochs=0"
+    )
     assert proc.returncode == 1
     assert proc.stdout.strip().splitlines()[-1] == "trials: 6 total, 1 done, 5 failed, 0 already done"
     rows = {r["method"] + str(i): r for i, r in enumerate(store_rows(out))}
@@ -187,7 +201,9 @@ def test_two_sweeps_on_one_store_stay_consistent(tmp_path):
     ablation, out = write_ablation(tmp_path, folder), tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report"]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     rows = store_rows(out)
@@ -197,10 +213,37 @@ def test_two_sweeps_on_one_store_stay_consistent(tmp_path):
 def test_process_pool_workers_give_the_same_results(tmp_path):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
     ablation = write_ablation(tmp_path, folder)
-    serial = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(tmp_path / "a"), "--no-report", "--threads", "1", "--set", "grid.methods=['teacher','kd_kl']")
-    pooled = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(tmp_path / "b"), "--no-report", "--workers", "2", "--threads", "1", "--set", "grid.methods=['teacher','kd_kl']")
+    serial = run_cli(
+        "kdbench.sweep",
+        "--config",
+        str(ablation),
+        "--out",
+        str(tmp_path / "a"),
+        "--no-report",
+        "--threads",
+        "1",
+        "--set",
+        "grid.methods=['teacher','kd_kl']",
+    )
+    pooled = run_cli(
+        "kdbench.sweep",
+        "--config",
+        str(ablation),
+        "--out",
+        str(tmp_path / "b"),
+        "--no-report",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        "--set",
+        "grid.methods=['teacher','kd_kl']",
+    )
     assert serial.returncode == 0 and pooled.returncode == 0, pooled.stderr
-    acc = lambda out: {r[0]: r[1] for r in sqlite3.connect(out / "store.sqlite").execute("SELECT key, best_test_accuracy FROM trials")}  # noqa: E731
+
+    def acc(out):
+        return dict(sqlite3.connect(out / "store.sqlite").execute("SELECT key, best_test_accuracy FROM trials"))
+
     assert acc(tmp_path / "a") == acc(tmp_path / "b")
 
 

@@ -64,7 +64,9 @@ def load_images(root: Path, rel_paths: list[str], resolution: int, *, skip_bad: 
             known = {p: i for i, p in enumerate(cached["paths"])}
     bad_paths = {b["path"] for b in bad}
     order = torch.tensor([known[p] for p in rel_paths if p not in bad_paths], dtype=torch.long)
-    images = cached["images"].index_select(0, order) if len(order) else torch.empty(0, 3, resolution, resolution, dtype=torch.uint8)
+    images = (
+        cached["images"].index_select(0, order) if len(order) else torch.empty(0, 3, resolution, resolution, dtype=torch.uint8)
+    )
     return images, bad
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from kdbench.data.specs import IMAGE_SUFFIXES
 from kdbench.errors import UserError
 
+
 @dataclass
 class ImageIndex:
     """Images of a dataset folder: relative paths, class indices, and what was left out and why."""

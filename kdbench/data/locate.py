@@ -29,7 +29,9 @@ def locate_dataset(spec: DatasetSpec, root: Path, *, download: bool = True) -> P
     """
     if spec.path is not None:
         if not _has_class_folders(spec.path):
-            raise UserError(f"{spec.path} has no class folders with images: an imagefolder dataset needs <path>/<class>/<image> files")
+            raise UserError(
+                f"{spec.path} has no class folders with images: an imagefolder dataset needs <path>/<class>/<image> files"
+            )
         return spec.path
     candidates = _candidates(spec, root)
     for folder in candidates:

@@ -89,7 +89,12 @@ def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator: 
         top = int(torch.randint(h - side + 1, (1,), generator=generator))
         left = int(torch.randint(w - side + 1, (1,), generator=generator))
         crop = x[i : i + 1, :, top : top + side, left : left + side].float()
-        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", antialias=True, align_corners=False).round().clamp(0, 255).to(x.dtype)[0]
+        out[i] = (
+            F.interpolate(crop, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+            .round()
+            .clamp(0, 255)
+            .to(x.dtype)[0]
+        )
     return out
 
 

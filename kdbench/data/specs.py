@@ -73,7 +73,7 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 def get_spec(dataset: str) -> DatasetSpec:
     """The spec for a built-in name or ``imagefolder:<path>``; one-line error otherwise."""
     if dataset.startswith(IMAGEFOLDER_PREFIX):
-        path = Path(dataset[len(IMAGEFOLDER_PREFIX):]).expanduser()
+        path = Path(dataset[len(IMAGEFOLDER_PREFIX) :]).expanduser()
         if not str(path):
             raise UserError("imagefolder: needs a path, e.g. imagefolder:/data/AID")
         return DatasetSpec(name=dataset, num_classes=None, title=f"ImageFolder {path}", path=path)

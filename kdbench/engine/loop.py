@@ -148,13 +148,22 @@ def train_members_epoch(
             means = _member_means(sums / seen, layout)
             _check_finite(members, means, epoch, step)
             bar.update(seen - bar.n)
-            postfix = {"loss": f"{means[0]['loss']:.3f}", "acc": f"{means[0]['correct']:.3f}"} if len(members) == 1 else {"k": len(members)}
+            postfix = (
+                {"loss": f"{means[0]['loss']:.3f}", "acc": f"{means[0]['correct']:.3f}"}
+                if len(members) == 1
+                else {"k": len(members)}
+            )
             bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}", **postfix)
     bar.close()
     seconds = time.perf_counter() - start
     return [
-        EpochStats(m.get("loss", 0.0), m.get("correct", 0.0), seen, seconds,
-                   {k[len("term_") :]: v for k, v in m.items() if k.startswith("term_")})  # fmt: skip
+        EpochStats(
+            m.get("loss", 0.0),
+            m.get("correct", 0.0),
+            seen,
+            seconds,
+            {k[len("term_") :]: v for k, v in m.items() if k.startswith("term_")},
+        )
         for m in means
     ]
 
@@ -181,7 +190,9 @@ def _member_means(flat: torch.Tensor, layout: list[list[str]]) -> list[dict[str,
 
 def _check_finite(members: Sequence[MemberLoss], means: list[dict[str, float]], epoch: int, step: int) -> None:
     """A NaN/inf in any step so far propagates into the member's mean loss."""
-    bad = [f"{i} {m.label} (mean loss {s['loss']})" for i, (m, s) in enumerate(zip(members, means)) if not math.isfinite(s["loss"])]
+    bad = [
+        f"{i} {m.label} (mean loss {s['loss']})" for i, (m, s) in enumerate(zip(members, means)) if not math.isfinite(s["loss"])
+    ]
     if bad:
         where = f" in packed member(s) {'; '.join(bad)}" if len(members) > 1 else ""
         raise NonFiniteError(
@@ -189,7 +200,16 @@ def _check_finite(members: Sequence[MemberLoss], means: list[dict[str, float]], 
         )
 
 
-def epoch_batches(images: torch.Tensor, labels: torch.Tensor, aug: Augmentation, *, batch_size: int, seed: int, epoch: int, device: torch.device):
+def epoch_batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    aug: Augmentation,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    device: torch.device,
+):
     """Yield ``(positions, views, inputs, targets)`` for each step of an epoch.
 
     The order, the views, the crops and the dropout masks all follow from
@@ -211,7 +231,15 @@ def epoch_batches(images: torch.Tensor, labels: torch.Tensor, aug: Augmentation,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: list[str], *, batch_size: int, device: torch.device) -> dict:
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    *,
+    batch_size: int,
+    device: torch.device,
+) -> dict:
     """Metrics of ``model`` on un-augmented ``images`` plus the mean cross-entropy (``loss``)."""
     model.eval()
     predictions, loss_sum = [], 0.0

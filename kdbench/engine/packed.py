@@ -39,9 +39,8 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -203,10 +202,21 @@ def _train(
     state_path = members[0].out / PACK_STATE_FILE
     for epoch in range(_resume(state_path, members, packed, optimizer, scheduler, log), recipe.epochs):
         stats = train_pack_epoch(
-            packed, [m.loss for m in members], optimizer, scheduler, train_images, train_labels, AUGMENTATIONS[first.data.augment],
-            teacher, batch_size=recipe.batch_size, seed=first.seed, epoch=epoch, device=device,
-            desc=f"pack of {k} {first.data.dataset} epoch {epoch + 1}/{recipe.epochs}", progress=progress,
-        )  # fmt: skip
+            packed,
+            [m.loss for m in members],
+            optimizer,
+            scheduler,
+            train_images,
+            train_labels,
+            AUGMENTATIONS[first.data.augment],
+            teacher,
+            batch_size=recipe.batch_size,
+            seed=first.seed,
+            epoch=epoch,
+            device=device,
+            desc=f"pack of {k} {first.data.dataset} epoch {epoch + 1}/{recipe.epochs}",
+            progress=progress,
+        )
         _load_members(packed, members)
         for m, s in zip(members, stats):
             _record_epoch(m, epoch + 1, s, optimizer.param_groups[0]["lr"], splits, recipe.eval_batch_size)
@@ -247,7 +257,18 @@ def _load_members(packed: PackedMobileNetV2, members: Sequence[_Member]) -> None
 def _member_result(m: _Member, splits: _Splits, teacher_info: dict | None, t0: float) -> dict:
     """run_trial's result for member ``m`` (its model holds the last weights); ``total_s`` is the whole pack's wall time."""
     sets = {s: splits[s] for s in ("val", "test")}
-    return build_result(m.cfg, splits.data, teacher_info, m.model, m.out / "best.pt", m.best["epoch"], m.history, sets, t0, splits.device)
+    return build_result(
+        m.cfg,
+        splits.data,
+        teacher_info,
+        m.model,
+        m.out / "best.pt",
+        m.best["epoch"],
+        m.history,
+        sets,
+        t0,
+        splits.device,
+    )
 
 
 def _resume(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer, scheduler, log) -> int:

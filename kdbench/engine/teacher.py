@@ -59,7 +59,14 @@ def check_finite_teacher(logits: torch.Tensor, source: str) -> None:
         )
 
 
-def cache_path(teacher_checkpoint: Path, teacher_id: str, train_paths: list[str], resolution: int, aug: Augmentation, device: torch.device) -> Path:
+def cache_path(
+    teacher_checkpoint: Path,
+    teacher_id: str,
+    train_paths: list[str],
+    resolution: int,
+    aug: Augmentation,
+    device: torch.device,
+) -> Path:
     """Where the cache for this teacher, training set, resolution and view group lives."""
     ident = json.dumps([teacher_id, train_paths, resolution, aug.views, device.type], sort_keys=True)
     return teacher_checkpoint.parent / f"logits-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.pt"

@@ -19,8 +19,8 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -83,10 +83,22 @@ def run_trial(
     sets = {s: (images[i.to(device)], labels[i.to(device)]) for s, i in (("val", val_idx), ("test", test_idx))}
     for epoch in range(state["epoch"], recipe.epochs):
         stats = train_one_epoch(
-            model, method, loss_cfg, optimizer, scheduler, train_images, train_labels, aug, teacher,
-            batch_size=recipe.batch_size, seed=cfg.seed, epoch=epoch, device=device,
-            desc=f"{cfg.method} {cfg.data.dataset} epoch {epoch + 1}/{recipe.epochs}", progress=progress,
-        )  # fmt: skip
+            model,
+            method,
+            loss_cfg,
+            optimizer,
+            scheduler,
+            train_images,
+            train_labels,
+            aug,
+            teacher,
+            batch_size=recipe.batch_size,
+            seed=cfg.seed,
+            epoch=epoch,
+            device=device,
+            desc=f"{cfg.method} {cfg.data.dataset} epoch {epoch + 1}/{recipe.epochs}",
+            progress=progress,
+        )
         val = evaluate(model, *sets["val"], data.classes, batch_size=recipe.eval_batch_size, device=device)
         history.append(history_row(epoch + 1, stats, val, optimizer.param_groups[0]["lr"]))
         log(
@@ -95,8 +107,16 @@ def run_trial(
         )
         if best is None or val["accuracy"] > best["val_accuracy"]:
             best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"]}
-            save_checkpoint(out / "best.pt", model, model_name=recipe.model, classes=data.classes, extra={"trial": identity, "epoch": epoch + 1})
-        _save_resume_state(out / "last.pt", model, optimizer, scheduler, recipe.model, data.classes, identity, epoch + 1, history, best)
+            save_checkpoint(
+                out / "best.pt",
+                model,
+                model_name=recipe.model,
+                classes=data.classes,
+                extra={"trial": identity, "epoch": epoch + 1},
+            )
+        _save_resume_state(
+            out / "last.pt", model, optimizer, scheduler, recipe.model, data.classes, identity, epoch + 1, history, best
+        )
 
     result = build_result(cfg, data, teacher_info, model, out / "best.pt", best["epoch"], history, sets, t0, device)
     write_json(out / METRICS_FILE, result)
@@ -189,7 +209,11 @@ def teacher_source(cfg: TrialConfig, needed: bool, data: PreparedData, train_ima
     info = {"checkpoint": str(path), "model": ckpt["model"], "id": cfg.teacher_id or file_digest(path)}
     if not aug.cacheable:
         log(f"augmentation {aug.name} is not a finite view group: running the teacher online")
-        return OnlineTeacher(model, str(path)), {**info, "mode": "online", "why": f"augmentation {aug.name} is continuous"}
+        return OnlineTeacher(model, str(path)), {
+            **info,
+            "mode": "online",
+            "why": f"augmentation {aug.name} is continuous",
+        }
     cache = cache_path(path, info["id"], [data.index.paths[i] for i in data.indices("train")], cfg.data.resolution, aug, device)
     t0 = time.perf_counter()
     teacher: CachedTeacher = cached_teacher(

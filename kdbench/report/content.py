@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from kdbench.config import Recipe
@@ -50,28 +50,48 @@ def draw_figures(data: ReportData, tables: dict[str, Table], folder: Path) -> di
     else:
         latency_text = f" (no {BENCH_FILE}: no latency panel)"
     specs = [
-        ("accuracy", lambda: figures.accuracy_figure(data),
-         "Test accuracy (best-val checkpoint) per method and dataset, default settings: bars are means, error bars ±1 standard "
-         f"deviation across seeds (none with one seed), dots single seeds ({len(data.seeds)} planned). Dashed line: {PAPER_LABEL}, "
-         "for reference only."),
-        ("accuracy_vs_cost", lambda: figures.cost_figure(data, latency),
-         f"Mean test accuracy (±1 std across seeds) against the model's GFLOPs per image at the trained resolution{latency_text}. "
-         "Squares: teacher; circles: students, spread slightly sideways because they share one architecture."),
-        ("temperature", lambda: figures.temperature_figure(data) if "temperature" in tables else None,
-         "Test accuracy against the distillation temperature T: lines are means, bands ±1 std across seeds; dashed lines: "
-         "methods that do not depend on T (default settings)."),
-        ("loss_weights", lambda: figures.weights_figure(data) if "loss_weights" in tables else None,
-         "Mean test accuracy (%) over the KL weight β and the cosine weight γ, at the default temperature."),
-        ("training_curves", lambda: figures.curves_figure(data),
-         "Validation accuracy per epoch of the teacher and each student (default settings): lines are means, bands ±1 std "
-         "across seeds."),
-    ]  # fmt: skip
+        (
+            "accuracy",
+            lambda: figures.accuracy_figure(data),
+            "Test accuracy (best-val checkpoint) per method and dataset, default settings: bars are means, "
+            "error bars ±1 standard deviation across seeds (none with one seed), "
+            f"dots single seeds ({len(data.seeds)} planned). Dashed line: {PAPER_LABEL}, "
+            "for reference only.",
+        ),
+        (
+            "accuracy_vs_cost",
+            lambda: figures.cost_figure(data, latency),
+            "Mean test accuracy (±1 std across seeds) against the model's GFLOPs per image "
+            f"at the trained resolution{latency_text}. "
+            "Squares: teacher; circles: students, spread slightly sideways because they share one architecture.",
+        ),
+        (
+            "temperature",
+            lambda: figures.temperature_figure(data) if "temperature" in tables else None,
+            "Test accuracy against the distillation temperature T: lines are means, bands ±1 std across seeds; dashed lines: "
+            "methods that do not depend on T (default settings).",
+        ),
+        (
+            "loss_weights",
+            lambda: figures.weights_figure(data) if "loss_weights" in tables else None,
+            "Mean test accuracy (%) over the KL weight β and the cosine weight γ, at the default temperature.",
+        ),
+        (
+            "training_curves",
+            lambda: figures.curves_figure(data),
+            "Validation accuracy per epoch of the teacher and each student (default settings): lines are means, bands ±1 std "
+            "across seeds.",
+        ),
+    ]
     specs += [
-        (f"confusion_{dataset}", lambda d=dataset, m=method: figures.confusion_figure(data, d, m),
-         f"Test confusion matrix of the best student on {dataset} (best-val checkpoint, default settings, summed over its "
-         "finished seeds), each row as a percentage of the true class.")
+        (
+            f"confusion_{dataset}",
+            lambda d=dataset, m=method: figures.confusion_figure(data, d, m),
+            f"Test confusion matrix of the best student on {dataset} (best-val checkpoint, default settings, summed over its "
+            "finished seeds), each row as a percentage of the true class.",
+        )
         for dataset, method in best_students(tables["accuracy"]).items()
-    ]  # fmt: skip
+    ]
     blocks = {}
     for stem, draw, caption in specs:
         fig = draw()
@@ -132,13 +152,15 @@ def run_summary(data: ReportData) -> list[str]:
         f"Teacher: {_recipe(ab.teacher)}.",
         f"Student: {_recipe(ab.student)}.",
         f"Loss: α = {ab.loss.alpha:g} (cross-entropy), cosine on {ab.loss.cosine_on}; grid T ∈ {_values(g.temperatures)}, "
-        f"β (KL weight) ∈ {_values(g.kl_weights)}, γ (cosine weight) ∈ {_values(g.cos_weights)}; methods: {', '.join(g.methods)}.",
-        f"Seeds: {', '.join(map(str, g.seeds))} ({len(g.seeds)}); Δ intervals are two-sided {CONFIDENCE:.0%} Student-t over seeds.",
+        f"β (KL weight) ∈ {_values(g.kl_weights)}, γ (cosine weight) ∈ {_values(g.cos_weights)}; "
+        f"methods: {', '.join(g.methods)}.",
+        f"Seeds: {', '.join(map(str, g.seeds))} ({len(g.seeds)}); "
+        f"Δ intervals are two-sided {CONFIDENCE:.0%} Student-t over seeds.",
         f"Images: {d.resolution}×{d.resolution} px, {images}{classes}, augmentation {d.augment}, split seed {d.split_seed}.",
         *(f"Dataset {dataset}: {_dataset_line(data, dataset)}." for dataset in data.datasets),
         f"Hardware: {_hardware(env)}.",
         f"Software: {versions}; {env.get('platform', 'platform unknown')}; git commit {env.get('git_commit') or 'unknown'}.",
-    ]  # fmt: skip
+    ]
 
 
 def _sweep_line(data: ReportData) -> str:
@@ -153,8 +175,10 @@ def _sweep_line(data: ReportData) -> str:
 
 def _recipe(r: Recipe) -> str:
     weights = f"pretrained {r.pretrained}" if r.pretrained != "none" else "from scratch"
-    return (f"{r.model} ({weights}), {r.epochs} epochs, batch {r.batch_size}, SGD lr {r.lr:g} ({r.schedule}), "
-            f"momentum {r.momentum:g}, weight decay {r.weight_decay:g}")  # fmt: skip
+    return (
+        f"{r.model} ({weights}), {r.epochs} epochs, batch {r.batch_size}, SGD lr {r.lr:g} ({r.schedule}), "
+        f"momentum {r.momentum:g}, weight decay {r.weight_decay:g}"
+    )
 
 
 def _dataset_line(data: ReportData, dataset: str) -> str:
@@ -177,7 +201,7 @@ def _values(values: tuple[float, ...]) -> str:
 
 
 def _utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _duration(seconds: float) -> str:

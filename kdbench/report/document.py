@@ -100,7 +100,12 @@ def _markdown(block: Block) -> str:
 def _markdown_table(table: Table) -> str:
     columns, rows = _table_rows(table)
     cell = lambda v: _md_text(str(v)).replace("|", "\\|")  # noqa: E731
-    lines = [f"### {_md_text(table.title)}", "", "| " + " | ".join(map(cell, columns)) + " |", "|" + "---|" * len(columns)]
+    lines = [
+        f"### {_md_text(table.title)}",
+        "",
+        "| " + " | ".join(map(cell, columns)) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for group, values in rows:
         if group is not None:
             lines.append("| " + " | ".join([f"**{cell(group)}**"] + [""] * (len(columns) - 1)) + " |")
@@ -144,8 +149,10 @@ def _html(block: Block, folder: Path) -> str:
         return "<ul>" + "".join(f"<li>{e(item)}</li>" for item in block.items) + "</ul>"
     if isinstance(block, FigureBlock):
         png = base64.b64encode((folder / "figures" / f"{block.stem}.png").read_bytes()).decode()
-        return (f'<figure><img src="data:image/png;base64,{png}" style="width: {block.width}%" alt="{e(block.caption)}">'
-                f"<figcaption>{e(block.caption)}</figcaption></figure>")  # fmt: skip
+        return (
+            f'<figure><img src="data:image/png;base64,{png}" style="width: {block.width}%" alt="{e(block.caption)}">'
+            f"<figcaption>{e(block.caption)}</figcaption></figure>"
+        )
     return _html_table(block.table)
 
 
@@ -160,8 +167,11 @@ def _html_table(table: Table) -> str:
         if group is not None:
             body.append(f'<tr class="group"><th colspan="{len(columns)}">{e(str(group))}</th></tr>')
         else:
-            body.append("<tr>" + "".join(f"<td{cls(i)}>{e(_keep_together(str(v)) if numeric[i] else str(v))}</td>"
-                                         for i, v in enumerate(values)) + "</tr>")  # fmt: skip
+            body.append(
+                "<tr>"
+                + "".join(f"<td{cls(i)}>{e(_keep_together(str(v)) if numeric[i] else str(v))}</td>" for i, v in enumerate(values))
+                + "</tr>"
+            )
     notes = "".join(f'<p class="note">{e(note)}</p>' for note in table.notes)
     return f"<h3>{e(table.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}"
 

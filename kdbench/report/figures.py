@@ -72,10 +72,24 @@ def accuracy_figure(data: ReportData) -> plt.Figure | None:
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 3.4))
         order, hue = data.datasets, labels(data)
-        common = {"data": trials, "x": "dataset", "y": "best_acc", "hue": "label", "order": order, "hue_order": hue, "ax": ax}
+        common = {
+            "data": trials,
+            "x": "dataset",
+            "y": "best_acc",
+            "hue": "label",
+            "order": order,
+            "hue_order": hue,
+            "ax": ax,
+        }
         sns.barplot(**common, palette=PALETTE, errorbar="sd", capsize=0.15, err_kws={"linewidth": 1})
         sns.stripplot(**common, dodge=True, palette=dict.fromkeys(hue, "black"), size=3, jitter=False, legend=False)
-        ax.axhline(PAPER_BEST_ACCURACY, color="0.3", linestyle="--", linewidth=1, label=f"{PAPER_LABEL}: {PAPER_BEST_ACCURACY:.2f}%")
+        ax.axhline(
+            PAPER_BEST_ACCURACY,
+            color="0.3",
+            linestyle="--",
+            linewidth=1,
+            label=f"{PAPER_LABEL}: {PAPER_BEST_ACCURACY:.2f}%",
+        )
         ax.set(xlabel="Dataset", ylabel=ACCURACY_LABEL, ylim=(0, 105))
         handles, names = ax.get_legend_handles_labels()
         ax.get_legend().remove()
@@ -99,11 +113,26 @@ def temperature_figure(data: ReportData) -> plt.Figure | None:
             if subset.empty:
                 _empty(ax, dataset)
                 continue
-            sns.lineplot(data=subset, x="temperature", y="best_acc", hue="label", palette=PALETTE,
-                         hue_order=labels(data), errorbar="sd", marker="o", ax=ax, legend=False)  # fmt: skip
+            sns.lineplot(
+                data=subset,
+                x="temperature",
+                y="best_acc",
+                hue="label",
+                palette=PALETTE,
+                hue_order=labels(data),
+                errorbar="sd",
+                marker="o",
+                ax=ax,
+                legend=False,
+            )
             for label, group in references[references["dataset"] == dataset].groupby("label"):
                 ax.axhline(group["best_acc"].mean(), color=PALETTE[label], linestyle="--", linewidth=1)
-            ax.set(title=dataset, xlabel="Temperature T", ylabel=ACCURACY_LABEL, xticks=sorted(trials["temperature"].unique()))
+            ax.set(
+                title=dataset,
+                xlabel="Temperature T",
+                ylabel=ACCURACY_LABEL,
+                xticks=sorted(trials["temperature"].unique()),
+            )
         _method_legend(fig, data)
         fig.tight_layout()
     return fig
@@ -163,8 +192,17 @@ def curves_figure(data: ReportData) -> plt.Figure | None:
             if subset.empty:
                 _empty(ax, dataset)
                 continue
-            sns.lineplot(data=subset, x="epoch", y="val", hue="label", hue_order=labels(data),
-                         palette=PALETTE, errorbar="sd", ax=ax, legend=False)  # fmt: skip
+            sns.lineplot(
+                data=subset,
+                x="epoch",
+                y="val",
+                hue="label",
+                hue_order=labels(data),
+                palette=PALETTE,
+                errorbar="sd",
+                ax=ax,
+                legend=False,
+            )
             ax.set(title=dataset, xlabel="Epoch", ylabel="Validation accuracy (%)")
             ax.xaxis.get_major_locator().set_params(integer=True)
         _method_legend(fig, data)
@@ -183,11 +221,23 @@ def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
     size = min(WIDTH, 2.0 + 0.32 * len(classes))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(size + 1.0, size))
-        sns.heatmap(pd.DataFrame(share, index=classes, columns=classes), annot=cells, fmt="", cmap="Blues", vmin=0, vmax=100,
-                    square=True, ax=ax, annot_kws={"fontsize": 6 if len(classes) <= 12 else 5},
-                    cbar_kws={"label": "Share of the true class (%)"})  # fmt: skip
-        ax.set(xlabel="Predicted class", ylabel="True class",
-               title=f"{get_method(method).label} on {dataset}, best-val ckpt, {len(trials)} seed(s) summed")  # fmt: skip
+        sns.heatmap(
+            pd.DataFrame(share, index=classes, columns=classes),
+            annot=cells,
+            fmt="",
+            cmap="Blues",
+            vmin=0,
+            vmax=100,
+            square=True,
+            ax=ax,
+            annot_kws={"fontsize": 6 if len(classes) <= 12 else 5},
+            cbar_kws={"label": "Share of the true class (%)"},
+        )
+        ax.set(
+            xlabel="Predicted class",
+            ylabel="True class",
+            title=f"{get_method(method).label} on {dataset}, best-val ckpt, {len(trials)} seed(s) summed",
+        )
         ax.tick_params(axis="x", labelrotation=90)
         ax.tick_params(axis="y", labelrotation=0)
         fig.tight_layout()
@@ -216,8 +266,15 @@ def cost_figure(data: ReportData, latency: dict[str, float]) -> plt.Figure | Non
                     continue
                 for p in subset.itertuples():
                     x = getattr(p, column) * 1.06**p.offset
-                    ax.errorbar(x, p.mean, yerr=0 if np.isnan(p.std) else p.std, fmt="o" if p.role == "student" else "s",
-                                color=PALETTE[p.label], capsize=2, markersize=5)  # fmt: skip
+                    ax.errorbar(
+                        x,
+                        p.mean,
+                        yerr=0 if np.isnan(p.std) else p.std,
+                        fmt="o" if p.role == "student" else "s",
+                        color=PALETTE[p.label],
+                        capsize=2,
+                        markersize=5,
+                    )
                 _log_axis(ax)
                 ax.set(title=dataset, xlabel=xlabel, ylabel=ACCURACY_LABEL)
         _method_legend(fig, data)
@@ -232,9 +289,18 @@ def _cost_points(data: ReportData) -> pd.DataFrame:
     rows = []
     for (dataset, method), group in trials.groupby(["dataset", "method"], sort=False):
         info = group["complexity"].iloc[0]
-        rows.append({"dataset": dataset, "method": method, "label": get_method(method).label, "role": get_method(method).role,
-                     "model": info["model"], "gflops": info["flops"] / 1e9, "mean": group["best_acc"].mean(),
-                     "std": group["best_acc"].std()})  # fmt: skip
+        rows.append(
+            {
+                "dataset": dataset,
+                "method": method,
+                "label": get_method(method).label,
+                "role": get_method(method).role,
+                "model": info["model"],
+                "gflops": info["flops"] / 1e9,
+                "mean": group["best_acc"].mean(),
+                "std": group["best_acc"].std(),
+            }
+        )
     points = pd.DataFrame(rows)
     if not points.empty:
         rank = points.groupby(["dataset", "model"]).cumcount()

@@ -58,8 +58,13 @@ class ReportData:
 def default_loss(ablation: Ablation, method: str) -> LossConfig:
     """The loss settings of ``method``'s default trial (first value of each grid axis)."""
     grid, loss = ablation.grid, ablation.loss
-    base = LossConfig(alpha=loss.alpha, beta=grid.kl_weights[0], gamma=grid.cos_weights[0],
-                      temperature=grid.temperatures[0], cosine_on=loss.cosine_on)  # fmt: skip
+    base = LossConfig(
+        alpha=loss.alpha,
+        beta=grid.kl_weights[0],
+        gamma=grid.cos_weights[0],
+        temperature=grid.temperatures[0],
+        cosine_on=loss.cosine_on,
+    )
     return get_method(method).effective_loss(base)
 
 
@@ -93,9 +98,26 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
     ``complexity`` dicts.
     """
     records = [_record(row, ablation) for row in rows]
-    columns = ["key", "role", "dataset", "method", "label", "model", "seed", *LOSS_AXES, "default", "teacher_key",
-               "status", "error", "flags", "best_epoch", "last_epoch",
-               *(f"{ckpt}_{m}" for ckpt in ("best", "last") for m in METRICS.values()), "result", "complexity"]  # fmt: skip
+    columns = [
+        "key",
+        "role",
+        "dataset",
+        "method",
+        "label",
+        "model",
+        "seed",
+        *LOSS_AXES,
+        "default",
+        "teacher_key",
+        "status",
+        "error",
+        "flags",
+        "best_epoch",
+        "last_epoch",
+        *(f"{ckpt}_{m}" for ckpt in ("best", "last") for m in METRICS.values()),
+        "result",
+        "complexity",
+    ]
     frame = pd.DataFrame(records, columns=columns)
     order = {"dataset": list(ablation.grid.datasets), "method": list(METHODS)}
     rank = {col: frame[col].map({v: i for i, v in enumerate(values)}) for col, values in order.items()}
@@ -107,7 +129,9 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
 def _record(row: dict, ablation: Ablation) -> dict:
     default = default_loss(ablation, row["method"])
     record = {
-        **{k: row[k] for k in ("key", "role", "dataset", "method", "model", "seed", *LOSS_AXES, "teacher_key", "status", "error")},
+        **{
+            k: row[k] for k in ("key", "role", "dataset", "method", "model", "seed", *LOSS_AXES, "teacher_key", "status", "error")
+        },
         "label": get_method(row["method"]).label,
         "flags": tuple(row["flags"] or ()),
         "default": all(math.isclose(row[axis], getattr(default, axis)) for axis in LOSS_AXES),

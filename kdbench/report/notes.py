@@ -23,7 +23,8 @@ def report_notes(data: ReportData, accuracy: Table) -> list[str]:
         *_best_vs_last(accuracy.data),
         *_skipped_images(data),
         f"Reference: the paper ({PAPER}) reports a best test accuracy of {PAPER_BEST_ACCURACY:.2f}%, labelled "
-        f"'{PAPER_LABEL}' in Table 1 and the accuracy figure; it comes from the paper's own training settings, not from this run.",
+        f"'{PAPER_LABEL}' in Table 1 and the accuracy figure; "
+        "it comes from the paper's own training settings, not from this run.",
     ]
 
 
@@ -47,8 +48,10 @@ def _missing(data: ReportData) -> list[str]:
     if missing.empty:
         return []
     counts = ", ".join(f"{n} {status}" for status, n in missing["status"].value_counts().sort_index().items())
-    return [f"Missing: {len(missing)} of {len(data.trials)} planned trials have no result ({counts}); their cells are "
-            "— and they are listed under 'Failed and missing trials'."]  # fmt: skip
+    return [
+        f"Missing: {len(missing)} of {len(data.trials)} planned trials have no result ({counts}); their cells are "
+        "— and they are listed under 'Failed and missing trials'."
+    ]
 
 
 def _weak_teachers(data: ReportData) -> list[str]:
@@ -60,9 +63,11 @@ def _weak_teachers(data: ReportData) -> list[str]:
         if better.empty:  # the store flagged it for students outside this sweep
             continue
         best = better.loc[better["best_acc"].idxmax()]
-        notes.append(f"Teacher weaker than its students: {teacher.model} on {teacher.dataset}, seed {teacher.seed}, reaches "
-                     f"{teacher.best_acc:.2f}% test accuracy; {len(better)} of its {len(students)} finished students beat it "
-                     f"(best: {best['label']}, {best['best_acc']:.2f}%), so distillation cannot be expected to help there.")  # fmt: skip
+        notes.append(
+            f"Teacher weaker than its students: {teacher.model} on {teacher.dataset}, seed {teacher.seed}, reaches "
+            f"{teacher.best_acc:.2f}% test accuracy; {len(better)} of its {len(students)} finished students beat it "
+            f"(best: {best['label']}, {best['best_acc']:.2f}%), so distillation cannot be expected to help there."
+        )
     return notes
 
 
@@ -75,8 +80,12 @@ def _few_seeds(accuracy: pd.DataFrame) -> list[str]:
         where = f"every cell of Table 1 has n={few['n'].iloc[0]}"
     else:
         groups = few.groupby("dataset", sort=False)
-        where = "; ".join(f"{dataset}: " + ", ".join(f"{r.label} n={r.n}" for r in group.itertuples()) for dataset, group in groups)
-    return [f"Fewer than {MIN_SEEDS} finished seeds ({where}): error bars and intervals are not meaningful there (one seed has none)."]
+        where = "; ".join(
+            f"{dataset}: " + ", ".join(f"{r.label} n={r.n}" for r in group.itertuples()) for dataset, group in groups
+        )
+    return [
+        f"Fewer than {MIN_SEEDS} finished seeds ({where}): error bars and intervals are not meaningful there (one seed has none)."
+    ]
 
 
 def _best_vs_last(accuracy: pd.DataFrame) -> list[str]:
@@ -86,9 +95,11 @@ def _best_vs_last(accuracy: pd.DataFrame) -> list[str]:
     if wide.empty:
         return []
     top = rows.loc[wide.abs().idxmax()]
-    return [f"The best-val checkpoint and the last epoch differ by {BEST_LAST_GAP:g} pp or more in {len(wide)} of {len(rows)} "
-            f"cells of Table 1 (mean test accuracy; largest: {top['dataset']} {top['label']}, {top['best_mean']:.2f}% best vs "
-            f"{top['last_mean']:.2f}% last): model selection on the validation split matters there."]  # fmt: skip
+    return [
+        f"The best-val checkpoint and the last epoch differ by {BEST_LAST_GAP:g} pp or more in {len(wide)} of {len(rows)} "
+        f"cells of Table 1 (mean test accuracy; largest: {top['dataset']} {top['label']}, {top['best_mean']:.2f}% best vs "
+        f"{top['last_mean']:.2f}% last): model selection on the validation split matters there."
+    ]
 
 
 def _skipped_images(data: ReportData) -> list[str]:

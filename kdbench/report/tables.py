@@ -83,27 +83,33 @@ def accuracy_table(data: ReportData) -> Table:
     rows = [_accuracy_row(trials, dataset, method) for dataset in data.datasets for method in _methods(data)]
     frame = pd.DataFrame(rows)
     frame["best_student"] = _best_student(frame)
-    display = pd.DataFrame({
-        "Dataset": frame["dataset"],
-        "Method": [f"{label} {BEST_MARK}" if best else label for label, best in zip(frame["label"], frame["best_student"])],
-        "Seeds": [f"{n}/{planned}" for n, planned in zip(frame["n"], frame["planned"])],
-        "Test acc. %, best-val ckpt": [mean_std(m, s) for m, s in zip(frame["best_mean"], frame["best_std"])],
-        "Macro P %": frame["precision"].map(number),
-        "Macro R %": frame["recall"].map(number),
-        "Macro F1 %": frame["f1"].map(number),
-        "Test acc. %, last epoch": [mean_std(m, s) for m, s in zip(frame["last_mean"], frame["last_std"])],
-        f"Δ vs baseline, pp [{CONFIDENCE:.0%} CI]": [
-            "reference" if r.method == "baseline" else difference_text(r.diff_mean, r.diff_low, r.diff_high, r.diff_n, r.n)
-            for r in frame.itertuples()
-        ],
-    })  # fmt: skip
-    reference = {c: "" for c in display.columns} | {"Dataset": f"reference, not from this run: {PAPER}", "Method": PAPER_LABEL,
-                                                    "Test acc. %, best-val ckpt": number(PAPER_BEST_ACCURACY)}  # fmt: skip
+    display = pd.DataFrame(
+        {
+            "Dataset": frame["dataset"],
+            "Method": [f"{label} {BEST_MARK}" if best else label for label, best in zip(frame["label"], frame["best_student"])],
+            "Seeds": [f"{n}/{planned}" for n, planned in zip(frame["n"], frame["planned"])],
+            "Test acc. %, best-val ckpt": [mean_std(m, s) for m, s in zip(frame["best_mean"], frame["best_std"])],
+            "Macro P %": frame["precision"].map(number),
+            "Macro R %": frame["recall"].map(number),
+            "Macro F1 %": frame["f1"].map(number),
+            "Test acc. %, last epoch": [mean_std(m, s) for m, s in zip(frame["last_mean"], frame["last_std"])],
+            f"Δ vs baseline, pp [{CONFIDENCE:.0%} CI]": [
+                "reference" if r.method == "baseline" else difference_text(r.diff_mean, r.diff_low, r.diff_high, r.diff_n, r.n)
+                for r in frame.itertuples()
+            ],
+        }
+    )
+    reference = dict.fromkeys(display.columns, "") | {
+        "Dataset": f"reference, not from this run: {PAPER}",
+        "Method": PAPER_LABEL,
+        "Test acc. %, best-val ckpt": number(PAPER_BEST_ACCURACY),
+    }
     display = pd.concat([display, pd.DataFrame([reference])], ignore_index=True)
     grid = data.ablation.grid
     notes = (
         f"Default trials only: T = {axis_value(grid.temperatures[0])}, β = {axis_value(grid.kl_weights[0])}, "
-        f"γ = {axis_value(grid.cos_weights[0])} (the first value of each grid axis); a method that does not use an axis ignores it.",
+        f"γ = {axis_value(grid.cos_weights[0])} (the first value of each grid axis); "
+        "a method that does not use an axis ignores it.",
         "Best-val ckpt: the weights of the epoch with the best validation accuracy, evaluated on the test split; "
         "last epoch: the final weights. Accuracies are mean ± sample standard deviation over seeds; P, R, F1 are "
         "macro averages (means over seeds). Seeds: finished / planned.",
@@ -127,13 +133,22 @@ def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str) -> dict:
     baseline = trials[(trials["dataset"] == dataset) & (trials["method"] == "baseline") & (trials["status"] == "done")]
     diff = paired_difference(_by_seed(done), _by_seed(baseline))
     return {
-        "dataset": dataset, "method": method, "label": get_method(method).label, "role": get_method(method).role,
-        "n": best.n, "planned": len(planned),
-        "best_mean": best.mean, "best_std": best.std,
+        "dataset": dataset,
+        "method": method,
+        "label": get_method(method).label,
+        "role": get_method(method).role,
+        "n": best.n,
+        "planned": len(planned),
+        "best_mean": best.mean,
+        "best_std": best.std,
         **{m: summarize(list(done[f"best_{m}"])).mean for m in ("precision", "recall", "f1")},
-        "last_mean": last.mean, "last_std": last.std,
-        "diff_mean": diff.mean, "diff_low": diff.low, "diff_high": diff.high, "diff_n": diff.n,
-    }  # fmt: skip
+        "last_mean": last.mean,
+        "last_std": last.std,
+        "diff_mean": diff.mean,
+        "diff_low": diff.low,
+        "diff_high": diff.high,
+        "diff_n": diff.n,
+    }
 
 
 def _by_seed(trials: pd.DataFrame) -> dict[int, float]:
@@ -167,12 +182,20 @@ def complexity_table(data: ReportData) -> Table:
         ratios = compression(info["teacher"], info["student"]) if all(info.values()) else {}
         row = {"dataset": dataset, "resolution": known.get("resolution"), "num_classes": known.get("num_classes")}
         for role, c in info.items():
-            row |= {f"{role}_model": c.get("model"), f"{role}_params": c.get("params_total"), f"{role}_flops": c.get("flops"),
-                    f"{role}_bytes": c.get("checkpoint_bytes")}  # fmt: skip
+            row |= {
+                f"{role}_model": c.get("model"),
+                f"{role}_params": c.get("params_total"),
+                f"{role}_flops": c.get("flops"),
+                f"{role}_bytes": c.get("checkpoint_bytes"),
+            }
             display.append(_model_cells(dataset, role, c))
         rows.append(row | {f"{key}_ratio": ratios.get(key) for key in ("params", "flops", "bytes")})
         display.append(_ratio_cells(dataset, ratios))
-    counts = ["resolution", "num_classes", *(f"{r}_{k}" for r in ("teacher", "student") for k in ("params", "flops", "bytes"))]
+    counts = [
+        "resolution",
+        "num_classes",
+        *(f"{r}_{k}" for r in ("teacher", "student") for k in ("params", "flops", "bytes")),
+    ]
     frame = pd.DataFrame(rows).astype(dict.fromkeys(counts, "Int64")).round(2)
     notes = (
         f"{FLOP_CONVENTION}. GFLOPs are for one image at the trained resolution.",
@@ -183,22 +206,34 @@ def complexity_table(data: ReportData) -> Table:
 
 def _model_cells(dataset: str, role: str, c: dict) -> dict:
     """A display row of one model: counts in millions, GFLOPs and MB (``—`` when no trial of the role finished)."""
+
     def scaled(field: str, unit: float) -> str:
         return f"{c[field] / unit:.4g}" if field in c else MISSING
 
-    return {"Dataset": dataset, "Model": f"{role}: {c.get('model', MISSING)}",
-            "Input": f"{c['resolution']} px, {c['num_classes']} classes" if c else MISSING,
-            "Params (M)": scaled("params_total", 1e6), "GFLOPs / image": scaled("flops", 1e9),
-            "Size on disk (MB)": scaled("checkpoint_bytes", 1e6)}  # fmt: skip
+    return {
+        "Dataset": dataset,
+        "Model": f"{role}: {c.get('model', MISSING)}",
+        "Input": f"{c['resolution']} px, {c['num_classes']} classes" if c else MISSING,
+        "Params (M)": scaled("params_total", 1e6),
+        "GFLOPs / image": scaled("flops", 1e9),
+        "Size on disk (MB)": scaled("checkpoint_bytes", 1e6),
+    }
 
 
 def _ratio_cells(dataset: str, ratios: dict) -> dict:
     """The display row of the teacher / student ratios."""
+
     def times(key: str) -> str:
         return f"{ratios[key]:.1f}×" if key in ratios else MISSING
 
-    return {"Dataset": dataset, "Model": "ratio teacher / student", "Input": MISSING,
-            "Params (M)": times("params"), "GFLOPs / image": times("flops"), "Size on disk (MB)": times("bytes")}  # fmt: skip
+    return {
+        "Dataset": dataset,
+        "Model": "ratio teacher / student",
+        "Input": MISSING,
+        "Params (M)": times("params"),
+        "GFLOPs / image": times("flops"),
+        "Size on disk (MB)": times("bytes"),
+    }
 
 
 def _complexity(data: ReportData, dataset: str, role: str) -> dict | None:
@@ -211,28 +246,52 @@ def _complexity(data: ReportData, dataset: str, role: str) -> dict | None:
 def latency_table(data: ReportData) -> Table:
     """Table 2b: CPU inference latency and throughput from ``bench.json``, with the teacher/student speed-up."""
     bench = data.bench
-    frame = bench[["model", "runtime", "resolution", "batch", "threads", "rounds", "latency_median_ms", "latency_iqr_ms", "images_per_s"]]
+    frame = bench[
+        [
+            "model",
+            "runtime",
+            "resolution",
+            "batch",
+            "threads",
+            "rounds",
+            "latency_median_ms",
+            "latency_iqr_ms",
+            "images_per_s",
+        ]
+    ]
     frame = frame.round({"latency_median_ms": 3, "latency_iqr_ms": 3, "images_per_s": 1})
     pair = (data.ablation.teacher.model, data.ablation.student.model)
     try:
         ratio = {(r.batch, r.resolution, r.runtime): r.speedup for r in speedups(bench, *pair).itertuples()}
     except UserError:  # the benchmark did not time both trained models at the same settings
         ratio = {}
-    display = pd.DataFrame({
-        "Model": frame["model"], "Runtime": frame["runtime"], "Input": frame["resolution"].map(lambda r: f"{r} px"),
-        "Batch": frame["batch"].astype(str), "Threads": frame["threads"].astype(str),
-        "Latency median ms [IQR]": [f"{m:.2f} [{q:.2f}]" for m, q in zip(frame["latency_median_ms"], frame["latency_iqr_ms"])],
-        "Images / s": frame["images_per_s"].map(lambda v: f"{v:.1f}"),
-        "Speed-up": [f"{ratio[k]:.1f}×" if k in ratio and m == pair[1] else "" for k, m in
-                     zip(zip(frame["batch"], frame["resolution"], frame["runtime"]), frame["model"])],
-    })  # fmt: skip
+    display = pd.DataFrame(
+        {
+            "Model": frame["model"],
+            "Runtime": frame["runtime"],
+            "Input": frame["resolution"].map(lambda r: f"{r} px"),
+            "Batch": frame["batch"].astype(str),
+            "Threads": frame["threads"].astype(str),
+            "Latency median ms [IQR]": [
+                f"{m:.2f} [{q:.2f}]" for m, q in zip(frame["latency_median_ms"], frame["latency_iqr_ms"])
+            ],
+            "Images / s": frame["images_per_s"].map(lambda v: f"{v:.1f}"),
+            "Speed-up": [
+                f"{ratio[k]:.1f}×" if k in ratio and m == pair[1] else ""
+                for k, m in zip(zip(frame["batch"], frame["resolution"], frame["runtime"]), frame["model"])
+            ],
+        }
+    )
     notes = [
         f"From {BENCH_FILE} (pytest-benchmark): wall time of one forward pass of the whole batch on the CPU, median and "
         "inter-quartile range over the timed rounds; images / s = batch / median latency. The benchmark uses random "
         "weights and 10 classes at its own input size, which may differ from the trained resolution.",
     ]
-    notes.append(f"Speed-up: {pair[0]} latency / {pair[1]} latency at the same batch, input size and runtime."
-                 if ratio else "No speed-up: the benchmark did not time the trained teacher and student at the same settings.")  # fmt: skip
+    notes.append(
+        f"Speed-up: {pair[0]} latency / {pair[1]} latency at the same batch, input size and runtime."
+        if ratio
+        else "No speed-up: the benchmark did not time the trained teacher and student at the same settings."
+    )
     notes += _bench_model_notes(data)
     return Table("latency", "Table 2b. CPU inference latency and throughput", frame, display, tuple(notes))
 
@@ -273,8 +332,18 @@ def grid_summary(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
     rows = []
     for (dataset, method, *values), group in swept(data, axes).groupby(["dataset", "method", *axes], sort=False):
         s = summarize(list(group.loc[group["status"] == "done", "best_acc"]))
-        rows.append({"dataset": dataset, "method": method, "label": get_method(method).label, **dict(zip(axes, values)),
-                     "mean": s.mean, "std": s.std, "n": s.n, "planned": len(group)})  # fmt: skip
+        rows.append(
+            {
+                "dataset": dataset,
+                "method": method,
+                "label": get_method(method).label,
+                **dict(zip(axes, values)),
+                "mean": s.mean,
+                "std": s.std,
+                "n": s.n,
+                "planned": len(group),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -297,11 +366,15 @@ def temperature_table(data: ReportData) -> Table:
 def weights_table(data: ReportData) -> Table:
     """Table 4: accuracy over the KL weight β and the cosine weight γ."""
     frame = grid_summary(data, ("beta", "gamma"))
-    display = pd.DataFrame({
-        "Dataset": frame["dataset"], "Method": frame["label"],
-        "β (KL weight)": frame["beta"].map(axis_value), "γ (cosine weight)": frame["gamma"].map(axis_value),
-        "Test acc. %, best-val ckpt": [_cell(r) for r in frame.itertuples()],
-    })  # fmt: skip
+    display = pd.DataFrame(
+        {
+            "Dataset": frame["dataset"],
+            "Method": frame["label"],
+            "β (KL weight)": frame["beta"].map(axis_value),
+            "γ (cosine weight)": frame["gamma"].map(axis_value),
+            "Test acc. %, best-val ckpt": [_cell(r) for r in frame.itertuples()],
+        }
+    )
     notes = (
         f"Mean ± std (finished seeds / planned) at T = {axis_value(data.ablation.grid.temperatures[0])}; "
         "a weight a method does not use is 0.",
@@ -318,19 +391,42 @@ def incomplete_table(data: ReportData) -> Table:
     """Failed trials (with their error) and planned trials that never finished."""
     trials = data.trials[data.trials["status"] != "done"]
     frame = trials[["dataset", "method", "label", "seed", "temperature", "beta", "gamma", "status", "error", "key"]]
-    display = pd.DataFrame({
-        "Dataset": frame["dataset"], "Method": frame["label"], "Seed": frame["seed"].astype(str),
-        "T, β, γ": [f"{t:g}, {b:g}, {g:g}" for t, b, g in zip(frame["temperature"], frame["beta"], frame["gamma"])],
-        "Status": frame["status"].map(lambda s: "failed" if s == "failed" else f"missing ({s})"),
-        "Error": frame["error"].fillna(""), "Key": frame["key"],
-    })  # fmt: skip
+    display = pd.DataFrame(
+        {
+            "Dataset": frame["dataset"],
+            "Method": frame["label"],
+            "Seed": frame["seed"].astype(str),
+            "T, β, γ": [f"{t:g}, {b:g}, {g:g}" for t, b, g in zip(frame["temperature"], frame["beta"], frame["gamma"])],
+            "Status": frame["status"].map(lambda s: "failed" if s == "failed" else f"missing ({s})"),
+            "Error": frame["error"].fillna(""),
+            "Key": frame["key"],
+        }
+    )
     return Table("incomplete", "Table 5. Trials without a result", frame, display)
 
 
 def trials_table(data: ReportData) -> Table:
     """Every trial of the sweep, one row each (CSV only)."""
-    columns = ["key", "dataset", "method", "model", "seed", "temperature", "beta", "gamma", "default", "status",
-               "best_epoch", "best_acc", "best_precision", "best_recall", "best_f1", "last_epoch", "last_acc", "error"]  # fmt: skip
+    columns = [
+        "key",
+        "dataset",
+        "method",
+        "model",
+        "seed",
+        "temperature",
+        "beta",
+        "gamma",
+        "default",
+        "status",
+        "best_epoch",
+        "best_acc",
+        "best_precision",
+        "best_recall",
+        "best_f1",
+        "last_epoch",
+        "last_acc",
+        "error",
+    ]
     frame = _round(data.trials[columns])
     return Table("trials", "All trials", frame, frame.astype(str))
 

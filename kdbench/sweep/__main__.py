@@ -21,17 +21,33 @@ from kdbench.sweep.plan import plan_trials
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kdbench.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m kdbench.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="ablation TOML file (default ablations/quick.toml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any field, e.g. --set teacher.epochs=2 --set grid.seeds=[0,1,2] (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any field, e.g. --set teacher.epochs=2 --set grid.seeds=[0,1,2] (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the expanded trials, their count and cost; train nothing")
     p.add_argument("--out", help="output folder (default reports/<ablation name>/)")
     p.add_argument("--workers", type=int, default=1, help="trials run in parallel processes (default 1)")
-    p.add_argument("--pack", type=int, help="students trained together in one packed network (default run.pack: 8 on CUDA, 1 on CPU; 1 disables)")
+    p.add_argument(
+        "--pack",
+        type=int,
+        help="students trained together in one packed network (default run.pack: 8 on CUDA, 1 on CPU; 1 disables)",
+    )
     p.add_argument("--threads", type=int, help="torch threads per trial (default: CPU cores / workers)")
     p.add_argument("--executor", choices=("local", "ray"), default="local", help="local processes (default) or a Ray cluster")
-    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"), help="Ray cluster address (default $RAY_ADDRESS; none: start a local Ray)")
+    p.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster address (default $RAY_ADDRESS; none: start a local Ray)",
+    )
     p.add_argument("--data-root", help="folder holding the datasets (default $KDBENCH_DATA, else ./data)")
     p.add_argument("--no-download", action="store_true", help="never download a missing dataset")
     p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
@@ -91,7 +107,10 @@ def print_plan(trials, data_root: str | None) -> None:
     from kdbench.sweep.cost import estimate_seconds, train_images
 
     images = train_images(trials, data_root)
-    print(f"{'key':<16}  {'method':<10} {'dataset':<10} {'model':<14} {'seed':>4} {'T':>5} {'alpha':>5} {'beta':>5} {'gamma':>5} {'epochs':>6} {'train imgs':>10}")
+    print(
+        f"{'key':<16}  {'method':<10} {'dataset':<10} {'model':<14} {'seed':>4} {'T':>5} {'alpha':>5} {'beta':>5} "
+        f"{'gamma':>5} {'epochs':>6} {'train imgs':>10}"
+    )
     total_s = 0.0
     for t in trials:
         c, lo = t.config, t.config.loss
@@ -101,8 +120,10 @@ def print_plan(trials, data_root: str | None) -> None:
             f"{lo.alpha:>5g} {lo.beta:>5g} {lo.gamma:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
         )
     teachers = sum(1 for t in trials if t.role == "teacher")
-    print(f"{len(trials)} trials ({teachers} teachers, {len(trials) - teachers} students); "
-          f"{sum(images.values()):,} training images in all; estimated {total_s / 60:.1f} min of fp32 training on a 2-core CPU")  # fmt: skip
+    print(
+        f"{len(trials)} trials ({teachers} teachers, {len(trials) - teachers} students); "
+        f"{sum(images.values()):,} training images in all; estimated {total_s / 60:.1f} min of fp32 training on a 2-core CPU"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from pathlib import Path
 from kdbench.config import DataConfig, Recipe, check_data, check_recipe, from_dict
 from kdbench.errors import UserError
 
-ABLATIONS_DIR = Path(__file__).resolve().parents[2] / "ablations"
+# The shipped ablation files are package data (kdbench/ablations/, also reached as ./ablations in a
+# checkout), so a regular `pip install` finds them from any folder.
+ABLATIONS_DIR = Path(__file__).resolve().parents[1] / "ablations"
 DEFAULT_ABLATION = "quick.toml"
 TEACHER_DEFAULTS = {"model": "vgg16", "lr": 0.01}
 
@@ -63,14 +65,16 @@ class Ablation:
 
 
 def resolve_path(config: str | None) -> Path:
-    """``--config`` as given, else a file of that name in ``ablations/``, else the default ablation."""
+    """``--config`` as given, else a shipped ablation of that name (``quick`` or ``quick.toml``), else the default."""
     if config is None:
         return ABLATIONS_DIR / DEFAULT_ABLATION
     path = Path(config)
-    if not path.exists() and (ABLATIONS_DIR / path.name).exists():
-        path = ABLATIONS_DIR / path.name
+    shipped = ABLATIONS_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if not path.is_file() and shipped.is_file():
+        path = shipped
     if not path.is_file():
-        raise UserError(f"ablation file {config} not found: pass a TOML file, e.g. --config ablations/quick.toml")
+        shipped_names = ", ".join(sorted(p.stem for p in ABLATIONS_DIR.glob("*.toml")))
+        raise UserError(f"ablation file {config} not found: pass a TOML file or a shipped ablation ({shipped_names})")
     return path
 
 
@@ -149,4 +153,3 @@ def load_ablation(config: str | None, overrides: list[str] | None = None) -> tup
     path = resolve_path(config)
     raw = apply_overrides(load_raw(path), overrides or [])
     return parse_ablation(raw, str(path)), path, raw
-

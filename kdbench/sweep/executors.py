@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Callable, Protocol
+from typing import Protocol
 
 from kdbench.errors import UserError
 from kdbench.sweep.plan import PlannedTrial
@@ -96,7 +97,9 @@ class LocalExecutor:
                 for future in done:
                     trial = running.pop(future)
                     error = future.exception()
-                    outcome = future.result() if error is None else Outcome(trial.key, "failed", error=f"worker process died: {error}")
+                    outcome = (
+                        future.result() if error is None else Outcome(trial.key, "failed", error=f"worker process died: {error}")
+                    )
                     on_outcome(outcome)
                     for cascaded in deps.finished(outcome):
                         on_outcome(cascaded)

@@ -48,9 +48,13 @@ def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
     for dataset, seed in itertools.product(grid.datasets, grid.seeds):
         data = dataclasses.replace(ablation.data, dataset=dataset)
         teacher = TrialConfig(
-            method="teacher", data=data, recipe=ablation.teacher, loss=get_method("teacher").effective_loss(LossConfig()),
-            seed=seed, device=ablation.run.device,
-        )  # fmt: skip
+            method="teacher",
+            data=data,
+            recipe=ablation.teacher,
+            loss=get_method("teacher").effective_loss(LossConfig()),
+            seed=seed,
+            device=ablation.run.device,
+        )
         teacher_key = teacher.key(LOSS_VERSION)
         if any(m.role == "teacher" or m.needs_teacher for m in methods):
             trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher))
@@ -63,9 +67,14 @@ def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
                 loss = method.effective_loss(dataclasses.replace(base, **dict(zip(axes, values))))
                 check_loss(loss, f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)")
                 cfg = TrialConfig(
-                    method=method.name, data=data, recipe=ablation.student, loss=loss, seed=seed,
-                    teacher_id=teacher_key if method.needs_teacher else None, device=ablation.run.device,
-                )  # fmt: skip
+                    method=method.name,
+                    data=data,
+                    recipe=ablation.student,
+                    loss=loss,
+                    seed=seed,
+                    teacher_id=teacher_key if method.needs_teacher else None,
+                    device=ablation.run.device,
+                )
                 key = cfg.key(LOSS_VERSION)
                 trials.setdefault(key, PlannedTrial(key, cfg, teacher_key if method.needs_teacher else None))
     ordered = sorted(trials.values(), key=lambda t: t.role != "teacher")

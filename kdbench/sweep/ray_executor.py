@@ -92,9 +92,12 @@ class RayExecutor:
             def submit(fn, trial: PlannedTrial, *args):
                 on_start(trial)
                 return fn.options(
-                    num_cpus=ctx.threads or 1, num_gpus=1 if gpus and trial.config.device != "cpu" else 0,
-                    max_retries=MAX_RETRIES, retry_exceptions=False, name=f"kdbench-trial-{trial.key}",
-                ).remote(trial, ctx, *args)  # fmt: skip
+                    num_cpus=ctx.threads or 1,
+                    num_gpus=1 if gpus and trial.config.device != "cpu" else 0,
+                    max_retries=MAX_RETRIES,
+                    retry_exceptions=False,
+                    name=f"kdbench-trial-{trial.key}",
+                ).remote(trial, ctx, *args)
 
             deps = Dependencies(trials)
             refs = {trial.key: submit(train, trial) for trial in deps.take_ready()}  # teachers, students of no teacher here
@@ -128,7 +131,10 @@ class RayExecutor:
             raise UserError(f"cannot start or reach Ray at {self.address or 'a local instance'}: {one_line(err)}{hint}") from None
         largest = max((n["Resources"].get("CPU", 0) for n in self.ray.nodes() if n["Alive"]), default=0)
         if (ctx.threads or 1) > largest:
-            print(f"note: each trial asks for {ctx.threads or 1} CPUs but the largest Ray node has {largest:g}: lower --threads", file=sys.stderr)
+            print(
+                f"note: each trial asks for {ctx.threads or 1} CPUs but the largest Ray node has {largest:g}: lower --threads",
+                file=sys.stderr,
+            )
 
     def _outcome(self, ref, trial: PlannedTrial, teacher_ref) -> Outcome:
         """The task's Outcome; a task Ray could not finish (its worker died beyond retries) becomes a failed one."""

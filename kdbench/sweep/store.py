@@ -102,15 +102,31 @@ class Store:
                 db.execute(
                     "INSERT OR IGNORE INTO trials (key, role, dataset, method, model, seed, temperature, alpha, beta, gamma,"
                     " teacher_key, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (t.key, t.role, c.data.dataset, c.method, c.recipe.model, c.seed, lo.temperature, lo.alpha, lo.beta,
-                     lo.gamma, t.teacher_key, json.dumps(c.identity(), sort_keys=True), now),
-                )  # fmt: skip
+                    (
+                        t.key,
+                        t.role,
+                        c.data.dataset,
+                        c.method,
+                        c.recipe.model,
+                        c.seed,
+                        lo.temperature,
+                        lo.alpha,
+                        lo.beta,
+                        lo.gamma,
+                        t.teacher_key,
+                        json.dumps(c.identity(), sort_keys=True),
+                        now,
+                    ),
+                )
                 db.execute("INSERT OR IGNORE INTO sweep_trials (sweep_id, key) VALUES (?, ?)", (sweep_id, t.key))
         return sweep_id
 
     def finish_sweep(self, sweep_id: int, summary: dict) -> None:
         with self.transaction() as db:
-            db.execute("UPDATE sweeps SET finished_at = ?, summary = ? WHERE id = ?", (time.time(), json.dumps(summary), sweep_id))
+            db.execute(
+                "UPDATE sweeps SET finished_at = ?, summary = ? WHERE id = ?",
+                (time.time(), json.dumps(summary), sweep_id),
+            )
 
     # --- trials -----------------------------------------------------------------------------------
     def status(self, key: str) -> str | None:
@@ -131,9 +147,15 @@ class Store:
             cur = db.execute(
                 "UPDATE trials SET status = 'done', error = NULL, result = ?, complexity = ?, best_test_accuracy = ?,"
                 " last_test_accuracy = ?, completions = completions + 1, finished_at = ? WHERE key = ? AND status != 'done'",
-                (json.dumps(result), json.dumps(complexity), result["best"]["test"]["accuracy"],
-                 result["last"]["test"]["accuracy"], time.time(), key),
-            )  # fmt: skip
+                (
+                    json.dumps(result),
+                    json.dumps(complexity),
+                    result["best"]["test"]["accuracy"],
+                    result["last"]["test"]["accuracy"],
+                    time.time(),
+                    key,
+                ),
+            )
             return cur.rowcount == 1
 
     def record_failed(self, key: str, error: str) -> None:

@@ -84,7 +84,9 @@ def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
     return Outcome(trial.key, status, members=results, seconds=time.perf_counter() - t0)
 
 
-def _train(members: list[PlannedTrial], folders: list[Path], teacher_key: str | None, ctx: SweepContext, t0: float) -> dict[str, Outcome]:
+def _train(
+    members: list[PlannedTrial], folders: list[Path], teacher_key: str | None, ctx: SweepContext, t0: float
+) -> dict[str, Outcome]:
     """Run ``members`` (one trial, or a pack) in ``folders``; a failure fails them all, with one message."""
     from kdbench.engine.packed import run_packed_trials
     from kdbench.engine.trial import run_trial

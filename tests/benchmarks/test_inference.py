@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
