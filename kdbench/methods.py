@@ -82,6 +82,27 @@ class Method:
         return losses.combine(terms, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma), terms
 
 
+def resolve(method: Method, loss: LossConfig) -> tuple[Method, LossConfig]:
+    """The method that ``method`` with ``loss`` really is, and its effective loss.
+
+    A distillation student whose soft-term weight is 0 does not use that term: ``kd_kl_cos`` with
+    ``gamma = 0`` is ``kd_kl``, with ``beta = 0`` it is ``kd_cos``, and with both 0 it is the
+    baseline (plain cross-entropy).  Planning and reporting such a grid point under the method it
+    really is trains it once and never shows a CE-only student as KD.
+    """
+    effective = method.effective_loss(loss)
+    if method.role != "student":
+        return method, effective
+    uses = (method.uses_kl and effective.beta > 0, method.uses_cos and effective.gamma > 0)
+    if uses == (method.uses_kl, method.uses_cos):
+        return method, effective
+    for cls in METHODS.values():
+        if cls.role == "student" and (cls.uses_kl, cls.uses_cos) == uses:
+            real = cls()
+            return real, real.effective_loss(effective)
+    raise UserError(f"{method.name} with beta={loss.beta:g}, gamma={loss.gamma:g} is no registered method")
+
+
 class HardLabels(Method):
     """Plain supervised training: ``CE(s, y)`` with weight 1, whatever the grid's loss settings."""
 

@@ -96,6 +96,14 @@ def test_same_seed_same_metrics_and_resume_after_interruption(image_folder, tmp_
     quiet = lambda m: None  # noqa: E731
     a = run_trial(cfg, tmp_path / "a", progress=False, log=quiet)
     b = run_trial(cfg, tmp_path / "b", progress=False, log=quiet)
+    # per-image test predictions (for the paired statistics) agree with the metrics, and the logits file with both
+    targets = torch.tensor(a["test_targets"])
+    for ckpt in ("best", "last"):
+        hits = (torch.tensor(a[ckpt]["test"]["predictions"]) == targets).double().mean()
+        assert float(hits) == pytest.approx(a[ckpt]["test"]["accuracy"]) and len(targets) == a[ckpt]["test"]["n"]
+    saved = torch.load(tmp_path / "a" / a["best"]["test_logits_file"], weights_only=True)
+    assert saved["targets"].tolist() == a["test_targets"]
+    assert saved["logits"].argmax(1).tolist() == a["best"]["test"]["predictions"]
     assert a["best"]["test"] == b["best"]["test"] and a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
     def crash_after_epoch_2(message):

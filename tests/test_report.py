@@ -14,13 +14,14 @@ import re
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from kdbench.errors import UserError
 from kdbench.report import build_report
 from kdbench.report.__main__ import main
-from kdbench.report.stats import paired_difference, summarize, t_quantile
+from kdbench.report.stats import paired_difference, summarize
 from kdbench.sweep.ablation import parse_ablation
 from kdbench.sweep.plan import plan_trials
 from kdbench.sweep.store import STORE_FILE, Store
@@ -31,9 +32,10 @@ RAW = {
     "grid": {
         "datasets": ["eurosat", "rsscn7"],
         "seeds": [0, 1, 2],
-        "temperatures": [4.0, 2.0],
-        "cos_weights": [1.0, 0.5],
+        "temperatures": [2.0, 4.0],  # the default point is named in [loss], not the first value
+        "cos_weights": [0.5, 1.0],
     },
+    "loss": {"temperature": 4.0, "gamma": 1.0},
     "data": {"resolution": 32, "images_per_class": 20},
     "teacher": {"epochs": 3},
     "student": {"epochs": 4},
@@ -65,6 +67,30 @@ def accuracy(trial) -> float:
     if c.data.dataset == "rsscn7" and c.method == "teacher":
         value = 0.70  # weaker than its students: flagged
     return round(value - 0.005 * (c.loss.gamma == 0.5), 4)
+
+
+def targets(classes: list[str]) -> list[int]:
+    """The synthetic test split: 20 images per class, class by class."""
+    return [c for c in range(len(classes)) for _ in range(20)]
+
+
+def predictions(acc: float, classes: list[str]) -> list[int]:
+    """Per-image predictions with ``round(acc * n)`` of the ``n`` test images right: the first ones of a fixed
+    shuffled order, so a more accurate trial is right on a superset of a less accurate one's images."""
+    k = len(classes)
+    truth = targets(classes)
+    right = set(np.random.default_rng(0).permutation(len(truth))[: prediction_hits(acc, classes)].tolist())
+    return [t if i in right else (t + 1) % k for i, t in enumerate(truth)]
+
+
+def prediction_hits(acc: float, classes: list[str]) -> int:
+    return round(acc * 20 * len(classes))
+
+
+def prediction_accuracy(trial) -> float:
+    """The test accuracy (%) of :func:`predictions` for ``trial``'s best checkpoint."""
+    classes = CLASSES[trial.config.data.dataset]
+    return 100 * prediction_hits(accuracy(trial), classes) / (20 * len(classes))
 
 
 def metrics(acc: float, classes: list[str]) -> dict:
@@ -113,8 +139,17 @@ def result(trial) -> dict:
             "skipped": [],
         },
         "teacher": None,
-        "best": {"epoch": epochs - 1, "val": metrics(best, classes), "test": metrics(best, classes)},
-        "last": {"epoch": epochs, "val": metrics(best - 0.02, classes), "test": metrics(best - 0.02, classes)},
+        "test_targets": targets(classes),
+        "best": {
+            "epoch": epochs - 1,
+            "val": metrics(best, classes),
+            "test": metrics(best, classes) | {"predictions": predictions(best, classes)},
+        },
+        "last": {
+            "epoch": epochs,
+            "val": metrics(best - 0.02, classes),
+            "test": metrics(best - 0.02, classes) | {"predictions": predictions(best - 0.02, classes)},
+        },
         "history": history,
         "timings": {"total_s": 5.0, "train_s": 4.0, "train_images_per_s": 100.0},
         "environment": ENVIRONMENT,
@@ -201,10 +236,10 @@ def csv(report: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(report / "tables" / f"{name}.csv")
 
 
-def default_accuracies(trials, dataset: str, method: str) -> dict[int, float]:
+def default_accuracies(trials, dataset: str, method: str, of=lambda t: 100 * accuracy(t)) -> dict[int, float]:
     """seed -> best test accuracy (%) of the default-setting done trials, computed from the synthetic data."""
     return {
-        t.config.seed: 100 * accuracy(t)
+        t.config.seed: of(t)
         for t in trials
         if t.config.data.dataset == dataset
         and t.config.method == method
@@ -215,16 +250,9 @@ def default_accuracies(trials, dataset: str, method: str) -> dict[int, float]:
     }
 
 
-def test_t_quantiles_match_tables():
-    assert t_quantile(0.95, 1) == pytest.approx(12.7062047, abs=1e-6)
-    assert t_quantile(0.95, 2) == pytest.approx(4.3026527, abs=1e-6)
-    assert t_quantile(0.95, 10) == pytest.approx(2.2281389, abs=1e-6)
-
-
 def test_accuracy_table_matches_store(report, trials):
     table = csv(report, "accuracy").set_index(["dataset", "method"])
     for dataset in ("eurosat", "rsscn7"):
-        baseline = default_accuracies(trials, dataset, "baseline")
         for method in METHOD_ACCURACY:
             by_seed = default_accuracies(trials, dataset, method)
             row = table.loc[(dataset, method)]
@@ -241,9 +269,12 @@ def test_accuracy_table_matches_store(report, trials):
                 assert row["best_std"] == pytest.approx(std, abs=0.006)
             else:
                 assert math.isnan(row["best_std"])
-            if method != "baseline":
-                diffs = [by_seed[s] - baseline[s] for s in by_seed]
+            if method != "baseline":  # Δ is paired image by image: from the per-image predictions
+                hits = default_accuracies(trials, dataset, method, of=prediction_accuracy)
+                base_hits = default_accuracies(trials, dataset, "baseline", of=prediction_accuracy)
+                diffs = [hits[s] - base_hits[s] for s in hits]
                 assert row["diff_mean"] == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
+                assert row["diff_low"] <= row["diff_mean"] <= row["diff_high"]
     # rsscn7: one seed ran, kd_cos failed there
     assert table.loc[("rsscn7", "kd_cos"), "n"] == 0
     assert table.loc[("rsscn7", "kd_kl"), "planned"] == 3
@@ -273,7 +304,7 @@ def test_paired_interval_by_hand(report, trials):
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
     half = 4.302652729911275 * sd / math.sqrt(3)
     row = csv(report, "accuracy").set_index(["dataset", "method"]).loc[("eurosat", "kd_kl")]
-    assert (row["diff_low"], row["diff_high"]) == (
+    assert (row["diff_t_low"], row["diff_t_high"]) == (
         pytest.approx(mean - half, abs=0.006),
         pytest.approx(mean + half, abs=0.006),
     )
@@ -284,7 +315,7 @@ def test_paired_interval_by_hand(report, trials):
 
 def test_markdown_marks_failures_missing_and_notes(report, trials):
     md = (report / "report.md").read_text()
-    assert "n=1, no interval" in md
+    assert "1 of 3 seeds paired" in md  # rsscn7: one seed ran
     assert f"Failed: KD (Cos) on rsscn7, seed 0 (T 1, β 0, γ 1): {FAILED_ERROR}" in md
     assert "missing (pending)" in md and "20 of 60 planned trials have no result" in md
     assert "| paper (reported) |  | 99.04 |" in md
@@ -292,9 +323,9 @@ def test_markdown_marks_failures_missing_and_notes(report, trials):
     assert "Fewer than 3 finished seeds (rsscn7:" in md
     assert "differ by 1 pp or more in 9 of 9 cells of Table 1" in md
     assert "Ablation synthetic from ablations/synthetic.toml." in md
-    assert "10 classes, train / val / test = 140 / 20 / 40 images" in md and "wall time 2 min 03 s" in md
+    assert "10 classes, train / val / test = 140 / 20 / 40 images" in md and "trials took 3 min 15 s of compute in all" in md
     assert "Table 3. Temperature ablation" in md and "Table 4. Loss-weight ablation" in md
-    assert "| KD (Cos) | 0/3 | — | — | — | — | — | — |" in md
+    assert "| KD (Cos) | 0/3 | — | — | — | — | — |" in md
     incomplete = csv(report, "incomplete")
     assert incomplete.loc[incomplete["status"] == "failed", "error"].tolist() == [FAILED_ERROR]
     assert (incomplete["status"] == "pending").sum() == len(incomplete) - 1 == sum(not is_run(t) for t in trials)
@@ -310,7 +341,15 @@ def test_best_student_is_marked(report, trials):
         }
         best = max(means, key=means.get)
         assert table.loc[table["best_student"] & (table["dataset"] == dataset), "method"].tolist() == [best]
-    assert "KD (KL+Cos) ★" in (report / "report.md").read_text()
+        # the star: the most accurate student among those whose bootstrap interval excludes 0 (none: no star)
+        rows = table[table["dataset"] == dataset]
+        gains = rows[(rows["verdict"] == "gain") & (rows["method"] != "teacher")]
+        starred = rows.loc[rows["star"], "method"].tolist()
+        assert starred == ([gains.loc[gains["best_mean"].idxmax(), "method"]] if len(gains) else [])
+        assert all(rows.loc[rows["verdict"] == "gain", "diff_low"] > 0)
+    md = (report / "report.md").read_text()
+    assert "KD (KL+Cos) ★" in md  # eurosat: +3.5 to +7.5 pp over 200 test images in each of 3 seeds
+    assert "eurosat: KD (KL), KD (KL+Cos) significantly better than the baseline student" in md
 
 
 def test_latency_and_speedup_from_bench(report):
@@ -370,7 +409,7 @@ def test_store_without_results(tmp_path, trials):
     (tmp_path / "figures" / "stale.png").write_bytes(b"old")
     build_report(tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "No bench.json" in md and "not finished" in md
+    assert "No bench.json" in md and "the last invocation did not finish" in md
     assert md.count("missing (pending)") == len(trials)
     assert list((tmp_path / "figures").iterdir()) == []
     assert csv(tmp_path, "accuracy")["n"].eq(0).all()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from conftest import REPO, assert_one_line_error, call_main, make_image_folder, run_cli
 
 from kdbench.sweep.__main__ import main as sweep_main
-from kdbench.sweep.ablation import apply_overrides, parse_ablation
+from kdbench.sweep.ablation import GRID_AXES, apply_overrides, parse_ablation
 from kdbench.sweep.plan import plan_trials
 
 TINY = """
@@ -35,6 +36,8 @@ model = "mobilenet_v2"
 epochs = {student_epochs}
 batch_size = 8
 lr = 0.05
+[loss]
+temperature = 4.0
 [run]
 device = "cpu"
 """
@@ -57,7 +60,9 @@ def store_rows(out: Path) -> list[dict]:
 
 
 def base_raw(**grid) -> dict:
-    return {"name": "t", "grid": {"datasets": ["eurosat"], **grid}, "teacher": {"model": "vgg16"}}
+    """An ablation on eurosat with ``grid``; its default point is the last value of each swept axis."""
+    loss = {name: grid[axis][-1] for name, axis in GRID_AXES.items() if axis in grid}
+    return {"name": "t", "grid": {"datasets": ["eurosat"], **grid}, "teacher": {"model": "vgg16"}, "loss": loss}
 
 
 def test_plan_varies_each_method_only_along_its_axes_and_orders_teachers_first():
@@ -75,6 +80,48 @@ def test_plan_varies_each_method_only_along_its_axes_and_orders_teachers_first()
     teacher_keys = {t.key for t in trials[:2]}
     assert all(t.teacher_key in teacher_keys for t in trials if t.config.method.startswith("kd"))
     assert all(t.teacher_key is None for t in trials if t.config.method == "baseline")
+
+
+def test_grid_points_without_a_soft_term_are_planned_once_as_the_method_they_are():
+    """weights.toml's grid: (beta, gamma) = (0, 0) is the baseline, beta = 0 is KD (Cos), gamma = 0 is KD (KL)."""
+    raw = base_raw(methods=["teacher", "baseline", "kd_kl_cos"], kl_weights=[0.0, 0.5, 1.0], cos_weights=[0.0, 1.0])
+    trials = plan_trials(parse_ablation(raw, "t"))
+    students = [(t.config.method, t.config.loss.beta, t.config.loss.gamma) for t in trials if t.role == "student"]
+    assert sorted(students) == sorted(
+        [("baseline", 0.0, 0.0), ("kd_cos", 0.0, 1.0), ("kd_kl", 0.5, 0.0), ("kd_kl", 1.0, 0.0)]
+        + [("kd_kl_cos", b, 1.0) for b in (0.5, 1.0)]
+    )
+    assert len({t.key for t in trials}) == len(trials)
+    kd = [t for t in trials if t.config.method.startswith("kd")]
+    assert all(t.config.loss.beta > 0 or t.config.loss.gamma > 0 for t in kd)
+    assert all(t.teacher_key is None for t in trials if t.config.method == "baseline")
+
+
+def test_shipped_weights_ablation_lists_no_ce_only_kd_trial(shared_data):
+    from kdbench.sweep.ablation import load_ablation
+
+    trials = plan_trials(load_ablation("weights")[0])
+    kd = [t.config for t in trials if t.config.method.startswith("kd")]
+    assert kd and not [c for c in kd if c.loss.beta == 0 and c.loss.gamma == 0]
+    assert sum(t.config.method == "baseline" for t in trials) == 9  # 3 datasets x 3 seeds, once each
+
+
+@pytest.mark.parametrize(
+    "loss, needle",
+    [
+        ({}, "grid.temperatures has 2 values: name the default one in [loss]"),
+        ({"temperature": 3.0}, "loss.temperature = 3 is not in grid.temperatures (2, 4)"),
+        ({"temperature": 4.0, "beta": 0.0}, "kd_kl is really baseline"),
+    ],
+)
+def test_the_default_point_is_named_in_the_grid_and_not_degenerate(loss, needle):
+    from kdbench.errors import UserError
+
+    raw = {**base_raw(methods=["baseline", "kd_kl"], temperatures=[2.0, 4.0], kl_weights=[0.0, 1.0]), "loss": loss}
+    with pytest.raises(UserError, match=re.escape(needle)):
+        parse_ablation(raw, "t")
+    named = parse_ablation({**raw, "loss": {"temperature": 2.0, "beta": 1.0}}, "t").loss
+    assert (named.temperature, named.beta, named.gamma) == (2.0, 1.0, 1.0)  # gamma: its axis's only value
 
 
 def test_keys_are_stable_and_change_only_with_what_affects_a_result():

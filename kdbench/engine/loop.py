@@ -241,17 +241,26 @@ def evaluate(
     device: torch.device,
 ) -> dict:
     """Metrics of ``model`` on un-augmented ``images`` plus the mean cross-entropy (``loss``)."""
+    return logit_metrics(predict(model, images, batch_size=batch_size, device=device), labels, classes)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``[N, C]`` fp32 logits of ``model`` (eval mode) on un-augmented uint8 ``images``, on the CPU."""
     model.eval()
-    predictions, loss_sum = [], 0.0
     fmt = memory_format(device)
+    chunks = []
     for lo in range(0, len(images), batch_size):
         x = normalize(images[lo : lo + batch_size].to(device)).contiguous(memory_format=fmt)
         with autocast(device):
-            logits = model(x).float()
-        y = labels[lo : lo + batch_size].to(device)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        predictions.append(logits.argmax(1).cpu())
-    pred = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
-    metrics = summarize(confusion_matrix(labels.cpu(), pred, len(classes)), classes)
-    metrics["loss"] = loss_sum / max(len(images), 1)
+            chunks.append(model(x).float().cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """:func:`kdbench.engine.metrics.summarize` of the arg-max predictions, plus the mean cross-entropy (``loss``)."""
+    labels = labels.cpu()
+    pred = logits.argmax(1) if len(logits) else torch.empty(0, dtype=torch.long)
+    metrics = summarize(confusion_matrix(labels, pred, len(classes)), classes)
+    metrics["loss"] = float(F.cross_entropy(logits, labels, reduction="sum")) / len(labels) if len(labels) else 0.0
     return metrics

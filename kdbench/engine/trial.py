@@ -5,8 +5,9 @@ Files in the trial's output folder:
 - ``manifest.csv``: every image used, with its class and split;
 - ``last.pt``: resume state after the last finished epoch (weights, optimiser, history);
 - ``best.pt``: the weights with the best validation accuracy (a kdbench checkpoint);
-- ``metrics.json``: the result: test metrics of the best-on-validation and of the
-  last-epoch weights, per-epoch history, timings, environment.
+- ``metrics.json``: the result: test metrics (with per-image predictions) of the
+  best-on-validation and of the last-epoch weights, per-epoch history, timings, environment;
+- ``test_logits.pt``: the best-on-validation weights' logits on the test split, with the targets.
 
 Rerunning the same trial into the same folder resumes after the last finished
 epoch; a folder holding a different trial is refused.
@@ -27,7 +28,16 @@ import torch
 from kdbench.config import Recipe, TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
-from kdbench.engine.loop import EpochStats, evaluate, lr_factor, make_optimizer, steps_per_epoch, train_one_epoch
+from kdbench.engine.loop import (
+    EpochStats,
+    evaluate,
+    logit_metrics,
+    lr_factor,
+    make_optimizer,
+    predict,
+    steps_per_epoch,
+    train_one_epoch,
+)
 from kdbench.engine.runtime import environment, memory_format, resolve_device
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError
@@ -35,6 +45,7 @@ from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
 from kdbench.models import (
     CHECKPOINT_FORMAT,
+    atomic_torch_save,
     build_model,
     load_checkpoint_file,
     load_model_checkpoint,
@@ -42,6 +53,7 @@ from kdbench.models import (
 )
 
 METRICS_FILE = "metrics.json"
+TEST_LOGITS_FILE = "test_logits.pt"  # the best-val checkpoint's logits on the test split
 
 
 def run_trial(
@@ -161,13 +173,25 @@ def build_result(
     t0: float,
     device: torch.device,
 ) -> dict:
-    """A trial's result: val and test metrics of the best-on-validation checkpoint and of the last weights, and its record."""
-    batch_size = cfg.recipe.eval_batch_size
+    """A trial's result: val and test metrics of the best-on-validation checkpoint and of the last weights, and its record.
 
-    def split_metrics(model: torch.nn.Module) -> dict:
-        return {s: evaluate(model, *sets[s], data.classes, batch_size=batch_size, device=device) for s in ("val", "test")}
+    The test metrics carry the per-image ``predictions`` (class indices, in the order of ``test_targets``), so
+    the report can pair two trials image by image; the best checkpoint's test logits are saved beside it
+    (:data:`TEST_LOGITS_FILE`).
+    """
+    batch_size = cfg.recipe.eval_batch_size
+    test_images, test_labels = sets["test"]
+
+    def split_metrics(model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+        val = evaluate(model, *sets["val"], data.classes, batch_size=batch_size, device=device)
+        logits = predict(model, test_images, batch_size=batch_size, device=device)
+        test = logit_metrics(logits, test_labels, data.classes) | {"predictions": logits.argmax(1).tolist()}
+        return {"val": val, "test": test}, logits
 
     best_model, _ = load_model_checkpoint(best_checkpoint)
+    best, best_logits = split_metrics(best_model.to(device, memory_format=memory_format(device)))
+    last, _ = split_metrics(last_model)
+    atomic_torch_save({"logits": best_logits, "targets": test_labels.cpu()}, best_checkpoint.parent / TEST_LOGITS_FILE)
     return {
         "format": "kdbench-result-v1",
         "key": cfg.key(LOSS_VERSION),
@@ -177,8 +201,9 @@ def build_result(
         "classes": data.classes,
         "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
         "teacher": teacher_info,
-        "best": {"epoch": best_epoch, **split_metrics(best_model.to(device, memory_format=memory_format(device)))},
-        "last": {"epoch": cfg.recipe.epochs, **split_metrics(last_model)},
+        "test_targets": test_labels.cpu().tolist(),
+        "best": {"epoch": best_epoch, **best, "test_logits_file": TEST_LOGITS_FILE},
+        "last": {"epoch": cfg.recipe.epochs, **last},
         "history": history,
         "timings": {
             "total_s": time.perf_counter() - t0,

@@ -10,7 +10,7 @@ from kdbench.data.specs import get_spec
 from kdbench.report import figures
 from kdbench.report.document import Block, Bullets, FigureBlock, Heading, Paragraph, TableBlock
 from kdbench.report.load import BENCH_FILE, ReportData
-from kdbench.report.notes import report_notes
+from kdbench.report.notes import findings, report_notes
 from kdbench.report.stats import CONFIDENCE
 from kdbench.report.tables import (
     MISSING_BENCH_NOTE,
@@ -109,6 +109,7 @@ def report_blocks(data: ReportData, tables: dict[str, Table], figs: dict[str, Fi
     if data.ablation.description:
         blocks.append(Paragraph(data.ablation.description))
     blocks += [Heading("What ran"), Bullets(tuple(run_summary(data)))]
+    blocks += [Heading("Findings"), Bullets(tuple(findings(tables["accuracy"])))]
     blocks += [Heading("Notes"), Bullets(tuple(report_notes(data, tables["accuracy"])))]
     blocks += _section("1. Accuracy", [tables["accuracy"]], [figs.get("accuracy")])
     speed = [tables["latency"]] if "latency" in tables else [Paragraph(MISSING_BENCH_NOTE)]
@@ -155,7 +156,7 @@ def run_summary(data: ReportData) -> list[str]:
         f"β (KL weight) ∈ {_values(g.kl_weights)}, γ (cosine weight) ∈ {_values(g.cos_weights)}; "
         f"methods: {', '.join(g.methods)}.",
         f"Seeds: {', '.join(map(str, g.seeds))} ({len(g.seeds)}); "
-        f"Δ intervals are two-sided {CONFIDENCE:.0%} Student-t over seeds.",
+        f"Δ intervals are {CONFIDENCE:.0%} two-way bootstrap intervals over seeds and test images.",
         f"Images: {d.resolution}×{d.resolution} px, {images}{classes}, augmentation {d.augment}, split seed {d.split_seed}.",
         *(f"Dataset {dataset}: {_dataset_line(data, dataset)}." for dataset in data.datasets),
         f"Hardware: {_hardware(env)}.",
@@ -164,13 +165,23 @@ def run_summary(data: ReportData) -> list[str]:
 
 
 def _sweep_line(data: ReportData) -> str:
-    """When the sweep ran (its own timestamps, UTC), how long, and where its trials stand."""
-    sweep = data.sweep
-    counts = data.trials["status"].value_counts()
+    """When the trials ran and how long they took (their own records, whichever invocation trained them), and where they stand.
+
+    A trial's time is its result's ``total_s`` (at least its epochs' summed ``train_s``, which survives a
+    resume); the span runs from the first trial's start to the last one's end (UTC).
+    """
+    trials = data.trials
+    counts = trials["status"].value_counts()
     status = ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "pending") if s in counts)
-    finished = f"finished {_utc(sweep['finished_at'])}" if sweep["finished_at"] else "not finished"
-    wall = f", wall time {_duration(sweep['summary']['wall_s'])}" if sweep["summary"] else ""
-    return f"Sweep started {_utc(sweep['started_at'])}, {finished}{wall}; {len(data.trials)} trials planned: {status}."
+    done = data.done
+    seconds = sum(max(r["timings"]["total_s"], r["timings"]["train_s"]) for r in done["result"])
+    timing = f"trials took {_duration(seconds)} of compute in all" if len(done) else "no trial finished"
+    start, end = trials["started_at"].dropna(), done["finished_at"].dropna()
+    if len(start) and len(end):
+        timing += f", from {_utc(start.min())} to {_utc(end.max())} (span {_duration(end.max() - start.min())})"
+    if data.sweep["finished_at"] is None:
+        timing += "; the last invocation did not finish"
+    return f"{len(trials)} trials planned: {status}; {timing}."
 
 
 def _recipe(r: Recipe) -> str:

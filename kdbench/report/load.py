@@ -2,10 +2,9 @@
 
 Every trial the latest sweep planned is one row, done or not, so later stages can
 mark what is missing.  Accuracies and macro metrics become percentages.  A trial is
-*default* when its loss settings are the ones a one-value grid would use: the
-ablation's first temperature, first KL weight and first cosine weight, passed
-through the method's ``effective_loss`` (so the baseline, which ignores them, is
-always default).
+*default* when its loss settings are the ablation's default point (``[loss]``
+temperature, beta and gamma) passed through the method's ``effective_loss`` (so
+the baseline, which ignores them, is always default).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kdbench.bench_summary import load_benchmark_json
@@ -56,16 +56,13 @@ class ReportData:
 
 
 def default_loss(ablation: Ablation, method: str) -> LossConfig:
-    """The loss settings of ``method``'s default trial (first value of each grid axis)."""
-    grid, loss = ablation.grid, ablation.loss
-    base = LossConfig(
-        alpha=loss.alpha,
-        beta=grid.kl_weights[0],
-        gamma=grid.cos_weights[0],
-        temperature=grid.temperatures[0],
-        cosine_on=loss.cosine_on,
-    )
-    return get_method(method).effective_loss(base)
+    """The loss settings of ``method``'s default trial (the ablation's default point, ``[loss]``)."""
+    return get_method(method).effective_loss(ablation.loss.default_point())
+
+
+def test_correct(result: dict, checkpoint: str = "best") -> np.ndarray:
+    """Per-test-image correctness (bool, in ``test_targets`` order) of a trial's ``checkpoint`` weights."""
+    return np.asarray(result[checkpoint]["test"]["predictions"]) == np.asarray(result["test_targets"])
 
 
 def load_report_data(out_dir: Path) -> ReportData:
@@ -117,6 +114,8 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
         *(f"{ckpt}_{m}" for ckpt in ("best", "last") for m in METRICS.values()),
         "result",
         "complexity",
+        "started_at",
+        "finished_at",
     ]
     frame = pd.DataFrame(records, columns=columns)
     order = {"dataset": list(ablation.grid.datasets), "method": list(METHODS)}
@@ -137,6 +136,8 @@ def _record(row: dict, ablation: Ablation) -> dict:
         "default": all(math.isclose(row[axis], getattr(default, axis)) for axis in LOSS_AXES),
         "result": row["result"],
         "complexity": row["complexity"],
+        "started_at": row.get("started_at"),
+        "finished_at": row.get("finished_at"),
     }
     result = row["result"] if row["status"] == "done" else None
     for ckpt in ("best", "last"):

@@ -28,6 +28,36 @@ def report_notes(data: ReportData, accuracy: Table) -> list[str]:
     ]
 
 
+def findings(accuracy: Table) -> list[str]:
+    """Per dataset, what Table 1 says of each distillation method against the baseline, by the significance rule."""
+    rows = accuracy.data
+    lines = []
+    for dataset, group in rows.groupby("dataset", sort=False):
+        students = group[(group["role"] == "student") & (group["method"] != "baseline")]
+        judged = students[students["verdict"].isin(["gain", "loss", "no significant difference"])]
+        if judged.empty:
+            lines.append(f"{dataset}: no method could be compared with the baseline (no paired finished trials).")
+            continue
+        parts = [
+            f"{r.label} {r.diff_mean:+.2f} pp [{r.diff_low:+.2f}, {r.diff_high:+.2f}], {_VERDICT_PROSE[r.verdict]}"
+            for r in judged.itertuples()
+        ]
+        gains = judged[judged["verdict"] == "gain"]
+        if gains.empty:
+            head = "no distillation method is significantly better than the baseline student"
+        else:
+            head = f"{', '.join(gains['label'])} significantly better than the baseline student"
+        lines.append(f"{dataset}: {head} ({'; '.join(parts)}).")
+    return lines
+
+
+_VERDICT_PROSE = {
+    "gain": "a significant gain",
+    "loss": "a significant loss",
+    "no significant difference": "no significant difference",
+}
+
+
 def _unfinished(data: ReportData) -> list[str]:
     if data.sweep["finished_at"] is None:
         return ["The sweep has no finish time: it was interrupted or is still running; this report shows what the store held."]
@@ -84,7 +114,8 @@ def _few_seeds(accuracy: pd.DataFrame) -> list[str]:
             f"{dataset}: " + ", ".join(f"{r.label} n={r.n}" for r in group.itertuples()) for dataset, group in groups
         )
     return [
-        f"Fewer than {MIN_SEEDS} finished seeds ({where}): error bars and intervals are not meaningful there (one seed has none)."
+        f"Fewer than {MIN_SEEDS} finished seeds ({where}): standard deviations are not meaningful there (one seed has "
+        "none), and the Δ intervals there hold test-image noise but little or no seed-to-seed noise."
     ]
 
 

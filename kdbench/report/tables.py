@@ -6,6 +6,8 @@ differences are percentage points (pp).  Cells without a finished trial are ``�
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -14,16 +16,27 @@ import pandas as pd
 
 from kdbench.bench_summary import BENCH_COMMAND, speedups
 from kdbench.errors import UserError
-from kdbench.methods import METHODS, get_method
+from kdbench.methods import METHODS, get_method, resolve
 from kdbench.profile import FLOP_CONVENTION, compression
-from kdbench.report.load import BENCH_FILE, ReportData, default_loss
-from kdbench.report.stats import CONFIDENCE, paired_difference, summarize
+from kdbench.report.load import BENCH_FILE, LOSS_AXES, ReportData, test_correct
+from kdbench.report.stats import (
+    BOOTSTRAP_RESAMPLES,
+    CONFIDENCE,
+    Difference,
+    bootstrap_difference,
+    mcnemar_exact,
+    paired_difference,
+    summarize,
+    verdict,
+)
+from kdbench.sweep.ablation import GRID_AXES
 
 PAPER = "arXiv 2606.14886"
 PAPER_BEST_ACCURACY = 99.04  # percent, the paper's best reported test accuracy; not a result of this code
 PAPER_LABEL = "paper (reported)"
 BEST_MARK = "★"
 MISSING = "—"
+VERDICT_TEXT = {"gain": "gain", "loss": "loss", "no significant difference": "n.s."}
 MISSING_BENCH_NOTE = (
     f"No {BENCH_FILE} in the sweep folder: CPU latency and throughput were not measured, so speed-ups and the "
     f"accuracy-vs-latency plot are left out. To add them, write {BENCH_FILE} into this folder with the inference benchmark, "
@@ -62,14 +75,19 @@ def mean_std(mean: float, std: float) -> str:
     return number(mean) if math.isnan(std) else f"{number(mean)} ± {number(std)}"
 
 
-def difference_text(mean: float, low: float, high: float, n: int, seeds: int) -> str:
-    """A paired difference in pp with its interval, or why there is none; the pair count when below ``seeds``."""
-    if n == 0:
+def difference_text(diff: Difference, seeds: int) -> str:
+    """A paired difference in pp with its bootstrap interval and verdict, or why there is none."""
+    if diff.n == 0 or math.isnan(diff.mean):
         return MISSING
-    if n == 1:
-        return f"{number(mean, sign=True)} (n=1, no interval)"
-    pairs = f" ({n} pairs)" if n < seeds else ""
-    return f"{number(mean, sign=True)} [{number(low, sign=True)}, {number(high, sign=True)}]{pairs}"
+    pairs = f"; {diff.n} of {seeds} seeds paired" if diff.n < seeds else ""
+    if math.isnan(diff.low):
+        return f"{number(diff.mean, sign=True)} (no interval{pairs})"
+    interval = f"[{number(diff.low, sign=True)}, {number(diff.high, sign=True)}]"
+    return f"{number(diff.mean, sign=True)} {interval} {VERDICT_TEXT[verdict(diff)]}{pairs}"
+
+
+def p_values_text(p_values: tuple[float, ...]) -> str:
+    return ", ".join(f"{p:.3f}" if p >= 0.001 else "<0.001" for p in p_values) or MISSING
 
 
 def axis_value(value: float) -> str:
@@ -78,25 +96,25 @@ def axis_value(value: float) -> str:
 
 # --- 1. accuracy ----------------------------------------------------------------------------------
 def accuracy_table(data: ReportData) -> Table:
-    """Table 1: default-setting trials of every method per dataset, test metrics over seeds, paired Δ vs baseline."""
+    """Table 1: default-point trials of every method per dataset, test metrics over seeds, paired Δ vs baseline."""
     trials = data.trials[data.trials["default"]]
     rows = [_accuracy_row(trials, dataset, method) for dataset in data.datasets for method in _methods(data)]
     frame = pd.DataFrame(rows)
     frame["best_student"] = _best_student(frame)
+    frame["star"] = _star(frame)
+    ci = f"{CONFIDENCE:.0%}"
     display = pd.DataFrame(
         {
             "Dataset": frame["dataset"],
-            "Method": [f"{label} {BEST_MARK}" if best else label for label, best in zip(frame["label"], frame["best_student"])],
+            "Method": [f"{label} {BEST_MARK}" if star else label for label, star in zip(frame["label"], frame["star"])],
             "Seeds": [f"{n}/{planned}" for n, planned in zip(frame["n"], frame["planned"])],
             "Test acc. %, best-val ckpt": [mean_std(m, s) for m, s in zip(frame["best_mean"], frame["best_std"])],
-            "Macro P %": frame["precision"].map(number),
-            "Macro R %": frame["recall"].map(number),
             "Macro F1 %": frame["f1"].map(number),
             "Test acc. %, last epoch": [mean_std(m, s) for m, s in zip(frame["last_mean"], frame["last_std"])],
-            f"Δ vs baseline, pp [{CONFIDENCE:.0%} CI]": [
-                "reference" if r.method == "baseline" else difference_text(r.diff_mean, r.diff_low, r.diff_high, r.diff_n, r.n)
-                for r in frame.itertuples()
+            f"Δ vs baseline, pp [{ci} CI]": [
+                "reference" if r.method == "baseline" else difference_text(_boot(r), len(data.seeds)) for r in frame.itertuples()
             ],
+            "McNemar p per seed": ["" if r.method == "baseline" else p_values_text(r.mcnemar_p) for r in frame.itertuples()],
         }
     )
     reference = dict.fromkeys(display.columns, "") | {
@@ -105,20 +123,30 @@ def accuracy_table(data: ReportData) -> Table:
         "Test acc. %, best-val ckpt": number(PAPER_BEST_ACCURACY),
     }
     display = pd.concat([display, pd.DataFrame([reference])], ignore_index=True)
-    grid = data.ablation.grid
+    default = data.ablation.loss
     notes = (
-        f"Default trials only: T = {axis_value(grid.temperatures[0])}, β = {axis_value(grid.kl_weights[0])}, "
-        f"γ = {axis_value(grid.cos_weights[0])} (the first value of each grid axis); "
-        "a method that does not use an axis ignores it.",
+        f"Default point only ([loss] of the ablation): T = {axis_value(default.temperature)}, "
+        f"β = {axis_value(default.beta)}, γ = {axis_value(default.gamma)}; a method that does not use a setting ignores it.",
         "Best-val ckpt: the weights of the epoch with the best validation accuracy, evaluated on the test split; "
-        "last epoch: the final weights. Accuracies are mean ± sample standard deviation over seeds; P, R, F1 are "
-        "macro averages (means over seeds). Seeds: finished / planned.",
-        f"Δ: test accuracy minus the student baseline's, paired by seed, mean and two-sided {CONFIDENCE:.0%} Student-t "
-        "interval over the pairs (t quantile with n - 1 degrees of freedom).",
-        f"{BEST_MARK} best student on the dataset (highest mean best-val-checkpoint test accuracy; all of them on a tie).",
+        "last epoch: the final weights. Accuracies are mean ± sample standard deviation over seeds; macro F1 (and, in "
+        "the CSV, macro precision and recall) are means over seeds. Seeds: finished / planned.",
+        f"Δ: test accuracy minus the student baseline's in percentage points, paired by seed and by test image; "
+        f"{ci} interval of a two-way bootstrap that resamples both the seeds and the test images "
+        f"({BOOTSTRAP_RESAMPLES} resamples, percentile interval), so it holds test-set noise as well as seed noise. "
+        "A difference is a gain (or a loss) only where the interval excludes 0; otherwise it is no significant "
+        "difference. The CSV also has the Student-t interval over seeds alone (diff_t_low, diff_t_high).",
+        "McNemar p per seed: exact two-sided McNemar test of the method against the baseline on the same test images, "
+        "one p-value per seed (binomial test of the images only one of the two gets right).",
+        f"{BEST_MARK} the most accurate student among those with a significant gain over the baseline; no mark on a "
+        "dataset where no method has one.",
         f"Last row: the best test accuracy the paper reports ({PAPER}), for reference; it is not in the CSV.",
     )
+    frame = frame.drop(columns=["mcnemar_p"]).assign(mcnemar_p=frame["mcnemar_p"].map(p_values_text))
     return Table("accuracy", "Table 1. Test accuracy per method", _round(frame), display, notes, group="Dataset")
+
+
+def _boot(row) -> Difference:
+    return Difference(row.diff_mean, row.diff_low, row.diff_high, row.diff_n)
 
 
 def _methods(data: ReportData) -> list[str]:
@@ -131,7 +159,9 @@ def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str) -> dict:
     done = planned[planned["status"] == "done"]
     best, last = summarize(list(done["best_acc"])), summarize(list(done["last_acc"]))
     baseline = trials[(trials["dataset"] == dataset) & (trials["method"] == "baseline") & (trials["status"] == "done")]
-    diff = paired_difference(_by_seed(done), _by_seed(baseline))
+    by_seed_t = paired_difference(_by_seed(done), _by_seed(baseline))
+    correct, reference = _paired_correct(done, baseline)
+    boot = bootstrap_difference(correct, reference)
     return {
         "dataset": dataset,
         "method": method,
@@ -144,15 +174,31 @@ def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str) -> dict:
         **{m: summarize(list(done[f"best_{m}"])).mean for m in ("precision", "recall", "f1")},
         "last_mean": last.mean,
         "last_std": last.std,
-        "diff_mean": diff.mean,
-        "diff_low": diff.low,
-        "diff_high": diff.high,
-        "diff_n": diff.n,
+        "diff_mean": boot.mean,
+        "diff_low": boot.low,
+        "diff_high": boot.high,
+        "diff_n": boot.n,
+        "verdict": verdict(boot) if method != "baseline" else "",
+        "diff_t_low": by_seed_t.low,
+        "diff_t_high": by_seed_t.high,
+        "mcnemar_p": tuple(mcnemar_exact(correct[s], reference[s]) for s in sorted(correct.keys() & reference.keys())),
     }
 
 
 def _by_seed(trials: pd.DataFrame) -> dict[int, float]:
     return dict(zip(trials["seed"], trials["best_acc"]))
+
+
+def _paired_correct(done: pd.DataFrame, baseline: pd.DataFrame) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """seed -> per-test-image correctness of ``done``'s and ``baseline``'s trials, for the seeds both have on the same images."""
+    correct, reference = {}, {}
+    base = {t.seed: t.result for t in baseline.itertuples()}
+    for t in done.itertuples():
+        pair = base.get(t.seed)
+        if pair is None or "test_targets" not in t.result or pair.get("test_targets") != t.result["test_targets"]:
+            continue  # no per-image predictions (an older store) or other test images: not paired
+        correct[t.seed], reference[t.seed] = test_correct(t.result), test_correct(pair)
+    return correct, reference
 
 
 def _best_student(frame: pd.DataFrame) -> pd.Series:
@@ -162,8 +208,15 @@ def _best_student(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(students & np.isclose(frame["best_mean"], top.reindex(frame.index)), index=frame.index)
 
 
+def _star(frame: pd.DataFrame) -> pd.Series:
+    """True on the most accurate student row of each dataset among those with a significant gain over the baseline."""
+    gains = (frame["verdict"] == "gain") & (frame["role"] == "student")
+    top = frame[gains].groupby("dataset")["best_mean"].transform("max")
+    return pd.Series(gains & np.isclose(frame["best_mean"], top.reindex(frame.index)), index=frame.index)
+
+
 def best_students(accuracy: Table) -> dict[str, str]:
-    """dataset -> method of its best student from Table 1, the first in method order on a tie (datasets without one left out)."""
+    """dataset -> its most accurate student in Table 1, the first in method order on a tie (datasets without one left out)."""
     best = accuracy.data[accuracy.data["best_student"]].drop_duplicates("dataset")
     return dict(zip(best["dataset"], best["method"]))
 
@@ -307,18 +360,32 @@ def _bench_model_notes(data: ReportData) -> list[str]:
 
 # --- 3-4. ablations -------------------------------------------------------------------------------
 def swept(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
-    """Trials of the methods swept along any of ``axes``, with every other axis at its default value."""
-    trials = data.trials
+    """The trials at every grid point of the methods swept along any of ``axes``, every other axis at its default.
+
+    Rows are labelled with the grid's method and point, also where the point's trial is another method's
+    (:func:`kdbench.methods.resolve`: ``kd_kl_cos`` at ``beta = 0`` is the ``kd_cos`` trial), so a
+    figure over the grid shows the whole grid.
+    """
+    trials, grid = data.trials, data.ablation.grid
+    default = data.ablation.loss.default_point()
     keep = []
-    for method in _methods(data):
-        if not set(axes) & set(data.sweep_axes(method)):
+    for name in _methods(data):
+        method_axes = data.sweep_axes(name)
+        if not set(axes) & set(method_axes):
             continue
-        default = default_loss(data.ablation, method)
-        rows = trials["method"] == method
-        for other in sorted({"temperature", "beta", "gamma"} - set(axes)):
-            rows &= np.isclose(trials[other].astype(float), getattr(default, other))
-        keep.append(trials[rows])
-    return pd.concat(keep).sort_index() if keep else trials.iloc[0:0]
+        options = [getattr(grid, GRID_AXES[a]) if a in axes else [getattr(default, a)] for a in method_axes]
+        for values in itertools.product(*options):
+            point = dict(zip(method_axes, values))
+            real, loss = resolve(get_method(name), dataclasses.replace(default, **point))
+            rows = trials["method"] == real.name
+            for axis in LOSS_AXES:
+                rows &= np.isclose(trials[axis].astype(float), getattr(loss, axis))
+            keep.append(trials[rows].assign(method=name, label=get_method(name).label, **point))
+    if not keep:
+        return trials.iloc[0:0]
+    frame = pd.concat(keep, ignore_index=True)
+    rank = frame["dataset"].map({d: i for i, d in enumerate(data.datasets)})
+    return frame.assign(_d=rank).sort_values(["_d"], kind="stable", ignore_index=True).drop(columns="_d")
 
 
 def has_ablation(data: ReportData, axes: tuple[str, ...]) -> bool:
@@ -355,10 +422,10 @@ def temperature_table(data: ReportData) -> Table:
     display = cells.pivot(index=["dataset", "label"], columns="temperature", values="cell").reindex(rows).fillna(MISSING)
     display.columns = [f"T = {t:g}" for t in display.columns]
     display = display.reset_index().rename(columns={"dataset": "Dataset", "label": "Method"})
-    grid = data.ablation.grid
+    default = data.ablation.loss
     notes = (
-        f"Test accuracy % (best-val ckpt), mean ± std (finished seeds / planned), at β = {axis_value(grid.kl_weights[0])}, "
-        f"γ = {axis_value(grid.cos_weights[0])}; methods whose loss does not depend on T are in Table 1.",
+        f"Test accuracy % (best-val ckpt), mean ± std (finished seeds / planned), at the default β = "
+        f"{axis_value(default.beta)}, γ = {axis_value(default.gamma)}; methods whose loss does not depend on T are in Table 1.",
     )
     return Table("temperature", "Table 3. Temperature ablation", _round(frame), display, notes, group="Dataset")
 
@@ -376,8 +443,9 @@ def weights_table(data: ReportData) -> Table:
         }
     )
     notes = (
-        f"Mean ± std (finished seeds / planned) at T = {axis_value(data.ablation.grid.temperatures[0])}; "
-        "a weight a method does not use is 0.",
+        f"Mean ± std (finished seeds / planned) at the default T = {axis_value(data.ablation.loss.temperature)}. "
+        "A grid point with a weight of 0 is the trial of the method it really is (β = 0: KD (Cos); γ = 0: KD (KL); "
+        "both 0: the baseline), trained once and shown here at its grid point.",
     )
     return Table("loss_weights", "Table 4. Loss-weight ablation", _round(frame), display, notes, group="Dataset")
 

@@ -8,7 +8,7 @@ Layout::
     [data]      # DataConfig fields except dataset (resolution, images_per_class, augment, ...)
     [teacher]   # Recipe of the teacher
     [student]   # Recipe of every student
-    [loss]      # alpha (CE weight) and cosine_on; beta, gamma and T come from [grid]
+    [loss]      # alpha (CE weight), cosine_on, and the default point (temperature, beta, gamma) on the grid
     [run]       # device, pack
 """
 
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdbench.config import DataConfig, Recipe, check_data, check_recipe, from_dict
+from kdbench.config import DataConfig, LossConfig, Recipe, check_data, check_loss, check_recipe, from_dict
 from kdbench.errors import UserError
 
 # The shipped ablation files are package data (kdbench/ablations/, also reached as ./ablations in a
@@ -42,8 +43,25 @@ class Grid:
 
 @dataclass(frozen=True)
 class LossSettings:
+    """The loss settings every trial shares, and the grid's default point.
+
+    ``temperature``, ``beta`` and ``gamma`` name the default point: the trials Table 1, its best-student
+    star and the confusion matrices are about.  Where a grid axis has several values, its default must be
+    named here and be one of them; where it has one value, that value is the default (so ``--set
+    grid.temperatures=[2.0]`` needs no matching ``--set loss.temperature``).
+    """
+
     alpha: float = 1.0
     cosine_on: str = "logits"
+    temperature: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+
+    def default_point(self) -> LossConfig:
+        """The default point as a loss config (``None`` fields are filled in by :func:`parse_ablation`)."""
+        return LossConfig(
+            alpha=self.alpha, beta=self.beta, gamma=self.gamma, temperature=self.temperature, cosine_on=self.cosine_on
+        )
 
 
 @dataclass(frozen=True)
@@ -110,9 +128,6 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
     """Validate a raw mapping into an :class:`Ablation` (types, ranges, names; not the grid's products)."""
     if "dataset" in raw.get("data", {}):
         raise UserError(f"{source}: data.dataset is not an ablation key: list datasets in grid.datasets")
-    for key in ("beta", "gamma", "temperature"):
-        if key in raw.get("loss", {}):
-            raise UserError(f"{source}: loss.{key} is set by the grid: use grid.kl_weights, grid.cos_weights, grid.temperatures")
     if "name" not in raw:
         raise UserError(f"{source}: missing key name (the ablation's name, used for its output folder)")
     teacher = raw.get("teacher", {})
@@ -120,6 +135,7 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
         raw = {**raw, "teacher": {**TEACHER_DEFAULTS, **teacher}}
     ablation = from_dict(Ablation, raw, "ablation")
     check_grid(ablation.grid)
+    ablation = dataclasses.replace(ablation, loss=default_point(ablation.loss, ablation.grid, source))
     for dataset in ablation.grid.datasets:
         check_data(dataclasses.replace(ablation.data, dataset=dataset), "data")
     check_recipe(ablation.teacher, "teacher")
@@ -129,6 +145,40 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
     if ablation.run.pack < 0:
         raise UserError(f"run.pack must be >= 0, got {ablation.run.pack}")
     return ablation
+
+
+# loss setting -> the grid axis that lists its values
+GRID_AXES = {"temperature": "temperatures", "beta": "kl_weights", "gamma": "cos_weights"}
+
+
+def default_point(loss: LossSettings, grid: Grid, source: str) -> LossSettings:
+    """``loss`` with its default point checked against the grid and filled in where an axis has one value."""
+    from kdbench.methods import get_method, resolve
+
+    values = {}
+    for name, axis in GRID_AXES.items():
+        given, options = getattr(loss, name), getattr(grid, axis)
+        if len(options) == 1:
+            given = options[0]
+        elif given is None:
+            raise UserError(
+                f"{source}: grid.{axis} has {len(options)} values: name the default one in [loss] "
+                f"(e.g. loss.{name} = {options[0]:g}); Table 1 reports that point"
+            )
+        elif not any(math.isclose(given, o) for o in options):
+            raise UserError(f"{source}: loss.{name} = {given:g} is not in grid.{axis} ({', '.join(f'{o:g}' for o in options)})")
+        values[name] = float(given)
+    loss = dataclasses.replace(loss, **values)
+    for name in grid.methods:
+        method = get_method(name)
+        check_loss(method.effective_loss(loss.default_point()), f"{source}: {name} at the default point: ")
+        real, _ = resolve(method, loss.default_point())
+        if real.name != method.name:
+            raise UserError(
+                f"{source}: at the default point (loss.beta = {loss.beta:g}, loss.gamma = {loss.gamma:g}) {name} is really "
+                f"{real.name}: choose a default with non-zero weights for the terms {name} uses"
+            )
+    return loss
 
 
 def check_grid(grid: Grid) -> None:

@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from kdbench.config import LossConfig, TrialConfig, check_loss
 from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
-from kdbench.methods import get_method
-from kdbench.sweep.ablation import Ablation
-
-AXES = {"temperature": "temperatures", "beta": "kl_weights", "gamma": "cos_weights"}
+from kdbench.methods import get_method, resolve
+from kdbench.sweep.ablation import GRID_AXES, Ablation
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,9 @@ def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
 
     One teacher per (dataset, teacher recipe, seed); a method's trials vary only
     along the axes that change its result (``Method.sweep_axes``), so the baseline
-    is trained once per (dataset, seed) whatever the temperature grid.
+    is trained once per (dataset, seed) whatever the temperature grid.  A grid point
+    where a soft term's weight is 0 is planned as the method it really is
+    (:func:`kdbench.methods.resolve`): ``kd_kl_cos`` at ``beta = gamma = 0`` is the baseline.
     """
     grid = ablation.grid
     methods = [get_method(m) for m in grid.methods]
@@ -63,20 +63,23 @@ def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
                 continue
             base = LossConfig(alpha=ablation.loss.alpha, cosine_on=ablation.loss.cosine_on)
             axes = method.sweep_axes(base)
-            for values in itertools.product(*(getattr(grid, AXES[a]) for a in axes)):
-                loss = method.effective_loss(dataclasses.replace(base, **dict(zip(axes, values))))
-                check_loss(loss, f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)")
+            for values in itertools.product(*(getattr(grid, GRID_AXES[a]) for a in axes)):
+                point = dataclasses.replace(base, **dict(zip(axes, values)))
+                check_loss(
+                    method.effective_loss(point), f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)"
+                )
+                real, loss = resolve(method, point)
                 cfg = TrialConfig(
-                    method=method.name,
+                    method=real.name,
                     data=data,
                     recipe=ablation.student,
                     loss=loss,
                     seed=seed,
-                    teacher_id=teacher_key if method.needs_teacher else None,
+                    teacher_id=teacher_key if real.needs_teacher else None,
                     device=ablation.run.device,
                 )
                 key = cfg.key(LOSS_VERSION)
-                trials.setdefault(key, PlannedTrial(key, cfg, teacher_key if method.needs_teacher else None))
+                trials.setdefault(key, PlannedTrial(key, cfg, teacher_key if real.needs_teacher else None))
     ordered = sorted(trials.values(), key=lambda t: t.role != "teacher")
     if not ordered:
         raise UserError("the ablation expands to no trials: add methods or datasets to [grid]")
