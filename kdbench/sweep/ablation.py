@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdbench.config import DataConfig, Recipe, check_data, check_recipe, from_dict
+from kdbench.data.specs import dataset_names
 from kdbench.errors import UserError
 
 # The shipped ablation files are package data (kdbench/ablations/, also reached as ./ablations in a
@@ -122,6 +123,7 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
     check_grid(ablation.grid)
     for dataset in ablation.grid.datasets:
         check_data(dataclasses.replace(ablation.data, dataset=dataset), "data")
+    dataset_names(ablation.grid.datasets)  # a dataset listed twice, two imagefolders with one label
     check_recipe(ablation.teacher, "teacher")
     check_recipe(ablation.student, "student")
     if ablation.run.device not in ("auto", "cpu", "cuda"):
