@@ -56,7 +56,8 @@ def markdown(text: str) -> str:
 
 def sweep_args(out: Path, *datasets: str, extra: list[str] = ()) -> list[str]:
     grid = "grid.datasets=[" + ", ".join(repr(d) for d in datasets) + "]"
-    return ["--out", str(out), *(a for o in [grid, *TINY, *extra] for a in ("--set", o))]
+    # one torch thread: on a busy 2-core machine two threads per trial are several times slower
+    return ["--out", str(out), "--threads", "1", *(a for o in [grid, *TINY, *extra] for a in ("--set", o))]
 
 
 # --- names ----------------------------------------------------------------------------------------

@@ -241,7 +241,7 @@ def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
         ax.set(
             xlabel="Predicted class",
             ylabel="True class",
-            title=plain(f"{get_method(method).label} on {dataset}, best-val ckpt, {len(trials)} seed(s) summed"),
+            title=plain(f"{get_method(method).label} on {dataset}\nbest-val ckpt, {len(trials)} seed(s) summed"),
         )
         ax.tick_params(axis="x", labelrotation=90)
         ax.tick_params(axis="y", labelrotation=0)
