@@ -220,3 +220,16 @@ def test_unexpected_errors_are_one_line_with_a_log(tmp_path, capsys, monkeypatch
         line = assert_one_line_error(proc, "unexpected ValueError: something internal over two lines", "full traceback in")
         log = Path(line.rsplit("full traceback in ", 1)[1])
         assert log.parent == logs.resolve() and "ValueError: something internal" in log.read_text(), line
+
+
+def test_a_store_written_before_display_names_gets_the_column(tmp_path):
+    from kdbench.sweep.store import Store
+
+    Store(tmp_path / "store.sqlite").close()
+    db = sqlite3.connect(tmp_path / "store.sqlite")
+    db.execute("ALTER TABLE trials DROP COLUMN dataset_name")
+    db.commit()
+    db.close()
+    Store(tmp_path / "store.sqlite").close()
+    db = sqlite3.connect(tmp_path / "store.sqlite")
+    assert "dataset_name" in {r[1] for r in db.execute("PRAGMA table_info(trials)")}
