@@ -111,17 +111,13 @@ def write_report(out_dir: Path) -> bool:
         reason = one_line(err) if isinstance(err, UserError) else describe(err)
         print(
             f"kdbench: error: the report failed ({reason}); the results are safe in {out_dir / STORE_FILE}: "
-            f"rebuild the report with: python -m kdbench.report {_quote(out_dir)} (full traceback in {log})",
+            f"rebuild the report with: python -m kdbench.report {shlex.quote(str(out_dir))} (full traceback in {log})",
             file=sys.stderr,
             flush=True,
         )
         return False
     print(f"report: {', '.join(str(p) for p in paths)}")
     return True
-
-
-def _quote(path: Path) -> str:
-    return shlex.quote(str(path))
 
 
 def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None:
