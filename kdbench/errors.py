@@ -4,14 +4,24 @@ Anything a user can cause (missing data, a bad config, a corrupt image, a bad
 checkpoint) raises :class:`UserError` with a message that says what is wrong and
 what to do.  Entry points wrap their ``main`` in :func:`cli_main`, which turns such
 an error into ``kdbench: error: <message>`` on stderr and exit status 2, never a
-traceback.
+traceback.  Any other exception (a bug, a library failure) becomes one line too,
+naming the log file that holds its full traceback, and exit status 1: under the
+folder the command set with :func:`log_errors_to` (the sweep's or run's output
+folder), else under ``$KDBENCH_CACHE/logs`` (default ``~/.cache/kdbench/logs``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import sys
+import time
+import traceback
 from collections.abc import Callable
+from pathlib import Path
+
+LOG_FOLDER = "logs"
 
 
 class UserError(Exception):
@@ -26,11 +36,63 @@ def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
 
+_log_dir: Path | None = None  # where the running command writes an unexpected error's traceback
+
+
+def log_errors_to(folder: str | os.PathLike | None) -> None:
+    """Make the running command write the traceback of an unexpected error under ``folder/logs/``."""
+    global _log_dir
+    _log_dir = Path(folder) if folder is not None else None
+
+
+def default_log_dir() -> Path:
+    """``$KDBENCH_CACHE/logs`` (default ``~/.cache/kdbench/logs``): for commands without an output folder."""
+    return Path(os.environ.get("KDBENCH_CACHE") or Path.home() / ".cache" / "kdbench").expanduser() / LOG_FOLDER
+
+
+def write_error_log(err: BaseException, folder: str | os.PathLike | None = None, what: str = "kdbench") -> Path:
+    """Write ``err``'s full traceback, the command line and versions to a new log file; returns its path.
+
+    The file is ``<folder>/logs/<what>-error-<UTC time>.log``; when ``folder`` is None
+    or cannot be written, it goes under :func:`default_log_dir` (then the temp folder).
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    text = (
+        f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}\n"
+        f"cwd: {os.getcwd()}\npython {platform.python_version()} on {platform.platform()}\n\n"
+        + "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    )
+    candidates = [Path(folder) / LOG_FOLDER] if folder is not None else []
+    candidates += [default_log_dir(), Path(os.environ.get("TMPDIR") or "/tmp") / "kdbench-logs"]
+    for logs in candidates:
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+            path = logs / f"{what}-error-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return path.resolve()
+        except OSError:
+            continue
+    return Path("(no writable log folder)")
+
+
+def describe(err: BaseException) -> str:
+    """``Type: message`` of an unexpected error, as one line."""
+    message = one_line(err)
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
 def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Decorate a CLI ``main``: UserError and Ctrl-C become one line and a non-zero exit."""
+    """Decorate a CLI ``main``: any error and Ctrl-C become one line and a non-zero exit, never a traceback.
+
+    UserError: its message, exit 2.  Anything else: ``unexpected <Type>: <message>`` and
+    the log file holding the traceback, exit 1.
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        log_errors_to(None)
+        spec = main.__globals__.get("__spec__")  # under python -m, __module__ is __main__
+        what = (spec.name if spec else main.__module__).removesuffix(".__main__").rsplit(".", 1)[-1]
         try:
             return int(main(*args, **kwargs) or 0)
         except UserError as err:
@@ -39,5 +101,13 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
         except KeyboardInterrupt:
             print("kdbench: interrupted; rerun the same command to resume", file=sys.stderr)
             return 130
+        except SystemExit:  # argparse's usage errors and --help
+            raise
+        except Exception as err:
+            log = write_error_log(err, _log_dir, what)
+            print(f"kdbench: error: unexpected {describe(err)}; full traceback in {log}", file=sys.stderr)
+            return 1
+        finally:
+            log_errors_to(None)
 
     return wrapper

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_data, check_loss, check_recipe
-from kdbench.errors import UserError, cli_main
+from kdbench.errors import UserError, cli_main, log_errors_to
 from kdbench.methods import METHODS, get_method
 
 
@@ -106,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log_errors_to(args.out)
     cfg = config_from_args(args)
     from kdbench.engine.trial import run_trial  # torch-heavy import after the arguments are checked
 

@@ -48,6 +48,7 @@ from torch import nn
 from kdbench.config import TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
+from kdbench.data.specs import display_name
 from kdbench.engine.loop import EpochStats, MemberLoss, evaluate, make_optimizer, train_members_epoch
 from kdbench.engine.runtime import memory_format, resolve_device
 from kdbench.engine.trial import METRICS_FILE, build_result, history_row, make_scheduler, teacher_source, write_json
@@ -214,7 +215,7 @@ def _train(
             seed=first.seed,
             epoch=epoch,
             device=device,
-            desc=f"pack of {k} {first.data.dataset} epoch {epoch + 1}/{recipe.epochs}",
+            desc=f"pack of {k} {display_name(first.data.dataset)} epoch {epoch + 1}/{recipe.epochs}",
             progress=progress,
         )
         _load_members(packed, members)

@@ -28,6 +28,7 @@ import torch
 from kdbench.config import Recipe, TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
+from kdbench.data.specs import display_name
 from kdbench.engine.loop import (
     EpochStats,
     evaluate,
@@ -108,7 +109,7 @@ def run_trial(
             seed=cfg.seed,
             epoch=epoch,
             device=device,
-            desc=f"{cfg.method} {cfg.data.dataset} epoch {epoch + 1}/{recipe.epochs}",
+            desc=f"{cfg.method} {display_name(cfg.data.dataset)} epoch {epoch + 1}/{recipe.epochs}",
             progress=progress,
         )
         val = evaluate(model, *sets["val"], data.classes, batch_size=recipe.eval_batch_size, device=device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kdbench.errors import cli_main
+from kdbench.errors import cli_main, log_errors_to
 from kdbench.report import build_report
 
 
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdbench.report", description=__doc__)
     parser.add_argument("dir", help="sweep output folder holding store.sqlite (e.g. reports/quick)")
     args = parser.parse_args(argv)
+    log_errors_to(args.dir)
     for path in build_report(args.dir):
         print(path)
     return 0

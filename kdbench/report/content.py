@@ -85,7 +85,7 @@ def draw_figures(data: ReportData, tables: dict[str, Table], folder: Path) -> di
     ]
     specs += [
         (
-            f"confusion_{dataset}",
+            f"confusion_{data.name(dataset).slug}",
             lambda d=dataset, m=method: figures.confusion_figure(data, d, m),
             f"Test confusion matrix of the best student on {dataset} (best-val checkpoint, default settings, summed over its "
             "finished seeds), each row as a percentage of the true class.",
@@ -119,7 +119,7 @@ def report_blocks(data: ReportData, tables: dict[str, Table], figs: dict[str, Fi
     if "loss_weights" in tables:
         blocks += _section("4. Loss-weight ablation", [tables["loss_weights"]], [figs.get("loss_weights")])
     blocks += _section("Training curves", [], [figs.get("training_curves")])
-    blocks += _section("Confusion matrices", [], [figs.get(f"confusion_{d}") for d in data.datasets])
+    blocks += _section("Confusion matrices", [], [figs.get(f"confusion_{data.name(d).slug}") for d in data.datasets])
     incomplete = tables["incomplete"]
     blocks += [Heading("Failed and missing trials")]
     blocks.append(TableBlock(incomplete) if len(incomplete.display) else Paragraph("None: every planned trial finished."))
@@ -196,7 +196,7 @@ def _dataset_line(data: ReportData, dataset: str) -> str:
     done = data.done[data.done["dataset"] == dataset]
     splits = sorted({(r["data"]["train"], r["data"]["val"], r["data"]["test"], len(r["classes"])) for r in done["result"]})
     sizes = " or ".join(f"{c} classes, train / val / test = {a} / {b} / {t} images" for a, b, t, c in splits)
-    return f"{get_spec(dataset).title}; {sizes or 'split sizes unknown (no finished trial)'}"
+    return f"{get_spec(data.name(dataset).dataset).title}; {sizes or 'split sizes unknown (no finished trial)'}"
 
 
 def _hardware(env: dict) -> str:

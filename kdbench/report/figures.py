@@ -58,10 +58,15 @@ def _facets(data: ReportData, height: float = 2.6, rows: int = 1, **kw) -> tuple
     return plt.subplots(rows, len(data.datasets), figsize=(WIDTH, height * rows), squeeze=False, **kw)
 
 
+def plain(text: str) -> str:
+    """``text`` shown as is by matplotlib: a ``$`` in a dataset or class name must not start math mode."""
+    return str(text).replace("$", r"\$")
+
+
 def _empty(ax: plt.Axes, title: str) -> None:
     """Mark a panel that has no finished trial."""
     ax.set_axis_off()
-    ax.set_title(f"{title}: no finished trial")
+    ax.set_title(plain(f"{title}: no finished trial"))
 
 
 def accuracy_figure(data: ReportData) -> plt.Figure | None:
@@ -71,9 +76,9 @@ def accuracy_figure(data: ReportData) -> plt.Figure | None:
         return None
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 3.4))
-        order, hue = data.datasets, labels(data)
+        order, hue = [plain(d) for d in data.datasets], labels(data)
         common = {
-            "data": trials,
+            "data": trials.assign(dataset=trials["dataset"].map(plain)),
             "x": "dataset",
             "y": "best_acc",
             "hue": "label",
@@ -128,7 +133,7 @@ def temperature_figure(data: ReportData) -> plt.Figure | None:
             for label, group in references[references["dataset"] == dataset].groupby("label"):
                 ax.axhline(group["best_acc"].mean(), color=PALETTE[label], linestyle="--", linewidth=1)
             ax.set(
-                title=dataset,
+                title=plain(dataset),
                 xlabel="Temperature T",
                 ylabel=ACCURACY_LABEL,
                 xticks=sorted(trials["temperature"].unique()),
@@ -170,7 +175,7 @@ def weights_figure(data: ReportData) -> plt.Figure | None:
                     _empty(ax, f"{get_method(method).label}, {dataset}")
                     continue
                 sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": ACCURACY_LABEL})
-                ax.set(title=f"{get_method(method).label}, {dataset}", xlabel="Cosine weight γ", ylabel="KL weight β")
+                ax.set(title=plain(f"{get_method(method).label}, {dataset}"), xlabel="Cosine weight γ", ylabel="KL weight β")
         fig.tight_layout()
     return fig
 
@@ -203,7 +208,7 @@ def curves_figure(data: ReportData) -> plt.Figure | None:
                 ax=ax,
                 legend=False,
             )
-            ax.set(title=dataset, xlabel="Epoch", ylabel="Validation accuracy (%)")
+            ax.set(title=plain(dataset), xlabel="Epoch", ylabel="Validation accuracy (%)")
             ax.xaxis.get_major_locator().set_params(integer=True)
         _method_legend(fig, data)
         fig.tight_layout()
@@ -214,7 +219,7 @@ def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
     """Row-normalised test confusion matrix of ``method``'s default trials on ``dataset``, summed over their seeds."""
     trials = _default_done(data)
     trials = trials[(trials["dataset"] == dataset) & (trials["method"] == method)]
-    classes = trials["result"].iloc[0]["classes"]
+    classes = [plain(c) for c in trials["result"].iloc[0]["classes"]]
     counts = sum(np.array(r["best"]["test"]["confusion_matrix"]) for r in trials["result"])
     share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     cells = np.where(share >= 0.5, np.round(share).astype(int).astype(str), "")  # empty cells stay blank
@@ -236,7 +241,7 @@ def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
         ax.set(
             xlabel="Predicted class",
             ylabel="True class",
-            title=f"{get_method(method).label} on {dataset}, best-val ckpt, {len(trials)} seed(s) summed",
+            title=plain(f"{get_method(method).label} on {dataset}\nbest-val ckpt, {len(trials)} seed(s) summed"),
         )
         ax.tick_params(axis="x", labelrotation=90)
         ax.tick_params(axis="y", labelrotation=0)
@@ -276,7 +281,7 @@ def cost_figure(data: ReportData, latency: dict[str, float]) -> plt.Figure | Non
                         markersize=5,
                     )
                 _log_axis(ax)
-                ax.set(title=dataset, xlabel=xlabel, ylabel=ACCURACY_LABEL)
+                ax.set(title=plain(dataset), xlabel=xlabel, ylabel=ACCURACY_LABEL)
         _method_legend(fig, data)
         fig.tight_layout()
     return fig

@@ -5,6 +5,9 @@ mark what is missing.  Accuracies and macro metrics become percentages.  A trial
 *default* when its loss settings are the ablation's default point (``[loss]``
 temperature, beta and gamma) passed through the method's ``effective_loss`` (so
 the baseline, which ignores them, is always default).
+Datasets are shown by their display names
+(:func:`kdbench.data.specs.dataset_names`): the ``dataset`` column holds the display
+name, ``source`` the grid's dataset string.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pandas as pd
 
 from kdbench.bench_summary import load_benchmark_json
 from kdbench.config import LossConfig
+from kdbench.data.specs import DatasetName, dataset_names
 from kdbench.errors import UserError
 from kdbench.methods import METHODS, get_method
 from kdbench.sweep.ablation import Ablation, parse_ablation
@@ -38,8 +42,18 @@ class ReportData:
     bench: pd.DataFrame | None  # kdbench.bench_summary.load_benchmark_json, None without bench.json
 
     @property
+    def names(self) -> dict[str, DatasetName]:
+        """Display name and slug of each dataset string of the grid, in grid order."""
+        return dataset_names(self.ablation.grid.datasets)
+
+    @property
     def datasets(self) -> list[str]:
-        return list(self.ablation.grid.datasets)
+        """The datasets' display names, in grid order (the ``dataset`` column of :attr:`trials`)."""
+        return [n.display for n in self.names.values()]
+
+    def name(self, display: str) -> DatasetName:
+        """The :class:`DatasetName` of the dataset shown as ``display``."""
+        return next(n for n in self.names.values() if n.display == display)
 
     @property
     def done(self) -> pd.DataFrame:
@@ -88,17 +102,22 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
     """One row per trial, ordered by dataset (grid order), method (registry order), loss settings and seed.
 
     Columns: the store's identity columns (key, role, dataset, method, model, seed,
-    temperature, beta, gamma, teacher_key, status, error, flags), ``label`` (the
+    temperature, beta, gamma, teacher_key, status, error, flags) with ``dataset`` the
+    display name, ``source`` (the dataset string of the grid), ``label`` (the
     method's report name), ``default`` (see the module docstring), ``best_<m>`` and
     ``last_<m>`` for m in acc, precision, recall, f1 (percent of the test split; NaN
     unless done), ``best_epoch``, ``last_epoch``, and the decoded ``result`` and
     ``complexity`` dicts.
     """
-    records = [_record(row, ablation) for row in rows]
+    names = {d: n.display for d, n in dataset_names(ablation.grid.datasets).items()}
+    records = [
+        _record(row, ablation) | {"dataset": names.get(row["dataset"], row["dataset"]), "source": row["dataset"]} for row in rows
+    ]
     columns = [
         "key",
         "role",
         "dataset",
+        "source",
         "method",
         "label",
         "model",
@@ -118,7 +137,7 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
         "finished_at",
     ]
     frame = pd.DataFrame(records, columns=columns)
-    order = {"dataset": list(ablation.grid.datasets), "method": list(METHODS)}
+    order = {"dataset": list(names.values()), "method": list(METHODS)}
     rank = {col: frame[col].map({v: i for i, v in enumerate(values)}) for col, values in order.items()}
     frame = frame.assign(_d=rank["dataset"], _m=rank["method"])
     frame = frame.sort_values(["_d", "_m", *LOSS_AXES, "seed"], ignore_index=True)

@@ -5,19 +5,23 @@
     python -m kdbench.sweep --dry-run                        # list the trials and their cost
 
 The last line printed is ``trials: T total, D done, F failed, S already done``; the
-exit status is non-zero when any trial failed.
+exit status is non-zero when any trial failed or the report could not be written (the
+results are in the store then: ``python -m kdbench.report DIR`` rebuilds the report).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import statistics
 import sys
 from pathlib import Path
 
-from kdbench.errors import UserError, cli_main
+from kdbench.errors import UserError, cli_main, describe, log_errors_to, one_line, write_error_log
 from kdbench.sweep.ablation import load_ablation
 from kdbench.sweep.plan import plan_trials
+from kdbench.sweep.store import STORE_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     trials = plan_trials(ablation)
     out_dir = Path(args.out or Path("reports") / ablation.name)
     if args.dry_run:
-        print_plan(trials, args.data_root)
+        print_plan(trials, args.data_root, ablation.grid.datasets)
         return 0
+    log_errors_to(out_dir)
 
     from kdbench.sweep.executors import make_executor
     from kdbench.sweep.runner import check_datasets, run_sweep
@@ -81,10 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(shown) if not shown.startswith("..") else path
     print(f"sweep {ablation.name}: {len(trials)} trials from {path} into {out_dir}/")
     counts = run_sweep(ablation, path, raw, trials, out_dir, executor, ctx, pack=pack_size(args.pack, ablation))
-    if not args.no_report:
-        write_report(out_dir)
+    reported = args.no_report or write_report(out_dir)
     print(f"trials: {counts['total']} total, {counts['done']} done, {counts['failed']} failed, {counts['already']} already done")
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or not reported else 0
 
 
 def pack_size(requested: int | None, ablation) -> int:
@@ -96,19 +100,37 @@ def pack_size(requested: int | None, ablation) -> int:
     return default_pack_size(requested or ablation.run.pack, resolve_device(ablation.run.device).type)
 
 
-def write_report(out_dir: Path) -> None:
-    from kdbench.report import build_report
+def write_report(out_dir: Path) -> bool:
+    """Write the report; on any failure print one line (the results are safe in the store) and return False."""
+    try:
+        from kdbench.report import build_report
 
-    paths = build_report(out_dir)
+        paths = build_report(out_dir)
+    except Exception as err:  # the trials are recorded: a failing report must not lose them or end in a traceback
+        log = write_error_log(err, out_dir, "report")
+        reason = one_line(err) if isinstance(err, UserError) else describe(err)
+        print(
+            f"kdbench: error: the report failed ({reason}); the results are safe in {out_dir / STORE_FILE}: "
+            f"rebuild the report with: python -m kdbench.report {shlex.quote(str(out_dir))} (full traceback in {log})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
     print(f"report: {', '.join(str(p) for p in paths)}")
+    return True
 
 
-def print_plan(trials, data_root: str | None) -> None:
-    from kdbench.sweep.cost import estimate_seconds, train_images
+def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None:
+    """The trials with their cost, then per dataset its classes and images, warning about very small classes."""
+    from kdbench.data.specs import dataset_names
+    from kdbench.sweep.cost import SMALL_CLASS_SHARE, counts_key, estimate_seconds, train_images
 
-    images = train_images(trials, data_root)
+    names = dataset_names(datasets)
+    counts = {}
+    images = train_images(trials, data_root, counts)
+    width = max(10, *(len(n.display) for n in names.values()))
     print(
-        f"{'key':<16}  {'method':<10} {'dataset':<10} {'model':<14} {'seed':>4} {'T':>5} {'alpha':>5} {'beta':>5} "
+        f"{'key':<16}  {'method':<10} {'dataset':<{width}} {'model':<14} {'seed':>4} {'T':>5} {'alpha':>5} {'beta':>5} "
         f"{'gamma':>5} {'epochs':>6} {'train imgs':>10}"
     )
     total_s = 0.0
@@ -116,14 +138,33 @@ def print_plan(trials, data_root: str | None) -> None:
         c, lo = t.config, t.config.loss
         total_s += estimate_seconds(t, images[t.key])
         print(
-            f"{t.key:<16}  {c.method:<10} {c.data.dataset:<10} {c.recipe.model:<14} {c.seed:>4} {lo.temperature:>5g} "
-            f"{lo.alpha:>5g} {lo.beta:>5g} {lo.gamma:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
+            f"{t.key:<16}  {c.method:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
+            f"{lo.temperature:>5g} {lo.alpha:>5g} {lo.beta:>5g} {lo.gamma:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
         )
-    teachers = sum(1 for t in trials if t.role == "teacher")
+    warnings = []
+    for dataset, name in names.items():
+        trial = next(t for t in trials if t.config.data.dataset == dataset)
+        n = counts[counts_key(trial.config.data)]
+        per_class = f"{min(n.used)} to {max(n.used)} per class" if min(n.used) != max(n.used) else f"{n.used[0]} per class"
+        print(
+            f"dataset {name.display} ({n.folder}): {len(n.classes)} classes, {sum(n.found):,} images found, "
+            f"{sum(n.used):,} used ({per_class}), {n.train:,} for training"
+        )
+        small = n.small_classes()
+        if small:
+            shown = ", ".join(f"{c!r} {k}" for c, k in small)
+            warnings.append(
+                f"kdbench: warning: dataset {name.display}: {len(small)} class(es) have under {SMALL_CLASS_SHARE:.0%} of the "
+                f"median class's {statistics.median(n.used):g} images ({shown}): their accuracy rests on very few test "
+                "images and training is imbalanced; add images, or leave them out with data.classes"
+            )
     print(
-        f"{len(trials)} trials ({teachers} teachers, {len(trials) - teachers} students); "
+        f"{len(trials)} trials ({sum(t.role == 'teacher' for t in trials)} teachers, "
+        f"{sum(t.role != 'teacher' for t in trials)} students); "
         f"{sum(images.values()):,} training images in all; estimated {total_s / 60:.1f} min of fp32 training on a 2-core CPU"
     )
+    for line in warnings:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdbench.config import DataConfig, LossConfig, Recipe, check_data, check_loss, check_recipe, from_dict
+from kdbench.data.specs import dataset_names
 from kdbench.errors import UserError
 
 # The shipped ablation files are package data (kdbench/ablations/, also reached as ./ablations in a
@@ -138,6 +139,7 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
     ablation = dataclasses.replace(ablation, loss=default_point(ablation.loss, ablation.grid, source))
     for dataset in ablation.grid.datasets:
         check_data(dataclasses.replace(ablation.data, dataset=dataset), "data")
+    dataset_names(ablation.grid.datasets)  # a dataset listed twice, two imagefolders with one label
     check_recipe(ablation.teacher, "teacher")
     check_recipe(ablation.student, "student")
     if ablation.run.device not in ("auto", "cpu", "cuda"):

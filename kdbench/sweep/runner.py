@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from kdbench.data.locate import data_root, locate_dataset
-from kdbench.data.specs import get_spec
+from kdbench.data.specs import dataset_names, get_spec
 from kdbench.engine.runtime import environment, resolve_device
 from kdbench.sweep.ablation import Ablation
 from kdbench.sweep.executors import Executor
@@ -50,6 +50,7 @@ def run_sweep(
     store = Store(out_dir / STORE_FILE)
     sweep_id = store.begin_sweep(ablation.name, str(ablation_path), raw, trials, environment(resolve_device(ablation.run.device)))
     by_key = {t.key: t for t in trials}
+    names = {d: n.display for d, n in dataset_names(ablation.grid.datasets).items()}
     done = {t.key for t in trials if store.status(t.key) == "done"}
     already = [t for t in trials if t.key in done]
     todo = [t for t in trials if t.key not in done]
@@ -63,8 +64,9 @@ def run_sweep(
         for trial in unit.trials:
             store.mark_running(trial.key)
         c = unit.config
+        name = names.get(c.data.dataset, c.data.dataset)
         what = f"pack of {len(unit.members)} students" if unit.members else c.method
-        bar.set_postfix_str(f"{what} {c.data.dataset} seed {c.seed}")
+        bar.set_postfix_str(f"{what} {name} seed {c.seed}")
 
     def on_outcome(outcome: Outcome) -> None:
         if outcome.key in packs:  # a pack: its members' outcomes, or one failure for all of them
@@ -76,16 +78,17 @@ def run_sweep(
     def record(outcome: Outcome) -> None:
         trial = by_key[outcome.key]
         c = trial.config
+        name = names.get(c.data.dataset, c.data.dataset)
         if outcome.status == "done":
             fresh = store.record_done(outcome.key, outcome.result, trial_complexity(trial, outcome.result))
             counts["done" if fresh else "already"] += 1  # another sweep on this store may have recorded it first
             acc = outcome.result["best"]["test"]["accuracy"]
             how = "recovered from its metrics.json" if outcome.recovered else f"{outcome.seconds:.0f}s"
-            bar.write(f"done   {c.method:<10} {c.data.dataset:<10} seed {c.seed} test acc {acc:.4f} ({how}) [{outcome.key}]")
+            bar.write(f"done   {c.method:<10} {name:<10} seed {c.seed} test acc {acc:.4f} ({how}) [{outcome.key}]")
         else:
             store.record_failed(outcome.key, outcome.error)
             counts["failed"] += 1
-            bar.write(f"FAILED {c.method:<10} {c.data.dataset:<10} seed {c.seed}: {outcome.error} [{outcome.key}]")
+            bar.write(f"FAILED {c.method:<10} {name:<10} seed {c.seed}: {outcome.error} [{outcome.key}]")
         bar.update(1)
 
     try:

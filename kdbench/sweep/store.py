@@ -1,7 +1,8 @@
 """The results store: one SQLite database per output folder.
 
 Table ``trials`` has one row per trial key (the primary key, so never a duplicate),
-with its config, status (``pending``, ``running``, ``done``, ``failed``), error,
+with its config, its dataset's display name (``dataset_name``, see
+:func:`kdbench.data.specs.dataset_names`), status (``pending``, ``running``, ``done``, ``failed``), error,
 result JSON (best-on-validation and last-epoch metrics, history, timings,
 environment), model complexity and flags.  Each status change is one committed
 transaction; WAL mode and a busy timeout let two sweeps share a store.  Tables
@@ -17,6 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from kdbench.data.specs import dataset_names
 from kdbench.sweep.plan import PlannedTrial
 
 STORE_FILE = "store.sqlite"
@@ -26,6 +28,7 @@ CREATE TABLE IF NOT EXISTS trials (
     key TEXT PRIMARY KEY,
     role TEXT NOT NULL,
     dataset TEXT NOT NULL,
+    dataset_name TEXT,
     method TEXT NOT NULL,
     model TEXT NOT NULL,
     seed INTEGER NOT NULL,
@@ -73,6 +76,9 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            columns = {r["name"] for r in db.execute("PRAGMA table_info(trials)")}
+            if "dataset_name" not in columns:  # a store written before display names
+                db.execute("ALTER TABLE trials ADD COLUMN dataset_name TEXT")
 
     @contextmanager
     def transaction(self):
@@ -91,6 +97,7 @@ class Store:
     # --- sweeps -----------------------------------------------------------------------------------
     def begin_sweep(self, name: str, ablation_path: str, ablation: dict, trials: list[PlannedTrial], environment: dict) -> int:
         now = time.time()
+        names = dataset_names(list(dict.fromkeys(t.config.data.dataset for t in trials)))  # grid order
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO sweeps (name, ablation_path, ablation, started_at, environment) VALUES (?, ?, ?, ?, ?)",
@@ -118,6 +125,8 @@ class Store:
                         now,
                     ),
                 )
+                # the display name depends on the sweep's other datasets: the latest sweep's name wins
+                db.execute("UPDATE trials SET dataset_name = ? WHERE key = ?", (names[c.data.dataset].display, t.key))
                 db.execute("INSERT OR IGNORE INTO sweep_trials (sweep_id, key) VALUES (?, ?)", (sweep_id, t.key))
         return sweep_id
 
