@@ -2,6 +2,7 @@
 
 Table ``trials`` has one row per trial key (the primary key, so never a duplicate),
 with its config, status (``pending``, ``running``, ``done``, ``failed``), error,
+attempts (times started), notes (e.g. ``worker process died (attempt 1 of 3); retrying``),
 result JSON (best-on-validation and last-epoch metrics, history, timings,
 environment), model complexity and flags.  Each status change is one committed
 transaction; WAL mode and a busy timeout let two sweeps share a store.  Tables
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS trials (
     last_test_accuracy REAL,
     flags TEXT NOT NULL DEFAULT '[]',
     attempts INTEGER NOT NULL DEFAULT 0,
+    notes TEXT,
     completions INTEGER NOT NULL DEFAULT 0,
     created_at REAL, started_at REAL, finished_at REAL
 );
@@ -73,6 +75,8 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            if "notes" not in {r["name"] for r in db.execute("PRAGMA table_info(trials)")}:  # a store of an older kdbench
+                db.execute("ALTER TABLE trials ADD COLUMN notes TEXT")
 
     @contextmanager
     def transaction(self):
@@ -157,6 +161,14 @@ class Store:
                 ),
             )
             return cur.rowcount == 1
+
+    def add_note(self, key: str, note: str) -> None:
+        """Append a line to the trial's ``notes`` (what happened on the way, e.g. a worker process that died)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE trials SET notes = CASE WHEN notes IS NULL THEN ? ELSE notes || char(10) || ? END WHERE key = ?",
+                (note, note, key),
+            )
 
     def record_failed(self, key: str, error: str) -> None:
         with self.transaction() as db:
