@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,16 +88,26 @@ def cache_folder(root: Path, resolution: int) -> Path:
 
 
 def gather_rows(folder: Path, n_rows: int, rows: np.ndarray, resolution: int) -> np.ndarray:
-    """A private ``[len(rows), 3, R, R]`` copy of ``rows`` of the mapped cache (read in file order, touching only those)."""
+    """A private ``[len(rows), 3, R, R]`` copy of ``rows`` of the mapped cache (read in file order, touching only those).
+
+    The file is mapped read-only and shared through the page cache; after each chunk the
+    mapped pages are released from this process (``MADV_DONTNEED`` keeps them in the page
+    cache), so its resident memory holds the copy, not the mapped file as well.
+    """
     out = np.empty((len(rows), 3, resolution, resolution), dtype=np.uint8)
     if len(rows) == 0:
         return out
-    mapped = np.memmap(folder / "images.u8", dtype=np.uint8, mode="r", shape=(n_rows, 3, resolution, resolution))
-    order = np.argsort(rows, kind="stable")
-    for lo in range(0, len(order), CHUNK):  # bounded temporaries; sorted rows read the file forwards
-        part = order[lo : lo + CHUNK]
-        out[part] = mapped[rows[part]]
-    del mapped
+    row_bytes = 3 * resolution * resolution
+    with open(folder / "images.u8", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        mapped = np.frombuffer(mm, dtype=np.uint8, count=n_rows * row_bytes).reshape(n_rows, 3, resolution, resolution)
+        order = np.argsort(rows, kind="stable")
+        for lo in range(0, len(order), CHUNK):  # bounded temporaries; sorted rows read the file forwards
+            part = order[lo : lo + CHUNK]
+            out[part] = mapped[rows[part]]
+            if hasattr(mm, "madvise"):
+                start = int(rows[part[0]]) * row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+                mm.madvise(mmap.MADV_DONTNEED, start, (int(rows[part[-1]]) + 1) * row_bytes - start)
+        del mapped
     return out
 
 
