@@ -46,17 +46,42 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    recording = None
     try:
-        with open(tmp, "wb") as f:
-            write(f)
+        with _open(tmp, "wb") as f:
+            recording = _Recording(f)
+            write(recording)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if recording is not None and recording.error is not None and recording.error is not err:
+            # torch.save turns the OSError of a full disk into a RuntimeError: give the caller the real one
+            raise recording.error from err
         raise
     fsync_dir(path.parent)
+
+
+_open = open  # tests replace it to simulate a full disk
+
+
+class _Recording:
+    """A binary file that remembers the OSError its ``write`` raised (ENOSPC), whatever the writer makes of it."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:

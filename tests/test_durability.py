@@ -161,6 +161,32 @@ def test_atomic_write_removes_its_temporary_file_on_any_error(tmp_path):
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
 
 
+def test_a_full_disk_under_torch_save_is_reported_as_enospc(tmp_path, monkeypatch):
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 20_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(durable, "_open", lambda path, mode: FullDisk(open(path, mode)))  # noqa: SIM115
+    with pytest.raises(OSError) as err:  # torch.save itself would raise a RuntimeError ("unexpected pos")
+        durable.atomic_torch_save({"w": torch.zeros(100_000)}, tmp_path / "last.pt")
+    assert durable.is_disk_full(err.value) and list(tmp_path.iterdir()) == []
+
+
 def test_disk_full_during_a_checkpoint_fails_the_trial_in_one_line_and_a_rerun_resumes(tmp_path, capsys, monkeypatch):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=8, size=16)
     ablation, out = write_ablation(tmp_path, folder, methods=["baseline"], epochs=2), tmp_path / "out"
