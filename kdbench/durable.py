@@ -57,9 +57,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if recording is not None and recording.error is not None and recording.error is not err:
-            # torch.save turns the OSError of a full disk into a RuntimeError: give the caller the real one
-            raise recording.error from err
+        real = recording.error if recording is not None and recording.error is not None else err
+        if is_disk_full(real) and not real.filename:  # name the file in the one-line error
+            raise OSError(real.errno, real.strerror, str(path)) from err
+        if real is not err:  # torch.save turns the OSError of a full disk into a RuntimeError: give the real one
+            raise real from err
         raise
     fsync_dir(path.parent)
 

@@ -184,7 +184,8 @@ def test_a_full_disk_under_torch_save_is_reported_as_enospc(tmp_path, monkeypatc
     monkeypatch.setattr(durable, "_open", lambda path, mode: FullDisk(open(path, mode)))  # noqa: SIM115
     with pytest.raises(OSError) as err:  # torch.save itself would raise a RuntimeError ("unexpected pos")
         durable.atomic_torch_save({"w": torch.zeros(100_000)}, tmp_path / "last.pt")
-    assert durable.is_disk_full(err.value) and list(tmp_path.iterdir()) == []
+    assert durable.is_disk_full(err.value) and err.value.filename == str(tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_disk_full_during_a_checkpoint_fails_the_trial_in_one_line_and_a_rerun_resumes(tmp_path, capsys, monkeypatch):
