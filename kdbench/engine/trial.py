@@ -9,7 +9,10 @@ Files in the trial's output folder:
   last-epoch weights, per-epoch history, timings, environment.
 
 Rerunning the same trial into the same folder resumes after the last finished
-epoch; a folder holding a different trial is refused.
+epoch; a folder holding a different trial is refused.  Each epoch writes ``last.pt``
+before ``best.pt`` (both atomic and fsynced): killed between the two, the resumed run
+rewrites ``best.pt`` from ``last.pt``, whose weights are that best epoch's.  An
+unreadable ``last.pt`` restarts the trial from scratch, with a warning in the log.
 """
 
 from __future__ import annotations
