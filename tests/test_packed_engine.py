@@ -245,3 +245,25 @@ def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(s
     again = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)
     assert isinstance(again[1], packed_engine.MemberFailed) and again[0]["best"] == three[0]["best"]
     assert any("resuming pack" in line for line in lines) and not any(line.startswith("dropping") for line in lines)
+
+
+def test_a_pack_killed_between_its_state_and_a_best_checkpoint_repairs_it_on_resume(setup, tmp_path, monkeypatch):
+    folder, teacher = setup
+    cfgs = [_cfg(folder, "baseline", teacher=teacher), _cfg(folder, "kd_cos", loss=KD_LOSSES["kd_cos"], teacher=teacher)]
+    full = run_packed_trials(cfgs, [tmp_path / "a" / c.method for c in cfgs], progress=False, log=QUIET)
+    real = packed_engine.save_best
+
+    def killed(*args, **kwargs):  # pack.pt of epoch 1 is on disk, no best.pt yet
+        raise KeyboardInterrupt
+
+    dirs = [tmp_path / "b" / c.method for c in cfgs]
+    monkeypatch.setattr(packed_engine, "save_best", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_packed_trials(cfgs, dirs, progress=False, log=QUIET)
+    assert (dirs[0] / "pack.pt").exists() and not (dirs[0] / "best.pt").exists()
+    monkeypatch.setattr(packed_engine, "save_best", real)
+    lines = []
+    resumed = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
+    assert any(line.startswith("repairing") for line in lines)
+    for a, b in zip(full, resumed):
+        assert a["best"] == b["best"] and a["last"] == b["last"]
