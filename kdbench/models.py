@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
+from kdbench import durable
 from kdbench.errors import UserError
 
 CHECKPOINT_FORMAT = "kdbench-checkpoint-v1"
@@ -136,9 +137,5 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file, fsync, then rename (:mod:`kdbench.durable`): never half a checkpoint."""
+    durable.atomic_torch_save(obj, path)

@@ -219,3 +219,51 @@ def test_compatible_key_ignores_method_and_loss_and_a_baselines_teacher(tmp_path
     check_pack([baseline, *kd], [tmp_path / str(i) for i in range(4)])
     with pytest.raises(ValueError, match="output folders"):
         check_pack(kd, [tmp_path / "a"])
+
+
+def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(setup, tmp_path):
+    folder, teacher = setup
+    healthy = [_cfg(folder, "baseline", teacher=teacher), _cfg(folder, "kd_cos", loss=KD_LOSSES["kd_cos"], teacher=teacher)]
+    diverging = _cfg(folder, "kd_kl", loss=LossConfig(temperature=2.0, alpha=1e30, beta=1.0, gamma=0.0), teacher=teacher)
+    cfgs = [healthy[0], diverging, healthy[1]]
+    lines = []
+    three = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)
+    two = run_packed_trials(healthy, [tmp_path / "two" / c.method for c in healthy], progress=False, log=QUIET)
+    assert isinstance(three[1], packed_engine.MemberFailed) and "non-finite loss" in str(three[1])
+    assert any(line.startswith("dropping kd_kl") for line in lines)
+    assert not (tmp_path / "three" / "kd_kl" / "metrics.json").exists()
+
+    def timeless(history):
+        return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+
+    for a, b in zip((three[0], three[2]), two):  # exactly the pack of the healthy two
+        assert timeless(a["history"]) == timeless(b["history"])
+        assert a["best"] == b["best"] and a["last"] == b["last"]
+        assert a["pack"]["dropped"] == [diverging.key(LOSS_VERSION)]
+    # a rerun of the pack (e.g. after a kill) drops it again from its state, without retraining
+    lines.clear()
+    again = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)
+    assert isinstance(again[1], packed_engine.MemberFailed) and again[0]["best"] == three[0]["best"]
+    assert any("resuming pack" in line for line in lines) and not any(line.startswith("dropping") for line in lines)
+
+
+def test_a_pack_killed_between_its_state_and_a_best_checkpoint_repairs_it_on_resume(setup, tmp_path, monkeypatch):
+    folder, teacher = setup
+    cfgs = [_cfg(folder, "baseline", teacher=teacher), _cfg(folder, "kd_cos", loss=KD_LOSSES["kd_cos"], teacher=teacher)]
+    full = run_packed_trials(cfgs, [tmp_path / "a" / c.method for c in cfgs], progress=False, log=QUIET)
+    real = packed_engine.save_best
+
+    def killed(*args, **kwargs):  # pack.pt of epoch 1 is on disk, no best.pt yet
+        raise KeyboardInterrupt
+
+    dirs = [tmp_path / "b" / c.method for c in cfgs]
+    monkeypatch.setattr(packed_engine, "save_best", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_packed_trials(cfgs, dirs, progress=False, log=QUIET)
+    assert (dirs[0] / "pack.pt").exists() and not (dirs[0] / "best.pt").exists()
+    monkeypatch.setattr(packed_engine, "save_best", real)
+    lines = []
+    resumed = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
+    assert any(line.startswith("repairing") for line in lines)
+    for a, b in zip(full, resumed):
+        assert a["best"] == b["best"] and a["last"] == b["last"]

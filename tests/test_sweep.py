@@ -223,8 +223,12 @@ def test_sigkill_mid_trial_then_rerun_does_every_trial_exactly_once(tmp_path):
     deadline = time.time() + 240
     # wait until one trial is done and a later one has checkpointed an epoch: we are mid-trial
     while time.time() < deadline:
-        if (out / "store.sqlite").exists() and any(r["status"] == "done" for r in store_rows(out)):
-            running = [r for r in store_rows(out) if r["status"] == "running"]
+        try:  # the store may exist before its tables do
+            rows = store_rows(out) if (out / "store.sqlite").exists() else []
+        except sqlite3.OperationalError:
+            rows = []
+        if any(r["status"] == "done" for r in rows):
+            running = [r for r in rows if r["status"] == "running"]
             if running and (out / "trials" / running[0]["key"] / "last.pt").exists():
                 break
         time.sleep(0.2)

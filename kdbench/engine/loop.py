@@ -188,16 +188,24 @@ def _member_means(flat: torch.Tensor, layout: list[list[str]]) -> list[dict[str,
     return [{name: next(values) for name in names} for names in layout]
 
 
+class MembersNonFinite(NonFiniteError):
+    """A non-finite loss in some members of a pack: ``reasons`` maps each one's index to its one-line reason."""
+
+    def __init__(self, message: str, reasons: dict[int, str]):
+        super().__init__(message)
+        self.reasons = reasons
+
+
 def _check_finite(members: Sequence[MemberLoss], means: list[dict[str, float]], epoch: int, step: int) -> None:
     """A NaN/inf in any step so far propagates into the member's mean loss."""
-    bad = [
-        f"{i} {m.label} (mean loss {s['loss']})" for i, (m, s) in enumerate(zip(members, means)) if not math.isfinite(s["loss"])
-    ]
+    pairs = enumerate(zip(members, means))
+    bad = {i: f"{i} {m.label} (mean loss {s['loss']})" for i, (m, s) in pairs if not math.isfinite(s["loss"])}
     if bad:
-        where = f" in packed member(s) {'; '.join(bad)}" if len(members) > 1 else ""
-        raise NonFiniteError(
-            f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where}: lower the learning rate or check the teacher and data"
-        )
+        where = f" in packed member(s) {'; '.join(bad.values())}" if len(members) > 1 else ""
+        hint = "lower the learning rate or check the teacher and data"
+        at = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
+        reasons = {i: f"{at} (mean loss {means[i]['loss']}): {hint}" for i in bad}
+        raise MembersNonFinite(f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where}: {hint}", reasons)
 
 
 def epoch_batches(

@@ -31,6 +31,16 @@ The pack's resume state is ONE file, ``pack.pt`` in the FIRST member's folder
 written atomically after each epoch, so a killed pack resumes after its last
 finished epoch.  A ``pack.pt`` of another member list (the sweep grouped the
 trials differently) is ignored and overwritten: that pack starts from epoch 0.
+``pack.pt`` is written before the members' ``best.pt``; a kill between the two is
+repaired on resume (the state's weights are the best ones of a member whose best
+epoch is the state's epoch).
+
+A member whose loss becomes NaN/inf is dropped: it fails alone with its reason, and
+the others restart from epoch 0 as a pack without it, so their results are exactly
+those of that smaller pack (the epochs trained before the failure are spent again;
+continuing the larger pack with the dead member's gradients zeroed would not be
+exact: its dropout masks and grouped-convolution batching differ).  ``pack.pt``
+records the dropped members, so a killed run resumes without them.
 """
 
 from __future__ import annotations
@@ -49,13 +59,23 @@ from kdbench.config import TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import display_name
-from kdbench.engine.loop import EpochStats, MemberLoss, evaluate, make_optimizer, train_members_epoch
+from kdbench.durable import remove_stale_temps
+from kdbench.engine.loop import EpochStats, MemberLoss, MembersNonFinite, evaluate, make_optimizer, train_members_epoch
 from kdbench.engine.runtime import memory_format, resolve_device
-from kdbench.engine.trial import METRICS_FILE, build_result, history_row, make_scheduler, teacher_source, write_json
-from kdbench.errors import UserError
+from kdbench.engine.trial import (
+    METRICS_FILE,
+    best_is_current,
+    build_result,
+    history_row,
+    make_scheduler,
+    save_best,
+    teacher_source,
+    write_json,
+)
+from kdbench.errors import NonFiniteError, one_line
 from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
-from kdbench.models import atomic_torch_save, build_model, load_checkpoint_file, save_checkpoint
+from kdbench.models import atomic_torch_save, build_model
 from kdbench.packing import PackedMobileNetV2
 
 PACK_STATE_FILE = "pack.pt"
@@ -129,6 +149,7 @@ class _Member:
     out: Path
     loss: MemberLoss
     model: nn.Module
+    classes: list[str]
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict | None = None
 
@@ -157,19 +178,38 @@ def run_packed_trials(
     device = resolve_device(cfgs[0].device)
     data = prepare_data(cfgs[0].data, data_root, download=download)
     splits = _Splits(data, device)
-    packed = init_pack(cfgs, len(data.classes)).to(device, memory_format=memory_format(device))
-    members = [_member(cfg, Path(out), len(data.classes), device) for cfg, out in zip(cfgs, out_dirs)]
+    members = [_member(cfg, Path(out), data.classes, device) for cfg, out in zip(cfgs, out_dirs)]
     for m in members:
         m.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(m.out)
         data.write_manifest(m.out / "manifest.csv")
     teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
     train_images, _ = splits["train"]
     teacher, teacher_info = teacher_source(teacher_cfg, True, data, train_images, device, log) if teacher_cfg else (None, None)
-    _train(packed, members, teacher, splits, cfgs[0], progress, log)
+    state_path = members[0].out / PACK_STATE_FILE
+    dropped = _dropped_before(state_path, members)  # members a killed run of this pack had already dropped
+    while alive := [m for m in members if m.identity not in dropped]:
+        packed = init_pack([m.cfg for m in alive], len(data.classes)).to(device, memory_format=memory_format(device))
+        for m in alive:
+            m.history, m.best = [], None
+        try:
+            _train(packed, alive, teacher, splits, cfgs[0], progress, log, state_path, dropped)
+            break
+        except MembersNonFinite as err:
+            for i, reason in err.reasons.items():
+                dropped[alive[i].identity] = reason
+                log(f"dropping {alive[i].loss.label} from the pack: {reason}")
+            if len(alive) > len(err.reasons):
+                log(f"restarting the other {len(alive) - len(err.reasons)} member(s) from epoch 0 as a pack without it")
     pack = {"k": len(members), "members": [m.cfg.key(LOSS_VERSION) for m in members]}
-    results = []
+    results: list[dict | MemberFailed] = []
     for m in members:
+        if m.identity in dropped:
+            results.append(MemberFailed(dropped[m.identity]))
+            continue
         result = _member_result(m, splits, teacher_info if m.loss.method.needs_teacher else None, t0) | {"pack": pack}
+        if dropped:
+            result["pack"] = pack | {"dropped": [x.cfg.key(LOSS_VERSION) for x in members if x.identity in dropped]}
         write_json(m.out / METRICS_FILE, result)
         best, last = result["best"], result["last"]
         log(
@@ -178,6 +218,10 @@ def run_packed_trials(
         )
         results.append(result)
     return results
+
+
+class MemberFailed(NonFiniteError):
+    """The result of a pack member dropped because its loss became non-finite (the others trained on without it)."""
 
 
 class _Splits:
@@ -193,14 +237,21 @@ class _Splits:
 
 
 def _train(
-    packed: PackedMobileNetV2, members: list[_Member], teacher, splits: _Splits, first: TrialConfig, progress: bool, log
+    packed: PackedMobileNetV2,
+    members: list[_Member],
+    teacher,
+    splits: _Splits,
+    first: TrialConfig,
+    progress: bool,
+    log,
+    state_path: Path,
+    dropped: dict[str, str],
 ) -> None:
     """The epochs not yet done (resuming from the pack state); run_trial's optimiser, schedule and per-epoch records."""
     recipe, device, k = first.recipe, splits.device, len(members)
     train_images, train_labels = splits["train"]
     optimizer = make_optimizer(packed.parameters(), recipe)
     scheduler = make_scheduler(optimizer, recipe, len(train_images))
-    state_path = members[0].out / PACK_STATE_FILE
     for epoch in range(_resume(state_path, members, packed, optimizer, scheduler, log), recipe.epochs):
         stats = train_pack_epoch(
             packed,
@@ -219,9 +270,13 @@ def _train(
             progress=progress,
         )
         _load_members(packed, members)
-        for m, s in zip(members, stats):
-            _record_epoch(m, epoch + 1, s, optimizer.param_groups[0]["lr"], splits, recipe.eval_batch_size)
-        _save_state(state_path, members, packed, optimizer, scheduler, epoch + 1)
+        lr = optimizer.param_groups[0]["lr"]
+        improved = [_record_epoch(m, epoch + 1, s, lr, splits, recipe.eval_batch_size) for m, s in zip(members, stats)]
+        # the pack state first, then best.pt: a kill between them is repaired on resume (see _resume)
+        _save_state(state_path, members, packed, optimizer, scheduler, epoch + 1, dropped)
+        for m, better in zip(members, improved):
+            if better:
+                _save_best(m)
         summary = "; ".join(
             f"[{i}] {m.loss.label} loss {m.history[-1]['train_loss']:.4f} val acc {m.history[-1]['val_accuracy']:.4f}"
             for i, m in enumerate(members)
@@ -230,23 +285,27 @@ def _train(
     _load_members(packed, members)
 
 
-def _record_epoch(m: _Member, epoch: int, stats: EpochStats, lr: float, splits: _Splits, eval_batch_size: int) -> None:
-    """Validate member ``m`` (its model holds this epoch's weights), append its history row, save best.pt if it improved."""
+def _record_epoch(m: _Member, epoch: int, stats: EpochStats, lr: float, splits: _Splits, eval_batch_size: int) -> bool:
+    """Validate member ``m`` (its model holds this epoch's weights), append its history row; True if it improved."""
     val = evaluate(m.model, *splits["val"], splits.data.classes, batch_size=eval_batch_size, device=splits.device)
     m.history.append(history_row(epoch, stats, val, lr))
     if m.best is None or val["accuracy"] > m.best["val_accuracy"]:
         m.best = {"epoch": epoch, "val_accuracy": val["accuracy"]}
-        extra = {"trial": m.identity, "epoch": epoch}
-        save_checkpoint(m.out / "best.pt", m.model, model_name=PACK_MODEL, classes=splits.data.classes, extra=extra)
+        return True
+    return False
 
 
-def _member(cfg: TrialConfig, out: Path, num_classes: int, device: torch.device) -> _Member:
+def _save_best(m: _Member) -> None:
+    save_best(m.out / "best.pt", m.model, PACK_MODEL, m.classes, m.identity, m.best["epoch"])
+
+
+def _member(cfg: TrialConfig, out: Path, classes: list[str], device: torch.device) -> _Member:
     method = get_method(cfg.method)
     loss_cfg = method.effective_loss(cfg.loss)
     weights = f"T={loss_cfg.temperature:g} alpha={loss_cfg.alpha:g} beta={loss_cfg.beta:g} gamma={loss_cfg.gamma:g}"
     label = f"{cfg.method} {weights} [{cfg.key(LOSS_VERSION)}]"
-    model = build_model(PACK_MODEL, num_classes).to(device, memory_format=memory_format(device))
-    return _Member(cfg, out, MemberLoss(label, method, loss_cfg), model)
+    model = build_model(PACK_MODEL, len(classes)).to(device, memory_format=memory_format(device))
+    return _Member(cfg, out, MemberLoss(label, method, loss_cfg), model, list(classes))
 
 
 def _load_members(packed: PackedMobileNetV2, members: Sequence[_Member]) -> None:
@@ -272,30 +331,70 @@ def _member_result(m: _Member, splits: _Splits, teacher_info: dict | None, t0: f
     )
 
 
-def _resume(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer, scheduler, log) -> int:
-    """Restore the pack state at ``path`` if it belongs to these members; returns the first epoch to train."""
+def _read_state(path: Path, log) -> dict | None:
+    """The pack state at ``path``, or None (absent, or unreadable: then with a warning, and the pack starts over)."""
     if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and state.get("format") == PACK_STATE_FORMAT:
+            return state
+        why = "not a kdbench pack resume state"
+    except Exception as err:  # truncated, corrupt, not a torch file
+        why = f"{type(err).__name__}: {one_line(err)}"[:200]
+    log(f"warning: cannot read the pack resume state {path} ({why}): starting the pack from scratch")
+    return None
+
+
+def _dropped_before(path: Path, members: Sequence[_Member]) -> dict[str, str]:
+    """Members that the run which wrote the pack state at ``path`` (for these members) had dropped, with their reasons."""
+    state = _read_state(path, lambda message: None)
+    if state is None:
+        return {}
+    dropped = state.get("dropped") or {}
+    return dict(dropped) if sorted([*state["members"], *dropped]) == sorted(m.identity for m in members) else {}
+
+
+def _resume(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer, scheduler, log) -> int:
+    """Restore the pack state at ``path`` if it belongs to these members; returns the first epoch to train.
+
+    Each member's ``best.pt`` is made consistent with it: a member whose best epoch is the
+    state's epoch and whose best.pt is not of that epoch (killed between the two writes)
+    gets it rewritten from the packed weights.
+    """
+    state = _read_state(path, log)
+    if state is None:
         return 0
-    state = load_checkpoint_file(path)
-    if not isinstance(state, dict) or state.get("format") != PACK_STATE_FORMAT:
-        raise UserError(f"{path} is not a kdbench pack resume state: delete it to start the pack over")
     if state["members"] != [m.identity for m in members]:
         log(f"{path} holds another pack (other members): starting this pack from epoch 0")
         return 0
+    repair = []
+    for m, best in zip(members, state["best"]):
+        if best is not None and not best_is_current(m.out / "best.pt", m.identity, best["epoch"]):
+            if best["epoch"] != state["epoch"]:
+                log(f"warning: {m.out / 'best.pt'} does not match {path}: starting this pack from epoch 0")
+                return 0
+            repair.append(m)
     packed.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     for m, history, best in zip(members, state["history"], state["best"]):
         m.history, m.best = history, best
+    if repair:
+        _load_members(packed, members)
+        for m in repair:
+            log(f"repairing {m.out / 'best.pt'} from {path} (epoch {m.best['epoch']})")
+            _save_best(m)
     log(f"resuming pack from {path} after epoch {state['epoch']}")
     return state["epoch"]
 
 
-def _save_state(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer, scheduler, epoch: int) -> None:
+def _save_state(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer, scheduler, epoch: int, dropped) -> None:
     atomic_torch_save(
         {
             "format": PACK_STATE_FORMAT,
             "members": [m.identity for m in members],
+            "dropped": dict(dropped),
             "epoch": epoch,
             "state_dict": {k: v.detach().cpu() for k, v in packed.state_dict().items()},
             "optimizer": optimizer.state_dict(),

@@ -10,7 +10,6 @@ exactly what :class:`OnlineTeacher` computes on the same augmented batch.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -19,9 +18,9 @@ import torch
 from torch import nn
 
 from kdbench.data.presets import Augmentation, apply_view, normalize
+from kdbench.durable import atomic_torch_save, file_lock
 from kdbench.engine.runtime import autocast, memory_format
 from kdbench.errors import NonFiniteError
-from kdbench.models import atomic_torch_save
 
 
 class OnlineTeacher:
@@ -111,8 +110,7 @@ def cached_teacher(
 ) -> CachedTeacher:
     """Load the cache at ``path`` or build it (under a file lock, so concurrent trials build it once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(path.with_name(path.name + ".lock")):
         logits = _load(path, len(train_images), len(aug.views))
         if logits is None:
             logits = build_logit_cache(teacher, train_images, aug, batch_size=batch_size, device=device, source=source)

@@ -10,7 +10,10 @@ Files in the trial's output folder:
 - ``test_logits.pt``: the best-on-validation weights' logits on the test split, with the targets.
 
 Rerunning the same trial into the same folder resumes after the last finished
-epoch; a folder holding a different trial is refused.
+epoch; a folder holding a different trial is refused.  Each epoch writes ``last.pt``
+before ``best.pt`` (both atomic and fsynced): killed between the two, the resumed run
+rewrites ``best.pt`` from ``last.pt``, whose weights are that best epoch's.  An
+unreadable ``last.pt`` restarts the trial from scratch, with a warning in the log.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from kdbench.config import Recipe, TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import display_name
+from kdbench.durable import atomic_write_json, remove_stale_temps
 from kdbench.engine.loop import (
     EpochStats,
     evaluate,
@@ -41,14 +45,13 @@ from kdbench.engine.loop import (
 )
 from kdbench.engine.runtime import environment, memory_format, resolve_device
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
-from kdbench.errors import UserError
+from kdbench.errors import UserError, one_line
 from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
 from kdbench.models import (
     CHECKPOINT_FORMAT,
     atomic_torch_save,
     build_model,
-    load_checkpoint_file,
     load_model_checkpoint,
     save_checkpoint,
 )
@@ -70,6 +73,7 @@ def run_trial(
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     method = get_method(cfg.method)
     loss_cfg = method.effective_loss(cfg.loss)
     recipe = cfg.recipe
@@ -118,18 +122,16 @@ def run_trial(
             f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f} train acc {stats.accuracy:.4f} "
             f"val acc {val['accuracy']:.4f} ({stats.images_per_s:.0f} img/s)"
         )
-        if best is None or val["accuracy"] > best["val_accuracy"]:
+        improved = best is None or val["accuracy"] > best["val_accuracy"]
+        if improved:
             best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"]}
-            save_checkpoint(
-                out / "best.pt",
-                model,
-                model_name=recipe.model,
-                classes=data.classes,
-                extra={"trial": identity, "epoch": epoch + 1},
-            )
+        # last.pt first: when it records this epoch as the best, its weights ARE the best weights, so a kill
+        # before best.pt is written is repaired on resume (_resume); a best.pt ahead of last.pt cannot happen
         _save_resume_state(
             out / "last.pt", model, optimizer, scheduler, recipe.model, data.classes, identity, epoch + 1, history, best
         )
+        if improved:
+            save_best(out / "best.pt", model, recipe.model, data.classes, identity, epoch + 1)
 
     result = build_result(cfg, data, teacher_info, model, out / "best.pt", best["epoch"], history, sets, t0, device)
     write_json(out / METRICS_FILE, result)
@@ -256,20 +258,55 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def save_best(path: Path, model, model_name: str, classes: list[str], identity: str, epoch: int) -> None:
+    save_checkpoint(path, model, model_name=model_name, classes=classes, extra={"trial": identity, "epoch": epoch})
+
+
+def best_is_current(path: Path, identity: str, epoch: int) -> bool:
+    """Whether ``best.pt`` at ``path`` holds this trial's weights of ``epoch``."""
+    if not path.exists():
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # truncated or corrupt: rewrite it
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("trial") == identity and ckpt.get("epoch") == epoch
+
+
 def _resume(path: Path, identity: str, model, optimizer, scheduler, log) -> dict:
+    """Restore ``last.pt``; an unreadable one restarts the trial (with a warning), a foreign one is refused.
+
+    ``best.pt`` is made consistent with it: when last.pt's epoch is the best one and best.pt
+    is not of that epoch (killed between the two writes), best.pt is rewritten from last.pt.
+    """
     fresh = {"epoch": 0, "history": [], "best": None}
     if not path.exists():
         return fresh
-    state = load_checkpoint_file(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "optimizer" not in state:
-        raise UserError(f"{path} is not a kdbench resume checkpoint: delete it to start over, or use another --out")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        readable = isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and "optimizer" in state
+    except Exception as err:  # truncated, corrupt, not a torch file
+        readable, state = False, f"{type(err).__name__}: {one_line(err)}"
+    if not readable:
+        why = state if isinstance(state, str) else "not a kdbench resume checkpoint"
+        log(f"warning: cannot read the resume state {path} ({why[:200]}): starting this trial from scratch")
+        return fresh
     if state.get("trial") != identity:
         raise UserError(f"{path.parent} holds a different run (other settings): use another --out, or delete that folder")
+    best = state["best"]
+    best_path = path.with_name("best.pt")
+    repair = best is not None and not best_is_current(best_path, identity, best["epoch"])
+    if repair and best["epoch"] != state["epoch"]:
+        log(f"warning: {best_path} does not match {path}: starting this trial from scratch")
+        return fresh
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if repair:
+        log(f"repairing {best_path} from {path} (epoch {best['epoch']})")
+        save_best(best_path, model, state["model"], state["classes"], identity, best["epoch"])
     log(f"resuming from {path} after epoch {state['epoch']}")
-    return {"epoch": state["epoch"], "history": state["history"], "best": state["best"]}
+    return {"epoch": state["epoch"], "history": state["history"], "best": best}
 
 
 def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, identity, epoch, history, best) -> None:
@@ -290,7 +327,5 @@ def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, i
 
 
 def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Write JSON atomically and durably (:func:`kdbench.durable.atomic_write_json`)."""
+    atomic_write_json(path, obj)

@@ -49,6 +49,8 @@ FORWARDED_ENV = ("KDBENCH_CACHE", "KDBENCH_NO_DOWNLOAD")  # the driver's values,
 
 def run_student(trial: PlannedTrial, ctx: SweepContext, teacher: Outcome) -> Outcome:
     """Train a student once its teacher's task is done; a failed teacher fails it without training."""
+    if teacher.status == "busy":  # another sweep trains the teacher: revisit both at the end
+        return Outcome(trial.key, "busy")
     if teacher.status != "done":
         return failed_by_teacher(trial.key, teacher)
     return execute_trial(trial, ctx)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -68,7 +69,18 @@ def run_sweep(
         what = f"pack of {len(unit.members)} students" if unit.members else c.method
         bar.set_postfix_str(f"{what} {name} seed {c.seed}")
 
+    units_by_key = {u.key: u for u in units}
+    busy: list[PlannedTrial] = []
+
     def on_outcome(outcome: Outcome) -> None:
+        if outcome.status == "busy":  # another process holds its lock: revisit it at the end
+            busy.append(units_by_key[outcome.key])
+            return
+        if outcome.status == "retry":
+            for trial in units_by_key[outcome.key].trials:
+                store.add_note(trial.key, outcome.error)
+            bar.write(f"note   {outcome.error} [{outcome.key}]")
+            return
         if outcome.key in packs:  # a pack: its members' outcomes, or one failure for all of them
             for member in outcome.members or [Outcome(t.key, "failed", error=outcome.error) for t in packs[outcome.key].members]:
                 record(member)
@@ -93,6 +105,10 @@ def run_sweep(
 
     try:
         executor.run(units, ctx, on_start, on_outcome)
+        if busy:  # usually finished by the other sweep by now: waiting for its lock finds the result
+            bar.write(f"revisiting {len(busy)} trial(s) that another process was running")
+            again, busy[:] = list(busy), []
+            executor.run(again, dataclasses.replace(ctx, wait_for_locks=True), on_start, on_outcome)
     finally:
         bar.close()
         weak = store.flag_weak_teachers()

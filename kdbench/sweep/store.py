@@ -3,6 +3,7 @@
 Table ``trials`` has one row per trial key (the primary key, so never a duplicate),
 with its config, its dataset's display name (``dataset_name``, see
 :func:`kdbench.data.specs.dataset_names`), status (``pending``, ``running``, ``done``, ``failed``), error,
+attempts (times started), notes (e.g. ``worker process died (attempt 1 of 3); retrying``),
 result JSON (best-on-validation and last-epoch metrics, history, timings,
 environment), model complexity and flags.  Each status change is one committed
 transaction; WAL mode and a busy timeout let two sweeps share a store.  Tables
@@ -43,6 +44,7 @@ CREATE TABLE IF NOT EXISTS trials (
     last_test_accuracy REAL,
     flags TEXT NOT NULL DEFAULT '[]',
     attempts INTEGER NOT NULL DEFAULT 0,
+    notes TEXT,
     completions INTEGER NOT NULL DEFAULT 0,
     created_at REAL, started_at REAL, finished_at REAL
 );
@@ -77,8 +79,9 @@ class Store:
                 if statement.strip():
                     db.execute(statement)
             columns = {r["name"] for r in db.execute("PRAGMA table_info(trials)")}
-            if "dataset_name" not in columns:  # a store written before display names
-                db.execute("ALTER TABLE trials ADD COLUMN dataset_name TEXT")
+            for column in ("dataset_name", "notes"):  # columns a store of an older kdbench lacks
+                if column not in columns:
+                    db.execute(f"ALTER TABLE trials ADD COLUMN {column} TEXT")
 
     @contextmanager
     def transaction(self):
@@ -166,6 +169,14 @@ class Store:
                 ),
             )
             return cur.rowcount == 1
+
+    def add_note(self, key: str, note: str) -> None:
+        """Append a line to the trial's ``notes`` (what happened on the way, e.g. a worker process that died)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE trials SET notes = CASE WHEN notes IS NULL THEN ? ELSE notes || char(10) || ? END WHERE key = ?",
+                (note, note, key),
+            )
 
     def record_failed(self, key: str, error: str) -> None:
         with self.transaction() as db:

@@ -2,15 +2,18 @@
 
 Each trial owns ``<out>/trials/<key>/``.  An exclusive ``flock`` on its ``.lock``
 file means two sweeps sharing an output folder never train the same trial at
-once (the kernel drops the lock when a process dies, even by ``kill -9``).  A
+once (the kernel drops the lock when a process dies, even by ``kill -9``).  The
+lock is taken without waiting: a trial another process holds comes back as
+``busy`` and the sweep revisits it at its end (``SweepContext.wait_for_locks``),
+when it usually finds that trial's result.  A
 ``metrics.json`` that is already there is a finished result whose store write was
 lost: it is returned instead of training again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import fcntl
 import json
 import time
 import traceback
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from kdbench.durable import Busy, file_lock, is_disk_full
 from kdbench.errors import UserError, one_line
 from kdbench.sweep.plan import PlannedTrial
 
@@ -33,12 +37,13 @@ class SweepContext:
     download: bool = True
     threads: int | None = None
     progress: bool = False
+    wait_for_locks: bool = False  # False: a trial locked by another process comes back "busy" at once
 
 
 @dataclass
 class Outcome:
     key: str
-    status: str  # "done" or "failed"
+    status: str  # "done", "failed", or "busy" (another process holds its lock; not run, nothing recorded)
     result: dict | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -53,7 +58,8 @@ def trial_dir(out_dir: str | Path, key: str) -> Path:
 def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
     """Train ``trial`` (or every member of a pack) and return its outcome; never raises for a trial's own failure.
 
-    Each member's folder is locked for the whole run; members whose ``metrics.json``
+    Each member's folder is locked for the whole run (``busy`` if another process holds
+    one, unless ``ctx.wait_for_locks``); members whose ``metrics.json``
     is already there are returned as recovered, the rest train (resuming from their
     checkpoints), singly with ``run_trial`` or together with ``run_packed_trials``.
     A pack's outcome lists its members' outcomes in ``members``.
@@ -66,9 +72,11 @@ def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
     folders = [trial_dir(ctx.out_dir, m.key) for m in members]
     t0 = time.perf_counter()
     with ExitStack() as stack:
-        for folder in sorted(folders):
-            folder.mkdir(parents=True, exist_ok=True)
-            fcntl.flock(stack.enter_context(open(folder / ".lock", "w")), fcntl.LOCK_EX)
+        try:
+            for folder in sorted(folders):
+                stack.enter_context(file_lock(folder / ".lock", blocking=ctx.wait_for_locks))
+        except Busy:
+            return Outcome(trial.key, "busy")
         outcomes = {}
         for m, folder in zip(members, folders):
             previous = _finished_result(folder / METRICS_FILE, m.key)
@@ -88,7 +96,7 @@ def _train(
     members: list[PlannedTrial], folders: list[Path], teacher_key: str | None, ctx: SweepContext, t0: float
 ) -> dict[str, Outcome]:
     """Run ``members`` (one trial, or a pack) in ``folders``; a failure fails them all, with one message."""
-    from kdbench.engine.packed import run_packed_trials
+    from kdbench.engine.packed import MemberFailed, run_packed_trials
     from kdbench.engine.trial import run_trial
 
     def failed(error: str) -> dict[str, Outcome]:
@@ -116,12 +124,31 @@ def _train(
         return failed(one_line(err))
     except torch.OutOfMemoryError:
         return failed("out of memory: lower batch_size, resolution or --pack")
-    except Exception as err:  # any other crash is recorded, with its traceback beside the trial
-        for folder in folders:
-            (folder / "error.log").write_text(traceback.format_exc())
-        return failed(f"{type(err).__name__}: {one_line(err)} (traceback in {folders[0] / 'error.log'})")
+    except OSError as err:
+        if not is_disk_full(err):
+            return crashed(folders, failed)
+        where = f" ({err.filename})" if err.filename else ""
+        return failed(f"disk full while writing{where}: free space and rerun the sweep to resume from the last checkpoint")
+    except Exception:  # any other crash is recorded, with its traceback beside the trial
+        return crashed(folders, failed)
     seconds = time.perf_counter() - t0
-    return {m.key: Outcome(m.key, "done", r, seconds=seconds) for m, r in zip(members, results)}
+    return {
+        m.key: Outcome(m.key, "failed", error=str(r), seconds=seconds)
+        if isinstance(r, MemberFailed)
+        else Outcome(m.key, "done", r, seconds=seconds)
+        for m, r in zip(members, results)
+    }
+
+
+def crashed(folders: list[Path], failed) -> dict[str, Outcome]:
+    """The outcome of an unexpected exception (being handled): its traceback goes to each folder's ``error.log``."""
+    import sys
+
+    err = sys.exc_info()[1]
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            (folder / "error.log").write_text(traceback.format_exc())
+    return failed(f"{type(err).__name__}: {one_line(err)} (traceback in {folders[0] / 'error.log'})")
 
 
 def _finished_result(path: Path, key: str) -> dict | None:

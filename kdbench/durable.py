@@ -1,0 +1,144 @@
+"""Durable files: atomic writes that survive a crash or a full disk, and the one file-lock helper.
+
+:func:`atomic_write` writes into a temporary file in the target's folder, flushes and
+``fsync``s it, renames it over the target and ``fsync``s the folder, so after a crash
+(or a power cut) the target holds either its old or its new content, never half of
+each.  On any error (``ENOSPC`` included) the temporary file is removed before the
+error propagates: a full disk never leaves multi-GB ``.tmp`` files behind.
+
+:func:`file_lock` is an ``flock`` on a ``.lock`` file (the kernel drops it when its
+process dies, even by ``kill -9``): blocking, or non-blocking where a caller would
+rather do something else than wait (:class:`Busy`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+
+class Busy(Exception):
+    """A non-blocking :func:`file_lock` is held by another process."""
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """``fsync`` a folder so a rename or a new file in it is on disk (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Create or replace ``path`` with what ``write(f)`` writes into a binary file object, atomically and durably."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    recording = None
+    try:
+        with _open(tmp, "wb") as f:
+            recording = _Recording(f)
+            write(recording)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        real = recording.error if recording is not None and recording.error is not None else err
+        if is_disk_full(real) and not real.filename:  # name the file in the one-line error
+            raise OSError(real.errno, real.strerror, str(path)) from err
+        if real is not err:  # torch.save turns the OSError of a full disk into a RuntimeError: give the real one
+            raise real from err
+        raise
+    fsync_dir(path.parent)
+
+
+_open = open  # tests replace it to simulate a full disk
+
+
+class _Recording:
+    """A binary file that remembers the OSError its ``write`` raised (ENOSPC), whatever the writer makes of it."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` in ``folder`` left by processes that died (``kill -9``)."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rpartition(".")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`: a crash or a full disk never leaves half a checkpoint."""
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if needed); non-blocking raises :class:`Busy` when taken."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError as err:
+            raise Busy(str(path)) from err
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
