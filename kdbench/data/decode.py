@@ -10,7 +10,6 @@ in the cache decode only those and add them.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kdbench.digest import text_digest
 from kdbench.errors import UserError
 
 
@@ -96,7 +96,7 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def _slug(root: Path) -> str:
-    return f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
+    return f"{root.name}-{text_digest(str(root), 12)}"
 
 
 def _read_cache(path: Path) -> dict:

@@ -36,7 +36,6 @@ trials differently) is ignored and overwritten: that pack starts from epoch 0.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -48,11 +47,20 @@ from torch import nn
 from kdbench.config import TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
-from kdbench.engine.loop import EpochStats, MemberLoss, evaluate, make_optimizer, train_members_epoch
+from kdbench.engine.loop import EpochStats, MemberLoss, check_loss_growth, evaluate, make_optimizer, train_members_epoch
 from kdbench.engine.runtime import memory_format, resolve_device
-from kdbench.engine.trial import METRICS_FILE, build_result, history_row, make_scheduler, teacher_source, write_json
+from kdbench.engine.trial import (
+    METRICS_FILE,
+    build_result,
+    history_row,
+    make_scheduler,
+    provenance,
+    resume_identity,
+    teacher_source,
+    with_fingerprint,
+    write_json,
+)
 from kdbench.errors import UserError
-from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
 from kdbench.models import atomic_torch_save, build_model, load_checkpoint_file, save_checkpoint
 from kdbench.packing import PackedMobileNetV2
@@ -88,7 +96,7 @@ def check_pack(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike
             raise ValueError(f"only student trials can be packed, got method {cfg.method!r}")
         if cfg.recipe.model != PACK_MODEL:
             raise ValueError(f"only {PACK_MODEL} students can be packed, got model {cfg.recipe.model!r}")
-    keys = [cfg.key(LOSS_VERSION) for cfg in cfgs]
+    keys = [cfg.key() for cfg in cfgs]
     if len(set(keys)) != len(keys):
         raise ValueError("a trial appears twice in the pack: pass each trial once")
     first = compatible_key(cfgs[0])
@@ -128,12 +136,10 @@ class _Member:
     out: Path
     loss: MemberLoss
     model: nn.Module
+    identity: str  # what its resume state must match (kdbench.engine.trial.resume_identity)
+    provenance: dict  # written into its best.pt
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict | None = None
-
-    @property
-    def identity(self) -> str:
-        return json.dumps(self.cfg.identity(), sort_keys=True)
 
 
 def run_packed_trials(
@@ -149,23 +155,32 @@ def run_packed_trials(
 
     ``cfgs`` must pass :func:`check_pack` (ValueError otherwise).  Each result is
     run_trial's for that trial plus ``"pack": {"k": K, "members": [keys]}``; see the
-    module docstring for files and resume.
+    module docstring for files and resume.  Each config is trained, and keyed, with
+    ``packed=True`` (a pack of one included) and run_trial's data fingerprint and teacher id.
     """
     t0 = time.perf_counter()
     check_pack(cfgs, out_dirs)
     device = resolve_device(cfgs[0].device)
     data = prepare_data(cfgs[0].data, data_root, download=download)
+    cfgs = [with_fingerprint(dataclasses.replace(cfg, packed=True), data) for cfg in cfgs]
     splits = _Splits(data, device)
     packed = init_pack(cfgs, len(data.classes)).to(device, memory_format=memory_format(device))
-    members = [_member(cfg, Path(out), len(data.classes), device) for cfg, out in zip(cfgs, out_dirs)]
-    for m in members:
-        m.out.mkdir(parents=True, exist_ok=True)
-        data.write_manifest(m.out / "manifest.csv")
     teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
     train_images, _ = splits["train"]
     teacher, teacher_info = teacher_source(teacher_cfg, True, data, train_images, device, log) if teacher_cfg else (None, None)
+    if teacher_info is not None:
+        cfgs = [
+            dataclasses.replace(cfg, teacher_id=cfg.teacher_id or teacher_info["id"])
+            if get_method(cfg.method).needs_teacher
+            else cfg
+            for cfg in cfgs
+        ]
+    members = [_member(cfg, Path(out), data, device, teacher_info) for cfg, out in zip(cfgs, out_dirs)]
+    for m in members:
+        m.out.mkdir(parents=True, exist_ok=True)
+        data.write_manifest(m.out / "manifest.csv")
     _train(packed, members, teacher, splits, cfgs[0], progress, log)
-    pack = {"k": len(members), "members": [m.cfg.key(LOSS_VERSION) for m in members]}
+    pack = {"k": len(members), "members": [m.cfg.key() for m in members]}
     results = []
     for m in members:
         result = _member_result(m, splits, teacher_info if m.loss.method.needs_teacher else None, t0) | {"pack": pack}
@@ -219,6 +234,8 @@ def _train(
         )
         _load_members(packed, members)
         for m, s in zip(members, stats):
+            check_loss_growth(m.history[0]["train_loss"] if m.history else s.loss, s.loss, epoch + 1, m.loss.label)
+        for m, s in zip(members, stats):
             _record_epoch(m, epoch + 1, s, optimizer.param_groups[0]["lr"], splits, recipe.eval_batch_size)
         _save_state(state_path, members, packed, optimizer, scheduler, epoch + 1)
         summary = "; ".join(
@@ -235,17 +252,25 @@ def _record_epoch(m: _Member, epoch: int, stats: EpochStats, lr: float, splits: 
     m.history.append(history_row(epoch, stats, val, lr))
     if m.best is None or val["accuracy"] > m.best["val_accuracy"]:
         m.best = {"epoch": epoch, "val_accuracy": val["accuracy"]}
-        extra = {"trial": m.identity, "epoch": epoch}
+        extra = {"trial": m.identity, "provenance": m.provenance, "epoch": epoch}
         save_checkpoint(m.out / "best.pt", m.model, model_name=PACK_MODEL, classes=splits.data.classes, extra=extra)
 
 
-def _member(cfg: TrialConfig, out: Path, num_classes: int, device: torch.device) -> _Member:
+def _member(cfg: TrialConfig, out: Path, data: PreparedData, device: torch.device, teacher_info: dict | None) -> _Member:
     method = get_method(cfg.method)
     loss_cfg = method.effective_loss(cfg.loss)
     weights = f"T={loss_cfg.temperature:g} alpha={loss_cfg.alpha:g} beta={loss_cfg.beta:g} gamma={loss_cfg.gamma:g}"
-    label = f"{cfg.method} {weights} [{cfg.key(LOSS_VERSION)}]"
-    model = build_model(PACK_MODEL, num_classes).to(device, memory_format=memory_format(device))
-    return _Member(cfg, out, MemberLoss(label, method, loss_cfg), model)
+    label = f"{cfg.method} {weights} [{cfg.key()}]"
+    model = build_model(PACK_MODEL, len(data.classes)).to(device, memory_format=memory_format(device))
+    teacher_info = teacher_info if method.needs_teacher else None
+    return _Member(
+        cfg,
+        out,
+        MemberLoss(label, method, loss_cfg),
+        model,
+        identity=resume_identity(cfg, teacher_info),
+        provenance=provenance(cfg, data, teacher_info),
+    )
 
 
 def _load_members(packed: PackedMobileNetV2, members: Sequence[_Member]) -> None:

@@ -121,6 +121,9 @@ def _train(
             (folder / "error.log").write_text(traceback.format_exc())
         return failed(f"{type(err).__name__}: {one_line(err)} (traceback in {folders[0] / 'error.log'})")
     seconds = time.perf_counter() - t0
+    for m, r in zip(members, results):
+        if r["key"] != m.key:  # the planned key must describe how the trial was trained (kdbench.sweep.plan)
+            return failed(f"trained as trial {r['key']}, planned as {m.key}: the plan's key is incomplete (a kdbench bug)")
     return {m.key: Outcome(m.key, "done", r, seconds=seconds) for m, r in zip(members, results)}
 
 
