@@ -308,6 +308,6 @@ def test_sweep_with_packed_students_on_request(tmp_path):
     assert all(r["status"] == "done" and r["completions"] == 1 for r in rows)
     results = [json.loads((out / "trials" / r["key"] / "metrics.json").read_text()) for r in rows]
     k = {r["config"]["method"] + str(r["config"]["loss"]["temperature"]): (r.get("pack") or {}).get("k") for r in results}
-    # the three KD students train as one pack; the baseline (no teacher) as a pack of one, as planned
-    assert k == {"teacher1.0": None, "baseline1.0": 1, "kd_kl2.0": 3, "kd_kl4.0": 3, "kd_kl_cos4.0": 3}, k
+    # the four KD students train as a pack of 3 and a pack of 1; the baseline (no teacher) as a pack of 1, as planned
+    assert k.pop("teacher1.0") is None and k.pop("baseline1.0") == 1 and sorted(k.values()) == [1, 3, 3, 3], k
     assert all(r["config"]["packed"] == (r.get("pack") is not None) for r in results)

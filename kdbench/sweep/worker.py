@@ -108,7 +108,7 @@ def _train(
 
     options = dict(data_root=ctx.data_root, download=ctx.download, progress=ctx.progress, log=log)
     try:
-        if len(members) == 1:
+        if not cfgs[0].packed:  # planned packed (kdbench.sweep.plan): a pack, even of one
             results = [run_trial(cfgs[0], folders[0], **options)]
         else:
             results = run_packed_trials(cfgs, folders, **options)
