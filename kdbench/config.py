@@ -86,7 +86,7 @@ class TrialConfig:
     The key (:meth:`key`) covers :meth:`identity`: method, data (and the fingerprint of its
     files), recipe, loss, seed, teacher identity, device type and its precision, packed or
     single training, plus the results and loss-code versions.  Not in the key: the teacher
-    checkpoint's path (its content is ``teacher_id``), ``trust_teacher``, the recipe's
+    checkpoint's path (its content is ``teacher_id``), ``trust_teacher``, ``allow_chance_teacher``, the recipe's
     ``eval_batch_size``, and everything outside this class (output folder, workers, threads).
     """
 
@@ -101,12 +101,14 @@ class TrialConfig:
     packed: bool = False  # trained in a pack of students (kdbench.engine.packed): other dropout masks than alone
     dataset_fingerprint: str | None = None  # kdbench.data.data_fingerprint; run_trial fills it in when None
     trust_teacher: bool = False  # accept a teacher checkpoint without provenance (recorded in the result)
+    allow_chance_teacher: bool = False  # a teacher at chance level is done (flagged), not failed: for pipeline tests
 
     def identity(self) -> dict:
         """The fields that affect the result, with the device resolved and its precision."""
         d = dataclasses.asdict(self)
         d.pop("teacher_checkpoint")  # a path; the teacher's identity is teacher_id
         d.pop("trust_teacher")  # allows a run, changes nothing in it; recorded in the result's teacher record
+        d.pop("allow_chance_teacher")  # decides whether a finished teacher counts as failed, not what it learnt
         d["recipe"].pop("eval_batch_size")
         d["device"] = device_type(self.device)
         d["precision"] = PRECISION[d["device"]]

@@ -93,6 +93,7 @@ def test_code_versions_change_the_key(monkeypatch):
         {"recipe": dataclasses.replace(Recipe(), eval_batch_size=7)},  # evaluation is per image in eval mode
         {"teacher_checkpoint": "/somewhere/else/best.pt"},  # a path; the teacher's content is teacher_id
         {"trust_teacher": True},  # allows a run, recorded in its result
+        {"allow_chance_teacher": True},  # whether a finished teacher counts as failed, not what it learnt
     ],
 )
 def test_run_settings_leave_the_key_alone(change):

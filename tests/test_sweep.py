@@ -198,6 +198,16 @@ def test_teacher_at_chance_fails_its_students_and_the_exit_status(tmp_path, caps
     assert rows["kd_kl"]["error"].startswith(f"teacher trial {rows['teacher']['key']} failed: teacher at chance level")
     assert rows["baseline"]["status"] == "done" and json.loads(rows["baseline"]["flags"]) == ["student_at_chance"]
     assert not (out / "trials" / rows["teacher"]["key"] / "metrics.json").exists()
+    # kept on request (a pipeline test): the same trials (the setting is not keyed), now done, the teacher flagged
+    sets.append("run.allow_chance_teacher=true")
+    proc = call_main(
+        sweep_main,
+        ["--config", str(ablation), "--out", str(out), "--no-report", *[a for s in sets for a in ("--set", s)]],
+        capsys,
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "trials: 3 total, 2 done, 0 failed, 1 already done", proc.stderr
+    rows = {r["method"]: r for r in store_rows(out)}
+    assert json.loads(rows["teacher"]["flags"]) == ["teacher_at_chance"] and rows["kd_kl"]["status"] == "done"
 
 
 def test_sigkill_mid_trial_then_rerun_does_every_trial_exactly_once(tmp_path):

@@ -144,16 +144,17 @@ def run_trial(
                 extra={**extra, "epoch": epoch + 1},
             )
         _save_resume_state(
-            out / "last.pt", model, optimizer, scheduler, recipe.model, data.classes, identity, epoch + 1, history, best
+            out / "last.pt", model, optimizer, scheduler, recipe.model, data.classes, extra, epoch + 1, history, best
         )
 
     result = build_result(cfg, data, teacher_info, model, out / "best.pt", best["epoch"], history, sets, t0, device)
-    if method.role == "teacher" and result["chance"]["at_chance"]:
+    if method.role == "teacher" and result["chance"]["at_chance"] and not cfg.allow_chance_teacher:
         c = result["chance"]
         raise UserError(
             f"teacher at chance level: best validation accuracy {c['accuracy']:.3f} on {c['n']} images is not "
             f"significantly above chance {c['chance']:.3f} (binomial p = {c['p_value']:.2g}): its students would learn "
-            "nothing from it; lower the learning rate, add warm-up or epochs, or check the data"
+            "nothing from it; lower the learning rate, add warm-up or epochs, or check the data "
+            "(--allow-chance-teacher, run.allow_chance_teacher = true, keeps it for pipeline tests)"
         )
     write_json(out / METRICS_FILE, result)
     log(
@@ -256,7 +257,10 @@ def build_result(
         "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
         "teacher": teacher_info,
         "best": best,
-        "chance": chance_test(best["val"]["accuracy"], len(val_labels), max(1 / len(data.classes), majority)),
+        "chance": {
+            **chance_test(best["val"]["accuracy"], len(val_labels), max(1 / len(data.classes), majority)),
+            "allowed": cfg.allow_chance_teacher,
+        },
         "last": {"epoch": cfg.recipe.epochs, **split_metrics(last_model)},
         "history": history,
         "timings": {
@@ -344,14 +348,15 @@ def _resume(path: Path, identity: str, model, optimizer, scheduler, log) -> dict
     return {"epoch": state["epoch"], "history": state["history"], "best": state["best"]}
 
 
-def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, identity, epoch, history, best) -> None:
+def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, extra, epoch, history, best) -> None:
+    """``last.pt``: best.pt's record (``extra``: the trial identity, the provenance) plus the optimiser, schedule and history."""
     save_checkpoint(
         path,
         model,
         model_name=model_name,
         classes=classes,
         extra={
-            "trial": identity,
+            **extra,
             "epoch": epoch,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

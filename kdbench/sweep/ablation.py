@@ -9,7 +9,7 @@ Layout::
     [teacher]   # Recipe of the teacher
     [student]   # Recipe of every student
     [loss]      # alpha (CE weight) and cosine_on; beta, gamma and T come from [grid]
-    [run]       # device, pack
+    [run]       # device, pack, allow_chance_teacher
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class LossSettings:
 class RunSettings:
     device: str = "auto"
     pack: int = 0  # students trained together on CUDA; 0 = automatic (8 on CUDA, 1 on CPU)
+    allow_chance_teacher: bool = False  # a teacher at chance level is done and flagged, not failed (pipeline tests)
 
 
 @dataclass(frozen=True)

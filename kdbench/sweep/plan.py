@@ -66,6 +66,7 @@ def plan_trials(
             seed=seed,
             device=device,
             dataset_fingerprint=data_id,
+            allow_chance_teacher=ablation.run.allow_chance_teacher,
         )
         teacher_key = teacher.key()
         if any(m.role == "teacher" or m.needs_teacher for m in methods):

@@ -171,7 +171,8 @@ class Store:
         Flags (column ``flags``, a JSON list): ``teacher_weaker_than_students`` (a teacher whose best
         test accuracy is below one of its students'), ``student_at_chance`` (a done student whose
         best-on-validation accuracy is not significantly above chance: the result's ``chance``,
-        kdbench.engine.metrics.chance_test), ``chance_untestable`` (a done trial whose validation
+        kdbench.engine.metrics.chance_test), ``teacher_at_chance`` (the same for a teacher kept by
+        ``run.allow_chance_teacher``), ``chance_untestable`` (a done trial whose validation
         split is too small for that test to have power; its accuracy may be chance).
         """
         rows = self.db.execute(
@@ -186,8 +187,8 @@ class Store:
                 continue
             if not chance["powered"]:
                 flags.setdefault(r["key"], []).append("chance_untestable")
-            elif chance["at_chance"] and r["role"] == "student":
-                flags.setdefault(r["key"], []).append("student_at_chance")
+            elif chance["at_chance"]:
+                flags.setdefault(r["key"], []).append(f"{r['role']}_at_chance")
         with self.transaction() as db:
             db.execute("UPDATE trials SET flags = '[]'")
             for key, names in flags.items():
