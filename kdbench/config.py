@@ -86,8 +86,8 @@ class TrialConfig:
     The key (:meth:`key`) covers :meth:`identity`: method, data (and the fingerprint of its
     files), recipe, loss, seed, teacher identity, device type and its precision, packed or
     single training, plus the results and loss-code versions.  Not in the key: the teacher
-    checkpoint's path (its content is ``teacher_id``), ``trust_teacher``, ``allow_chance_teacher``, the recipe's
-    ``eval_batch_size``, and everything outside this class (output folder, workers, threads).
+    checkpoint's path (its content is ``teacher_id``), ``trust_teacher``, ``allow_chance_teacher``,
+    the recipe's ``eval_batch_size``, and everything outside this class (output folder, workers, threads).
     """
 
     method: str
@@ -204,13 +204,13 @@ def check_data(data: DataConfig, where: str) -> None:
     from kdbench.data.presets import AUGMENTATIONS
     from kdbench.data.specs import get_spec
 
+    spec = get_spec(data.dataset)
     if data.resolution < 16:
         raise UserError(f"{where}.resolution must be >= 16 pixels, got {data.resolution}")
     if data.augment not in AUGMENTATIONS:
         raise UserError(f"{where}.augment must be one of {', '.join(AUGMENTATIONS)}, got {data.augment!r}")
     if data.images_per_class is not None and data.images_per_class < 3:
         raise UserError(f"{where}.images_per_class must be >= 3 (one image each for train, val and test)")
-    spec = get_spec(data.dataset)
     for name in ("val_fraction", "test_fraction"):
         value = getattr(data, name)
         if value is not None and not 0 < value < 1:
