@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ablation, path, raw = load_ablation(args.config, args.overrides)
     out_dir = Path(args.out or Path("reports") / ablation.name)
     pack = pack_size(args.pack, ablation)
+    plan_trials(ablation, pack=pack)  # refuses a bad grid before any dataset is looked for
     if args.dry_run:
         print_plan(plan(ablation, pack, args.data_root), args.data_root)
         return 0
