@@ -8,13 +8,13 @@ one-line :class:`~kdbench.errors.UserError` for unknown keys and wrong types.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from kdbench.digest import json_digest
 from kdbench.errors import UserError
 
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -50,7 +50,7 @@ class Recipe:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: int = 1  # linear LR warm-up; from-scratch training at high LR diverges without it
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  # a run setting: evaluation in eval mode is per image, so it is not part of the key
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,31 @@ class LossConfig:
     cosine_on: str = "logits"
 
 
+# How a trial computes on each device type (kdbench.engine.runtime.autocast): part of its key.
+PRECISION = {"cpu": "fp32", "cuda": "bf16-autocast"}
+
+
+def device_type(name: str) -> str:
+    """``cpu`` or ``cuda`` for a device setting (``auto``: cuda when a GPU is visible)."""
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in PRECISION:
+        raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class TrialConfig:
-    """Everything that determines one training run's result."""
+    """Everything that determines one training run's result, and a few run settings that do not.
+
+    The key (:meth:`key`) covers :meth:`identity`: method, data (and the fingerprint of its
+    files), recipe, loss, seed, teacher identity, device type and its precision, packed or
+    single training, plus the results and loss-code versions.  Not in the key: the teacher
+    checkpoint's path (its content is ``teacher_id``), ``trust_teacher``, ``allow_chance_teacher``,
+    the recipe's ``eval_batch_size``, and everything outside this class (output folder, workers, threads).
+    """
 
     method: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -74,19 +96,29 @@ class TrialConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     teacher_checkpoint: str | None = None
-    teacher_id: str | None = None  # identity of the teacher: its trial key or checkpoint hash
-    device: str = "auto"  # where it runs; not part of the key
+    teacher_id: str | None = None  # identity of the teacher: its trial key (sweep) or checkpoint content digest
+    device: str = "auto"  # resolved to cpu or cuda in the key
+    packed: bool = False  # trained in a pack of students (kdbench.engine.packed): other dropout masks than alone
+    dataset_fingerprint: str | None = None  # kdbench.data.data_fingerprint; run_trial fills it in when None
+    trust_teacher: bool = False  # accept a teacher checkpoint without provenance (recorded in the result)
+    allow_chance_teacher: bool = False  # a teacher at chance level is done (flagged), not failed: for pipeline tests
 
     def identity(self) -> dict:
-        """The fields that affect the result (the device does not)."""
+        """The fields that affect the result, with the device resolved and its precision."""
         d = dataclasses.asdict(self)
-        d.pop("device")
         d.pop("teacher_checkpoint")  # a path; the teacher's identity is teacher_id
+        d.pop("trust_teacher")  # allows a run, changes nothing in it; recorded in the result's teacher record
+        d.pop("allow_chance_teacher")  # decides whether a finished teacher counts as failed, not what it learnt
+        d["recipe"].pop("eval_batch_size")
+        d["device"] = device_type(self.device)
+        d["precision"] = PRECISION[d["device"]]
         return d
 
-    def key(self, loss_version: str) -> str:
-        blob = json.dumps({"trial": self.identity(), "loss_version": loss_version}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def key(self) -> str:
+        from kdbench.engine import RESULTS_VERSION
+        from kdbench.losses import LOSS_VERSION
+
+        return json_digest({"trial": self.identity(), "results_version": RESULTS_VERSION, "loss_version": LOSS_VERSION})
 
 
 T = TypeVar("T")
@@ -122,12 +154,19 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint in (str, bool) and isinstance(value, hint):
         return value
     raise UserError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+# (name, low, high, high included and low excluded): lr in (0, 10], momentum (AdamW beta1) and weight decay in [0, 1).
+RECIPE_RANGES = (("lr", 0.0, 10.0, True), ("momentum", 0.0, 1.0, False), ("weight_decay", 0.0, 1.0, False))
+MIN_TRAIN_FRACTION = 0.1  # val_fraction + test_fraction <= 0.9
 
 
 def check_recipe(recipe: Recipe, where: str) -> None:
@@ -140,8 +179,11 @@ def check_recipe(recipe: Recipe, where: str) -> None:
             raise UserError(f"{where}.{name} must be >= 1, got {getattr(recipe, name)}")
     if not 0 <= recipe.warmup_epochs <= recipe.epochs:
         raise UserError(f"{where}.warmup_epochs must be between 0 and epochs ({recipe.epochs}), got {recipe.warmup_epochs}")
-    if recipe.lr <= 0 or recipe.momentum < 0 or recipe.weight_decay < 0:
-        raise UserError(f"{where}: lr must be > 0 and momentum, weight_decay >= 0")
+    for name, lo, hi, closed_hi in RECIPE_RANGES:
+        value = getattr(recipe, name)
+        if not (lo < value <= hi if closed_hi else lo <= value < hi):  # also false for NaN
+            interval = f"({lo:g}, {hi:g}]" if closed_hi else f"[{lo:g}, {hi:g})"
+            raise UserError(f"{where}.{name} must be in {interval}, got {value!r}")
     if recipe.optimizer not in OPTIMIZERS:
         raise UserError(f"{where}.optimizer must be one of {', '.join(OPTIMIZERS)}, got {recipe.optimizer!r}")
     if recipe.schedule not in SCHEDULES:
@@ -162,7 +204,7 @@ def check_data(data: DataConfig, where: str) -> None:
     from kdbench.data.presets import AUGMENTATIONS
     from kdbench.data.specs import get_spec
 
-    get_spec(data.dataset)
+    spec = get_spec(data.dataset)
     if data.resolution < 16:
         raise UserError(f"{where}.resolution must be >= 16 pixels, got {data.resolution}")
     if data.augment not in AUGMENTATIONS:
@@ -175,3 +217,10 @@ def check_data(data: DataConfig, where: str) -> None:
             raise UserError(
                 f"{where}.{name} must be in (0, 1), got {value}: model selection needs a val split, results a test split"
             )
+    val = spec.val_fraction if data.val_fraction is None else data.val_fraction
+    test = spec.test_fraction if data.test_fraction is None else data.test_fraction
+    if val + test > 1 - MIN_TRAIN_FRACTION + 1e-9:
+        raise UserError(
+            f"{where}: val_fraction + test_fraction is {val + test:g}; at most {1 - MIN_TRAIN_FRACTION:g} "
+            "leaves images to train on: lower them"
+        )

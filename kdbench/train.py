@@ -23,6 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=list(METHODS), help="default: teacher without --teacher, kd_kl_cos with it")
     p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (best.pt of a teacher run) for KD methods")
+    p.add_argument(
+        "--trust-teacher",
+        action="store_true",
+        help="use a teacher checkpoint without provenance (older or foreign; it may have seen this run's test images)",
+    )
+    p.add_argument(
+        "--allow-chance-teacher",
+        action="store_true",
+        help="keep a teacher whose validation accuracy is not significantly above chance (default: the run fails)",
+    )
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, help="eurosat, ucmerced, rsscn7 or imagefolder:<path>")
@@ -100,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         seed=args.seed,
         teacher_checkpoint=args.teacher,
         device=args.device,
+        trust_teacher=args.trust_teacher,
+        allow_chance_teacher=args.allow_chance_teacher,
     )
 
 

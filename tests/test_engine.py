@@ -1,5 +1,6 @@
 """Training and evaluation end to end on tiny synthetic data: outputs, resume, determinism, failures, teacher cache."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,6 +9,7 @@ from conftest import assert_one_line_error, call_main, make_image_folder, run_cl
 
 from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
 from kdbench.data.presets import AUGMENTATIONS, apply_views, normalize
+from kdbench.digest import file_sha256
 from kdbench.engine.teacher import OnlineTeacher, build_logit_cache, cached_teacher
 from kdbench.engine.trial import run_trial
 from kdbench.models import build_model, save_checkpoint
@@ -67,6 +69,32 @@ def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
     result = json.loads((tmp_path / "kd" / "metrics.json").read_text())
     assert result["config"]["method"] == "kd_kl_cos" and result["config"]["recipe"]["model"] == "mobilenet_v2"
     assert result["teacher"]["mode"] == "cache"
+    # the student names its teacher by content digest, and that digest is part of its identity
+    digest = "sha256:" + file_sha256(tmp_path / "teacher" / "best.pt")
+    assert result["teacher"]["digest"] == digest == result["config"]["teacher_id"]
+    assert result["teacher"]["trusted_without_provenance"] is False
+    assert result["teacher"]["provenance"]["trial_key"] == json.loads((tmp_path / "teacher" / "metrics.json").read_text())["key"]
+    other = torch.load(tmp_path / "teacher" / "best.pt", weights_only=True) | {"note": "same weights, other file"}
+    torch.save(other, tmp_path / "teacher2.pt")
+    args = ["--dataset", f"imagefolder:{image_folder}", "--resolution", "16", "--epochs", "2", "--batch-size", "8", "-T", "2"]
+    proc = run_cli("kdbench.train", *args, "--teacher", str(tmp_path / "teacher2.pt"), "--out", str(tmp_path / "kd"))
+    assert_one_line_error(proc, "holds a different run")
+    # a teacher trained on another split has seen this run's val/test images: refused, counted, with the fix
+    proc = run_cli(
+        "kdbench.train",
+        *args,
+        "--split-seed",
+        "5",
+        "--teacher",
+        str(tmp_path / "teacher" / "best.pt"),
+        "--out",
+        str(tmp_path / "s5"),
+    )
+    line = assert_one_line_error(proc, "was trained on", "validation/test images", "--split-seed 5")
+    manifest = (tmp_path / "s5" / "manifest.csv").read_text().splitlines()[1:]
+    held_out = {row.split(",")[0] for row in manifest if not row.endswith(",train")}
+    teacher_train = set(torch.load(tmp_path / "teacher" / "best.pt", weights_only=True)["provenance"]["train_paths"])
+    assert f"on {len(held_out & teacher_train)} of this run's {len(held_out)} " in line and held_out & teacher_train
     assert {"term_ce", "term_kl", "term_cos"} <= set(result["history"][0])
     for which in ("best", "last"):
         test = result[which]["test"]
@@ -142,42 +170,41 @@ def test_nan_teacher_stops_the_student_with_a_clear_error(image_folder, tmp_path
     with torch.no_grad():
         teacher.classifier[-1].weight.fill_(float("nan"))
     save_checkpoint(tmp_path / "nan.pt", teacher, model_name="mobilenet_v2", classes=["class0", "class1", "class2"])
-    proc = run_cli(
-        "kdbench.train",
-        "--dataset",
-        f"imagefolder:{image_folder}",
-        "--teacher",
-        str(tmp_path / "nan.pt"),
-        "--resolution",
-        "16",
-        "--epochs",
-        "1",
-        "--out",
-        str(tmp_path / "kd"),
-    )
+    args = ["--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "nan.pt"), "--resolution", "16"]
+    # a checkpoint without provenance (foreign, or from an older kdbench) is refused unless trusted explicitly
+    assert_one_line_error(run_cli("kdbench.train", *args, "--out", str(tmp_path / "kd")), "no provenance", "--trust-teacher")
+    proc = run_cli("kdbench.train", *args, "--trust-teacher", "--epochs", "1", "--out", str(tmp_path / "kd"))
     assert_one_line_error(proc, "NaN or infinite logits")
     assert not (tmp_path / "kd" / "metrics.json").exists()
 
 
-def test_exploding_loss_stops_with_a_clear_error(image_folder, tmp_path):
-    proc = run_cli(
-        "kdbench.train",
-        "--dataset",
-        f"imagefolder:{image_folder}",
-        "--method",
-        "baseline",
-        "--lr",
-        "1e12",
-        "--resolution",
-        "16",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "4",
-        "--out",
-        str(tmp_path / "x"),
-    )
-    assert_one_line_error(proc, "non-finite loss")
+def test_exploding_or_non_finite_loss_fails_the_trial(image_folder, tmp_path, monkeypatch):
+    """An epoch mean loss over 100x the first epoch's fails the run, as does a NaN/inf (overflowed) step loss."""
+    from kdbench.engine import loop
+    from kdbench.engine import trial as trial_engine
+    from kdbench.errors import NonFiniteError
+
+    real_epoch = trial_engine.train_one_epoch
+
+    def epoch_2_explodes(*args, epoch, **kwargs):
+        stats = real_epoch(*args, epoch=epoch, **kwargs)
+        return dataclasses.replace(stats, loss=stats.loss * 1e3) if epoch == 1 else stats
+
+    monkeypatch.setattr(trial_engine, "train_one_epoch", epoch_2_explodes)
+    with pytest.raises(NonFiniteError, match=r"exploded: epoch 2 mean loss .* over 100x epoch 1"):
+        run_trial(tiny_trial(image_folder, method="baseline", epochs=2), tmp_path / "x", progress=False, log=lambda m: None)
+    assert not (tmp_path / "x" / "metrics.json").exists()
+    monkeypatch.undo()
+
+    real_losses = loop._member_losses
+
+    def overflow(members, logits, teacher_logits, y):
+        losses, scalars, layout = real_losses(members, logits, teacher_logits, y)
+        return [loss * float("inf") for loss in losses], scalars * float("inf"), layout
+
+    monkeypatch.setattr(loop, "_member_losses", overflow)
+    with pytest.raises(NonFiniteError, match="non-finite loss at epoch 1, step 1"):
+        run_trial(tiny_trial(image_folder, method="baseline", epochs=1), tmp_path / "y", progress=False, log=lambda m: None)
 
 
 def test_teacher_of_other_classes_and_bad_checkpoint(image_folder, tmp_path):
@@ -217,6 +244,12 @@ def test_teacher_of_other_classes_and_bad_checkpoint(image_folder, tmp_path):
         (["--alpha", "0", "--beta", "0", "--gamma", "0"], "all 0"),
         (["--beta", "-1"], "beta"),
         (["--model", "nonet"], "unknown model"),
+        (["--lr", "nan"], "recipe.lr must be in (0, 10]"),
+        (["--lr", "1e6"], "recipe.lr must be in (0, 10]"),
+        (["--momentum", "5"], "recipe.momentum must be in [0, 1)"),
+        (["--weight-decay", "inf"], "recipe.weight_decay must be in [0, 1)"),
+        (["--val-fraction", "0.5", "--test-fraction", "0.45"], "leaves images to train on"),
+        (["--alpha", "nan"], "alpha must be a finite number"),
     ],
 )
 def test_bad_cli_values_are_one_line(image_folder, tmp_path, capsys, bad, needle):
@@ -280,3 +313,21 @@ def test_continuous_augmentation_falls_back_to_the_online_teacher(image_folder, 
     assert teacher["teacher"] is None
     assert result["teacher"]["mode"] == "online" and "d4_crop" in result["teacher"]["why"]
     assert any("running the teacher online" in line for line in lines)
+
+
+def test_logit_cache_and_online_teacher_give_the_same_trial(image_folder, tmp_path, monkeypatch):
+    """End to end on CPU: a KD run with the teacher-logit cache equals the same run with the teacher online."""
+    run_trial(tiny_trial(image_folder, model="resnet18", epochs=1), tmp_path / "t", progress=False, log=lambda m: None)
+    cfg = tiny_trial(image_folder, method="kd_kl_cos", epochs=2, teacher_checkpoint=str(tmp_path / "t" / "best.pt"))
+    cached = run_trial(cfg, tmp_path / "cached", progress=False, log=lambda m: None)
+    # the same d4 augmentation (same batches and views), declared not cacheable: teacher_source runs the teacher online
+    monkeypatch.setattr(type(AUGMENTATIONS["d4"]), "cacheable", property(lambda self: False))
+    online = run_trial(cfg, tmp_path / "online", progress=False, log=lambda m: None)
+    assert cached["teacher"]["mode"] == "cache" and online["teacher"]["mode"] == "online"
+    assert cached["key"] == online["key"]
+    for a, b in zip(cached["history"], online["history"]):
+        for k in ("train_loss", "term_ce", "term_kl", "term_cos", "val_loss"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    for which in ("best", "last"):
+        assert cached[which]["test"]["accuracy"] == online[which]["test"]["accuracy"]
+        assert cached[which]["test"]["confusion_matrix"] == online[which]["test"]["confusion_matrix"]

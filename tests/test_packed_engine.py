@@ -18,7 +18,6 @@ from kdbench.engine import trial as trial_engine
 from kdbench.engine.packed import MemberLoss, check_pack, compatible_key, init_pack, run_packed_trials, train_pack_epoch
 from kdbench.engine.trial import run_trial
 from kdbench.errors import NonFiniteError
-from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
 from kdbench.models import build_model, load_model_checkpoint
 
@@ -114,12 +113,13 @@ def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup,
         step_pack, step_alone = (_update(tmp_path / run / cfg.method / "best.pt", init) for run in ("pack", "alone"))
         assert (step_pack - step_alone).norm() <= 1e-3 * step_alone.norm()
         assert set(result) == set(alone) | {"pack"}
-        for field in ("key", "config", "effective_loss", "classes", "data"):
+        for field in ("effective_loss", "classes", "data"):
             assert result[field] == alone[field], field
+        assert result["config"] == {**alone["config"], "packed": True} and result["key"] != alone["key"]  # packed is keyed
         for field in ("best", "last", "timings", "environment", "teacher"):
             assert set(result[field]) == set(alone[field]), field
         assert result["best"]["test"].keys() == alone["best"]["test"].keys() and result["teacher"]["mode"] == "cache"
-        assert result["pack"] == {"k": 3, "members": [c.key(LOSS_VERSION) for c in cfgs]}
+        assert result["pack"] == {"k": 3, "members": [r["key"] for r in pack]}
         model, ckpt = load_model_checkpoint(tmp_path / "pack" / cfg.method / "best.pt")
         assert ckpt["model"] == "mobilenet_v2" and isinstance(model, torchvision.models.MobileNetV2)
         on_disk = json.loads((tmp_path / "pack" / cfg.method / "metrics.json").read_text())
@@ -239,7 +239,7 @@ def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(s
     for a, b in zip((three[0], three[2]), two):  # exactly the pack of the healthy two
         assert timeless(a["history"]) == timeless(b["history"])
         assert a["best"] == b["best"] and a["last"] == b["last"]
-        assert a["pack"]["dropped"] == [diverging.key(LOSS_VERSION)]
+        assert a["pack"]["dropped"] == [a["pack"]["members"][1]] and a["pack"]["members"][1] not in {r["key"] for r in two}
     # a rerun of the pack (e.g. after a kill) drops it again from its state, without retraining
     lines.clear()
     again = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)

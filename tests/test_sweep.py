@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, assert_one_line_error, call_main, make_image_folder, run_cli
+from PIL import Image
 
 from kdbench.sweep.__main__ import main as sweep_main
 from kdbench.sweep.ablation import GRID_AXES, apply_overrides, parse_ablation
@@ -158,6 +160,13 @@ def test_overrides_set_nested_typed_values():
         (["grid.methods=['dkd']"], "unknown method 'dkd'"),
         (["teacher.epochs='ten'"], "teacher.epochs must be int"),
         (["nonsense"], "must look like key=value"),
+        (["student.lr=nan"], "ablation.student.lr must be a finite number"),
+        (["teacher.lr=1e6"], "teacher.lr must be in (0, 10]"),
+        (["student.lr=0.0"], "student.lr must be in (0, 10]"),
+        (["student.momentum=5"], "student.momentum must be in [0, 1)"),
+        (["teacher.weight_decay=1.5"], "teacher.weight_decay must be in [0, 1)"),
+        (["grid.temperatures=[inf]"], "must be a finite number"),
+        (["data.val_fraction=0.5", "data.test_fraction=0.45"], "leaves images to train on"),
     ],
 )
 def test_bad_ablations_fail_in_one_line_before_training(tmp_path, capsys, overrides, needle):
@@ -199,19 +208,53 @@ def test_sweep_runs_records_and_skips_finished_trials(tmp_path):
         assert (out / "trials" / key / "metrics.json").exists()
 
 
-def test_failed_teacher_fails_its_students_and_the_exit_status(tmp_path):
-    folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
-    ablation, out = write_ablation(tmp_path, folder, teacher_lr=1e12), tmp_path / "out"
-    proc = run_cli(
-        "kdbench.sweep", "--config", str(ablation), "--out", str(out), "--no-report", "--set", "teacher.warmup_epochs=0"
+@pytest.mark.parametrize("override", ["student.lr=nan", "student.momentum=5"])
+def test_invalid_recipe_is_refused_by_the_dry_run_in_one_line(tmp_path, override):
+    proc = run_cli("kdbench.sweep", "--set", override, "--dry-run", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, override.split("=")[0])
+    assert not (tmp_path / "o").exists()
+
+
+def make_noise_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 16) -> Path:
+    """Images whose class cannot be told: every class draws from the same noise."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"class{c}" / f"img{i:03d}.png")
+    return root
+
+
+def test_teacher_at_chance_fails_its_students_and_the_exit_status(tmp_path, capsys):
+    """A teacher that learns nothing (the classes are indistinguishable) fails as "teacher at chance level"; its
+    students fail by teacher; a student at chance level is done but flagged."""
+    folder = make_noise_folder(tmp_path / "d")
+    ablation, out = write_ablation(tmp_path, folder), tmp_path / "out"
+    # 15 validation images of 3 classes: enough for the binomial test to tell a good model from chance
+    sets = ["grid.methods=['teacher','baseline','kd_kl']", "grid.temperatures=[4.0]", "data.val_fraction=0.25"]
+    proc = call_main(
+        sweep_main,
+        ["--config", str(ablation), "--out", str(out), "--no-report", *[a for s in sets for a in ("--set", s)]],
+        capsys,
     )
-    assert proc.returncode == 1
-    assert proc.stdout.strip().splitlines()[-1] == "trials: 6 total, 1 done, 5 failed, 0 already done"
-    rows = {r["method"] + str(i): r for i, r in enumerate(store_rows(out))}
-    failed = [r for r in rows.values() if r["status"] == "failed"]
-    assert any("non-finite loss" in r["error"] for r in failed if r["method"] == "teacher")
-    assert all("teacher trial" in r["error"] for r in failed if r["method"] != "teacher")
-    assert [r["method"] for r in rows.values() if r["status"] == "done"] == ["baseline"]
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "trials: 3 total, 1 done, 2 failed, 0 already done"
+    rows = {r["method"]: r for r in store_rows(out)}
+    assert rows["teacher"]["status"] == "failed" and rows["teacher"]["error"].startswith("teacher at chance level")
+    assert rows["kd_kl"]["status"] == "failed"
+    assert rows["kd_kl"]["error"].startswith(f"teacher trial {rows['teacher']['key']} failed: teacher at chance level")
+    assert rows["baseline"]["status"] == "done" and json.loads(rows["baseline"]["flags"]) == ["student_at_chance"]
+    assert not (out / "trials" / rows["teacher"]["key"] / "metrics.json").exists()
+    # kept on request (a pipeline test): the same trials (the setting is not keyed), now done, the teacher flagged
+    sets.append("run.allow_chance_teacher=true")
+    proc = call_main(
+        sweep_main,
+        ["--config", str(ablation), "--out", str(out), "--no-report", *[a for s in sets for a in ("--set", s)]],
+        capsys,
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "trials: 3 total, 2 done, 0 failed, 1 already done", proc.stderr
+    rows = {r["method"]: r for r in store_rows(out)}
+    assert json.loads(rows["teacher"]["flags"]) == ["teacher_at_chance"] and rows["kd_kl"]["status"] == "done"
 
 
 def test_sigkill_mid_trial_then_rerun_does_every_trial_exactly_once(tmp_path):
@@ -302,16 +345,17 @@ def test_pack_grouping_and_default():
     from kdbench.sweep.packs import default_pack_size, pack_trials
 
     raw = base_raw(methods=["teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos"], temperatures=[2.0, 4.0], seeds=[0, 1])
-    trials = plan_trials(parse_ablation(raw, "t"))
+    trials = plan_trials(parse_ablation(raw, "t"), pack=4)
     units = pack_trials(trials, 4)
     assert [u.role for u in units[:2]] == ["teacher", "teacher"]
     packs = [u for u in units if u.members]
-    # per seed: kd_kl x2 T, kd_cos, kd_kl_cos x2 T = 5 KD students sharing a teacher -> a pack of 4 and one single
-    assert sorted(len(p.members) for p in packs) == [4, 4]
+    # per seed: 5 KD students sharing a teacher -> a pack of 4 and a pack of 1; the baseline (no teacher) a pack of 1
+    assert sorted(len(p.members) for p in packs) == [1, 1, 1, 1, 4, 4]
     assert sorted(t.key for u in units for t in u.trials) == sorted(t.key for t in trials)
     for p in packs:
         assert len({m.teacher_key for m in p.members}) == 1 and {m.config.seed for m in p.members} == {p.config.seed}
-    assert pack_trials(trials, 1) == trials
+    single = plan_trials(parse_ablation(raw, "t"))
+    assert pack_trials(single, 4) == single  # only trials planned packed are packed
     assert default_pack_size(0, "cpu") == 1 and default_pack_size(0, "cuda") == 8 and default_pack_size(3, "cpu") == 3
 
 
@@ -323,5 +367,8 @@ def test_sweep_with_packed_students_on_request(tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "trials: 6 total, 6 done, 0 failed, 0 already done"
     rows = store_rows(out)
     assert all(r["status"] == "done" and r["completions"] == 1 for r in rows)
-    packed = [json.loads((out / "trials" / r["key"] / "metrics.json").read_text()).get("pack") for r in rows]
-    assert sum(p is not None for p in packed) == 3 and all(p["k"] == 3 for p in packed if p)
+    results = [json.loads((out / "trials" / r["key"] / "metrics.json").read_text()) for r in rows]
+    k = {r["config"]["method"] + str(r["config"]["loss"]["temperature"]): (r.get("pack") or {}).get("k") for r in results}
+    # the four KD students train as a pack of 3 and a pack of 1; the baseline (no teacher) as a pack of 1, as planned
+    assert k.pop("teacher1.0") is None and k.pop("baseline1.0") == 1 and sorted(k.values()) == [1, 3, 3, 3], k
+    assert all(r["config"]["packed"] == (r.get("pack") is not None) for r in results)

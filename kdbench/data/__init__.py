@@ -18,8 +18,9 @@ from kdbench.data.decode import load_images
 from kdbench.data.index import ImageIndex, limit_per_class, scan_folder, stratified_split, write_manifest
 from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.specs import BUILTIN_DATASETS, get_spec
+from kdbench.digest import dataset_fingerprint, json_digest
 
-__all__ = ["BUILTIN_DATASETS", "PreparedData", "data_root", "get_spec", "prepare_data"]
+__all__ = ["BUILTIN_DATASETS", "PreparedData", "data_fingerprint", "data_root", "get_spec", "prepare_data"]
 
 
 @dataclass
@@ -31,6 +32,7 @@ class PreparedData:
     split: list[str]
     images: torch.Tensor  # [N, 3, R, R] uint8
     labels: torch.Tensor  # [N] int64
+    fingerprint: str = ""  # :func:`data_fingerprint` of the images selected (before unreadable ones are dropped)
 
     @property
     def classes(self) -> list[str]:
@@ -45,8 +47,17 @@ class PreparedData:
     def write_manifest(self, path: Path) -> None:
         write_manifest(path, self.index, self.split)
 
+    def paths(self, *splits: str) -> list[str]:
+        """Relative paths of the images in ``splits``."""
+        return [p for p, s in zip(self.index.paths, self.split) if s in splits]
 
-def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = True) -> PreparedData:
+    def manifest_digest(self) -> str:
+        """Digest of the split manifest (each image's path, class and split)."""
+        return json_digest([self.index.paths, self.index.labels, self.classes, self.split])
+
+
+def _select(cfg: DataConfig, root, download: bool) -> tuple[Path, ImageIndex]:
+    """The dataset folder and the images ``cfg`` selects (class subset, per-class limit), not yet decoded."""
     spec = get_spec(cfg.dataset)
     folder = locate_dataset(spec, data_root(root), download=download)
     index = scan_folder(folder, classes=list(cfg.classes) or None, skip_bad=cfg.skip_bad_images)
@@ -55,7 +66,19 @@ def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, down
             f"kdbench: warning: {folder} has {len(index.classes)} classes, the official {spec.name} has {spec.num_classes}",
             flush=True,
         )
-    index = limit_per_class(index, cfg.images_per_class, cfg.split_seed)
+    return folder, limit_per_class(index, cfg.images_per_class, cfg.split_seed)
+
+
+def data_fingerprint(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = False) -> str:
+    """Fingerprint of the image files ``cfg`` selects (paths and sizes; see kdbench.digest): part of a trial's key."""
+    folder, index = _select(cfg, root, download)
+    return dataset_fingerprint(folder, index.paths)
+
+
+def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = True) -> PreparedData:
+    spec = get_spec(cfg.dataset)
+    folder, index = _select(cfg, root, download)
+    fingerprint = dataset_fingerprint(folder, index.paths)
     images, bad = load_images(folder, index.paths, cfg.resolution, skip_bad=cfg.skip_bad_images)
     if bad:
         dropped = {b["path"] for b in bad}
@@ -66,4 +89,6 @@ def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, down
         test_fraction=spec.test_fraction if cfg.test_fraction is None else cfg.test_fraction,
         seed=cfg.split_seed,
     )
-    return PreparedData(folder=folder, index=index, split=split, images=images, labels=torch.tensor(index.labels))
+    return PreparedData(
+        folder=folder, index=index, split=split, images=images, labels=torch.tensor(index.labels), fingerprint=fingerprint
+    )

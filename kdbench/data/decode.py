@@ -23,7 +23,6 @@ dataset never holds it in memory.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import mmap
 import os
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kdbench.digest import text_digest
 from kdbench.durable import atomic_write_json, file_lock, fsync_dir
 from kdbench.errors import UserError
 
@@ -195,4 +195,4 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def _slug(root: Path) -> str:
-    return f"{root.name}-{hashlib.sha1(str(root).encode()).hexdigest()[:12]}"
+    return f"{root.name}-{text_digest(str(root), 12)}"

@@ -1,1 +1,7 @@
 """Engine: train and evaluate one trial (``run_trial``), with checkpoints and resume."""
+
+# Part of every trial key (with kdbench.losses.LOSS_VERSION): bump it whenever a change to the
+# training or evaluation code (loop, schedule, initialisation, batching, packing, data
+# decoding, metrics) can change a trained model or its numbers, so stored results of the old
+# code are never reused as if the new code had produced them.
+RESULTS_VERSION = "2"

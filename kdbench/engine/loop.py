@@ -208,6 +208,22 @@ def _check_finite(members: Sequence[MemberLoss], means: list[dict[str, float]], 
         raise MembersNonFinite(f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where}: {hint}", reasons)
 
 
+EXPLOSION_FACTOR = 100.0
+
+
+def check_loss_growth(first_loss: float, loss: float, epoch: int, label: str = "") -> None:
+    """Fail a run whose epoch mean training loss exceeds ``EXPLOSION_FACTOR`` x the first epoch's: it diverged.
+
+    (A NaN/inf step loss, an overflow, is caught during the epoch by ``_check_finite``.)
+    """
+    if epoch > 1 and loss > EXPLOSION_FACTOR * first_loss:
+        who = f" of {label}" if label else ""
+        raise NonFiniteError(
+            f"training loss{who} exploded: epoch {epoch} mean loss {loss:.4g} is over {EXPLOSION_FACTOR:g}x epoch 1's "
+            f"({first_loss:.4g}): lower the learning rate or add warm-up epochs"
+        )
+
+
 def epoch_batches(
     images: torch.Tensor,
     labels: torch.Tensor,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -33,4 +35,34 @@ def summarize(cm: torch.Tensor, classes: list[str]) -> dict:
         "per_class_accuracy": {c: float(r) for c, r in zip(classes, recall)},
         "confusion_matrix": cm.long().tolist(),
         "n": int(cm.sum()),
+    }
+
+
+CHANCE_ALPHA = 0.01
+
+
+def chance_test(accuracy: float, n: int, chance: float, alpha: float = CHANCE_ALPHA) -> dict:
+    """Is ``accuracy`` on ``n`` images significantly above ``chance``? One-sided exact binomial test.
+
+    ``chance`` is the best constant predictor's accuracy (1/C, or the majority class's share
+    where larger).  ``at_chance`` is true when ``p >= alpha`` AND the test has the power to
+    tell: a model halfway between chance and perfect (accuracy ``(1 + chance) / 2``) would
+    reach ``p < alpha`` on ``n`` images.  A val split too small for that (e.g. 3 images of 3
+    classes) is ``powered: false`` and never ``at_chance``; the store flags it instead.
+    """
+    from scipy.stats import binomtest
+
+    correct = round(accuracy * n)
+    p_value = float(binomtest(correct, n, chance, alternative="greater").pvalue) if n else 1.0
+    halfway = math.ceil(n * (1 + chance) / 2)
+    powered = n > 0 and float(binomtest(halfway, n, chance, alternative="greater").pvalue) < alpha
+    return {
+        "accuracy": accuracy,
+        "n": n,
+        "chance": chance,
+        "p_value": p_value,
+        "alpha": alpha,
+        "powered": powered,
+        "significant": p_value < alpha,
+        "at_chance": powered and p_value >= alpha,
     }

@@ -46,7 +46,6 @@ records the dropped members, so a killed run resumes without them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -60,7 +59,15 @@ from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import display_name
 from kdbench.durable import remove_stale_temps
-from kdbench.engine.loop import EpochStats, MemberLoss, MembersNonFinite, evaluate, make_optimizer, train_members_epoch
+from kdbench.engine.loop import (
+    EpochStats,
+    MemberLoss,
+    MembersNonFinite,
+    check_loss_growth,
+    evaluate,
+    make_optimizer,
+    train_members_epoch,
+)
 from kdbench.engine.runtime import memory_format, resolve_device
 from kdbench.engine.trial import (
     METRICS_FILE,
@@ -68,12 +75,14 @@ from kdbench.engine.trial import (
     build_result,
     history_row,
     make_scheduler,
+    provenance,
+    resume_identity,
     save_best,
     teacher_source,
+    with_fingerprint,
     write_json,
 )
 from kdbench.errors import NonFiniteError, one_line
-from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
 from kdbench.models import atomic_torch_save, build_model
 from kdbench.packing import PackedMobileNetV2
@@ -109,7 +118,7 @@ def check_pack(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike
             raise ValueError(f"only student trials can be packed, got method {cfg.method!r}")
         if cfg.recipe.model != PACK_MODEL:
             raise ValueError(f"only {PACK_MODEL} students can be packed, got model {cfg.recipe.model!r}")
-    keys = [cfg.key(LOSS_VERSION) for cfg in cfgs]
+    keys = [cfg.key() for cfg in cfgs]
     if len(set(keys)) != len(keys):
         raise ValueError("a trial appears twice in the pack: pass each trial once")
     first = compatible_key(cfgs[0])
@@ -150,12 +159,10 @@ class _Member:
     loss: MemberLoss
     model: nn.Module
     classes: list[str]
+    identity: str  # what its resume state must match (kdbench.engine.trial.resume_identity)
+    provenance: dict  # written into its best.pt
     history: list[dict] = dataclasses.field(default_factory=list)
     best: dict | None = None
-
-    @property
-    def identity(self) -> str:
-        return json.dumps(self.cfg.identity(), sort_keys=True)
 
 
 def run_packed_trials(
@@ -171,21 +178,30 @@ def run_packed_trials(
 
     ``cfgs`` must pass :func:`check_pack` (ValueError otherwise).  Each result is
     run_trial's for that trial plus ``"pack": {"k": K, "members": [keys]}``; see the
-    module docstring for files and resume.
+    module docstring for files and resume.  Each config is trained, and keyed, with
+    ``packed=True`` (a pack of one included) and run_trial's data fingerprint and teacher id.
     """
     t0 = time.perf_counter()
     check_pack(cfgs, out_dirs)
     device = resolve_device(cfgs[0].device)
     data = prepare_data(cfgs[0].data, data_root, download=download)
+    cfgs = [with_fingerprint(dataclasses.replace(cfg, packed=True), data) for cfg in cfgs]
     splits = _Splits(data, device)
-    members = [_member(cfg, Path(out), data.classes, device) for cfg, out in zip(cfgs, out_dirs)]
+    teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
+    train_images, _ = splits["train"]
+    teacher, teacher_info = teacher_source(teacher_cfg, True, data, train_images, device, log) if teacher_cfg else (None, None)
+    if teacher_info is not None:
+        cfgs = [
+            dataclasses.replace(cfg, teacher_id=cfg.teacher_id or teacher_info["id"])
+            if get_method(cfg.method).needs_teacher
+            else cfg
+            for cfg in cfgs
+        ]
+    members = [_member(cfg, Path(out), data, device, teacher_info) for cfg, out in zip(cfgs, out_dirs)]
     for m in members:
         m.out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(m.out)
         data.write_manifest(m.out / "manifest.csv")
-    teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
-    train_images, _ = splits["train"]
-    teacher, teacher_info = teacher_source(teacher_cfg, True, data, train_images, device, log) if teacher_cfg else (None, None)
     state_path = members[0].out / PACK_STATE_FILE
     dropped = _dropped_before(state_path, members)  # members a killed run of this pack had already dropped
     while alive := [m for m in members if m.identity not in dropped]:
@@ -201,7 +217,7 @@ def run_packed_trials(
                 log(f"dropping {alive[i].loss.label} from the pack: {reason}")
             if len(alive) > len(err.reasons):
                 log(f"restarting the other {len(alive) - len(err.reasons)} member(s) from epoch 0 as a pack without it")
-    pack = {"k": len(members), "members": [m.cfg.key(LOSS_VERSION) for m in members]}
+    pack = {"k": len(members), "members": [m.cfg.key() for m in members]}
     results: list[dict | MemberFailed] = []
     for m in members:
         if m.identity in dropped:
@@ -209,7 +225,7 @@ def run_packed_trials(
             continue
         result = _member_result(m, splits, teacher_info if m.loss.method.needs_teacher else None, t0) | {"pack": pack}
         if dropped:
-            result["pack"] = pack | {"dropped": [x.cfg.key(LOSS_VERSION) for x in members if x.identity in dropped]}
+            result["pack"] = pack | {"dropped": [x.cfg.key() for x in members if x.identity in dropped]}
         write_json(m.out / METRICS_FILE, result)
         best, last = result["best"], result["last"]
         log(
@@ -270,6 +286,8 @@ def _train(
             progress=progress,
         )
         _load_members(packed, members)
+        for m, s in zip(members, stats):
+            check_loss_growth(m.history[0]["train_loss"] if m.history else s.loss, s.loss, epoch + 1, m.loss.label)
         lr = optimizer.param_groups[0]["lr"]
         improved = [_record_epoch(m, epoch + 1, s, lr, splits, recipe.eval_batch_size) for m, s in zip(members, stats)]
         # the pack state first, then best.pt: a kill between them is repaired on resume (see _resume)
@@ -296,16 +314,26 @@ def _record_epoch(m: _Member, epoch: int, stats: EpochStats, lr: float, splits: 
 
 
 def _save_best(m: _Member) -> None:
-    save_best(m.out / "best.pt", m.model, PACK_MODEL, m.classes, m.identity, m.best["epoch"])
+    record = {"trial": m.identity, "provenance": m.provenance}
+    save_best(m.out / "best.pt", m.model, PACK_MODEL, m.classes, record, m.best["epoch"])
 
 
-def _member(cfg: TrialConfig, out: Path, classes: list[str], device: torch.device) -> _Member:
+def _member(cfg: TrialConfig, out: Path, data: PreparedData, device: torch.device, teacher_info: dict | None) -> _Member:
     method = get_method(cfg.method)
     loss_cfg = method.effective_loss(cfg.loss)
     weights = f"T={loss_cfg.temperature:g} alpha={loss_cfg.alpha:g} beta={loss_cfg.beta:g} gamma={loss_cfg.gamma:g}"
-    label = f"{cfg.method} {weights} [{cfg.key(LOSS_VERSION)}]"
-    model = build_model(PACK_MODEL, len(classes)).to(device, memory_format=memory_format(device))
-    return _Member(cfg, out, MemberLoss(label, method, loss_cfg), model, list(classes))
+    label = f"{cfg.method} {weights} [{cfg.key()}]"
+    model = build_model(PACK_MODEL, len(data.classes)).to(device, memory_format=memory_format(device))
+    teacher_info = teacher_info if method.needs_teacher else None
+    return _Member(
+        cfg,
+        out,
+        MemberLoss(label, method, loss_cfg),
+        model,
+        classes=list(data.classes),
+        identity=resume_identity(cfg, teacher_info),
+        provenance=provenance(cfg, data, teacher_info),
+    )
 
 
 def _load_members(packed: PackedMobileNetV2, members: Sequence[_Member]) -> None:

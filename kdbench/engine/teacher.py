@@ -10,14 +10,13 @@ exactly what :class:`OnlineTeacher` computes on the same augmented batch.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from kdbench.data.presets import Augmentation, apply_view, normalize
+from kdbench.digest import json_digest
 from kdbench.durable import atomic_torch_save, file_lock
 from kdbench.engine.runtime import autocast, memory_format
 from kdbench.errors import NonFiniteError
@@ -67,8 +66,7 @@ def cache_path(
     device: torch.device,
 ) -> Path:
     """Where the cache for this teacher, training set, resolution and view group lives."""
-    ident = json.dumps([teacher_id, train_paths, resolution, aug.views, device.type], sort_keys=True)
-    return teacher_checkpoint.parent / f"logits-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.pt"
+    return teacher_checkpoint.parent / f"logits-{json_digest([teacher_id, train_paths, resolution, aug.views, device.type])}.pt"
 
 
 def build_logit_cache(

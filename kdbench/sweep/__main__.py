@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ablation, path, raw = load_ablation(args.config, args.overrides)
-    trials = plan_trials(ablation)
     out_dir = Path(args.out or Path("reports") / ablation.name)
+    pack = pack_size(args.pack, ablation)
+    plan_trials(ablation, pack=pack)  # refuses a bad grid before any dataset is looked for
     if args.dry_run:
-        print_plan(trials, args.data_root, ablation.grid.datasets)
+        print_plan(plan(ablation, pack, args.data_root), args.data_root, ablation.grid.datasets)
         return 0
     log_errors_to(out_dir)
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from kdbench.sweep.worker import SweepContext
 
     check_datasets(ablation, args.data_root, download=not args.no_download)
+    trials = plan(ablation, pack, args.data_root)
     executor = make_executor(args.executor, args.workers, args.ray_address)
     ctx = SweepContext(
         out_dir=str(out_dir.resolve()),
@@ -85,10 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     shown = os.path.relpath(path)
     path = Path(shown) if not shown.startswith("..") else path
     print(f"sweep {ablation.name}: {len(trials)} trials from {path} into {out_dir}/")
-    counts = run_sweep(ablation, path, raw, trials, out_dir, executor, ctx, pack=pack_size(args.pack, ablation))
+    counts = run_sweep(ablation, path, raw, trials, out_dir, executor, ctx, pack=pack)
     reported = args.no_report or write_report(out_dir)
     print(f"trials: {counts['total']} total, {counts['done']} done, {counts['failed']} failed, {counts['already']} already done")
     return 1 if counts["failed"] or not reported else 0
+
+
+def plan(ablation, pack: int, root: str | None):
+    """The ablation's trials with complete keys: the datasets' fingerprints (found, not downloaded), the pack size."""
+    from functools import cache
+
+    from kdbench.data import data_fingerprint
+
+    return plan_trials(ablation, pack=pack, fingerprint=cache(lambda data: data_fingerprint(data, root, download=False)))
 
 
 def pack_size(requested: int | None, ablation) -> int:

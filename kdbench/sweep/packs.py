@@ -7,9 +7,10 @@ they see the same batches and one teacher lookup serves them all.
 
 from __future__ import annotations
 
-import hashlib
-
+from kdbench.config import TrialConfig
+from kdbench.digest import text_digest
 from kdbench.engine.packed import PACK_MODEL, compatible_key
+from kdbench.methods import get_method
 from kdbench.sweep.plan import PlannedTrial
 
 
@@ -20,24 +21,30 @@ def default_pack_size(requested: int, device_type: str) -> int:
     return 8 if device_type == "cuda" else 1
 
 
+def packable(cfg: TrialConfig) -> bool:
+    """A student trial the packed network can train (a MobileNetV2 student)."""
+    return get_method(cfg.method).role == "student" and cfg.recipe.model == PACK_MODEL
+
+
 def pack_trials(trials: list[PlannedTrial], k: int) -> list[PlannedTrial]:
-    """``trials`` with compatible MobileNetV2 students grouped in packs of at most ``k`` (teachers first, order kept)."""
-    if k <= 1:
-        return trials
+    """``trials`` with the students planned ``packed`` grouped in packs of at most ``k`` (teachers first, order kept).
+
+    Exactly the trials whose config says ``packed`` train in a pack (their key says so): a
+    lone one trains as a pack of one, and every other trial singly.
+    """
     units: list[PlannedTrial] = []
     groups: dict[tuple, list[PlannedTrial]] = {}
     for t in trials:
-        if t.role == "student" and t.config.recipe.model == PACK_MODEL:
+        if t.config.packed:
             groups.setdefault(compatible_key(t.config) + (t.teacher_key,), []).append(t)
         else:
             units.append(t)
     for members in groups.values():
-        for lo in range(0, len(members), k):
-            chunk = members[lo : lo + k]
-            units.append(chunk[0] if len(chunk) == 1 else make_pack(chunk))
+        for lo in range(0, len(members), max(k, 1)):
+            units.append(make_pack(members[lo : lo + max(k, 1)]))
     return units
 
 
 def make_pack(members: list[PlannedTrial]) -> PlannedTrial:
-    digest = hashlib.sha256(",".join(m.key for m in members).encode()).hexdigest()[:12]
+    digest = text_digest(",".join(m.key for m in members), 12)
     return PlannedTrial(f"pack-{digest}", members[0].config, members[0].teacher_key, tuple(members))

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from kdbench.config import LossConfig, TrialConfig, check_loss
+from kdbench.config import DataConfig, LossConfig, TrialConfig, check_loss, device_type
 from kdbench.errors import UserError
-from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method, resolve
 from kdbench.sweep.ablation import GRID_AXES, Ablation
 
@@ -33,7 +33,9 @@ class PlannedTrial:
         return self.members or (self,)
 
 
-def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
+def plan_trials(
+    ablation: Ablation, *, pack: int = 1, fingerprint: Callable[[DataConfig], str | None] | None = None
+) -> list[PlannedTrial]:
     """All trials of the ablation, deduplicated by key, each teacher before its students.
 
     One teacher per (dataset, teacher recipe, seed); a method's trials vary only
@@ -41,21 +43,32 @@ def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
     is trained once per (dataset, seed) whatever the temperature grid.  A grid point
     where a soft term's weight is 0 is planned as the method it really is
     (:func:`kdbench.methods.resolve`): ``kd_kl_cos`` at ``beta = gamma = 0`` is the baseline.
+
+    Keys are complete (kdbench.config.TrialConfig.key): ``run.device`` is resolved here,
+    ``fingerprint(data)`` (kdbench.data.data_fingerprint) names the dataset's files, and
+    with ``pack > 1`` every packable student is planned ``packed`` (kdbench.sweep.packs
+    then trains exactly those in packs, a lone one as a pack of one).
     """
+    from kdbench.sweep.packs import packable
+
     grid = ablation.grid
     methods = [get_method(m) for m in grid.methods]
+    device = device_type(ablation.run.device)
     trials: dict[str, PlannedTrial] = {}
     for dataset, seed in itertools.product(grid.datasets, grid.seeds):
         data = dataclasses.replace(ablation.data, dataset=dataset)
+        data_id = fingerprint(data) if fingerprint else None
         teacher = TrialConfig(
             method="teacher",
             data=data,
             recipe=ablation.teacher,
             loss=get_method("teacher").effective_loss(LossConfig()),
             seed=seed,
-            device=ablation.run.device,
+            device=device,
+            dataset_fingerprint=data_id,
+            allow_chance_teacher=ablation.run.allow_chance_teacher,
         )
-        teacher_key = teacher.key(LOSS_VERSION)
+        teacher_key = teacher.key()
         if any(m.role == "teacher" or m.needs_teacher for m in methods):
             trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher))
         for method in methods:
@@ -76,9 +89,11 @@ def plan_trials(ablation: Ablation) -> list[PlannedTrial]:
                     loss=loss,
                     seed=seed,
                     teacher_id=teacher_key if real.needs_teacher else None,
-                    device=ablation.run.device,
+                    device=device,
+                    dataset_fingerprint=data_id,
                 )
-                key = cfg.key(LOSS_VERSION)
+                cfg = dataclasses.replace(cfg, packed=pack > 1 and packable(cfg))
+                key = cfg.key()
                 trials.setdefault(key, PlannedTrial(key, cfg, teacher_key if real.needs_teacher else None))
     ordered = sorted(trials.values(), key=lambda t: t.role != "teacher")
     if not ordered:

@@ -114,6 +114,9 @@ def run_sweep(
         weak = store.flag_weak_teachers()
         for key in weak:
             log(f"note: teacher {key} is less accurate than one of its students (KD cannot be expected to help)")
+        for row in store.rows(list(by_key)):
+            if "student_at_chance" in (row["flags"] or ()):
+                log(f"note: student {row['key']} ({row['method']}) is not significantly above chance (flag student_at_chance)")
         counts["wall_s"] = time.time() - t0
         store.finish_sweep(sweep_id, counts)
         store.close()

@@ -186,16 +186,33 @@ class Store:
             )
 
     def flag_weak_teachers(self) -> list[str]:
-        """Flag teachers whose best test accuracy is below one of their students'; returns their keys."""
+        """Recompute every trial's flags; returns the keys of teachers less accurate than one of their students.
+
+        Flags (column ``flags``, a JSON list): ``teacher_weaker_than_students`` (a teacher whose best
+        test accuracy is below one of its students'), ``student_at_chance`` (a done student whose
+        best-on-validation accuracy is not significantly above chance: the result's ``chance``,
+        kdbench.engine.metrics.chance_test), ``teacher_at_chance`` (the same for a teacher kept by
+        ``run.allow_chance_teacher``), ``chance_untestable`` (a done trial whose validation
+        split is too small for that test to have power; its accuracy may be chance).
+        """
         rows = self.db.execute(
             "SELECT DISTINCT t.key FROM trials t JOIN trials s ON s.teacher_key = t.key"
             " WHERE t.status = 'done' AND s.status = 'done' AND s.best_test_accuracy > t.best_test_accuracy"
         ).fetchall()
         weak = [r["key"] for r in rows]
+        flags: dict[str, list[str]] = {key: ["teacher_weaker_than_students"] for key in weak}
+        for r in self.db.execute("SELECT key, role, result FROM trials WHERE status = 'done'").fetchall():
+            chance = (json.loads(r["result"]) if r["result"] else {}).get("chance")
+            if chance is None:
+                continue
+            if not chance["powered"]:
+                flags.setdefault(r["key"], []).append("chance_untestable")
+            elif chance["at_chance"]:
+                flags.setdefault(r["key"], []).append(f"{r['role']}_at_chance")
         with self.transaction() as db:
-            db.execute("UPDATE trials SET flags = '[]' WHERE role = 'teacher'")
-            for key in weak:
-                db.execute("UPDATE trials SET flags = ? WHERE key = ?", (json.dumps(["teacher_weaker_than_students"]), key))
+            db.execute("UPDATE trials SET flags = '[]'")
+            for key, names in flags.items():
+                db.execute("UPDATE trials SET flags = ? WHERE key = ?", (json.dumps(names), key))
         return weak
 
     def rows(self, keys: list[str] | None = None) -> list[dict]:

@@ -116,7 +116,7 @@ def _train(
 
     options = dict(data_root=ctx.data_root, download=ctx.download, progress=ctx.progress, log=log)
     try:
-        if len(members) == 1:
+        if not cfgs[0].packed:  # planned packed (kdbench.sweep.plan): a pack, even of one
             results = [run_trial(cfgs[0], folders[0], **options)]
         else:
             results = run_packed_trials(cfgs, folders, **options)
@@ -132,6 +132,9 @@ def _train(
     except Exception:  # any other crash is recorded, with its traceback beside the trial
         return crashed(folders, failed)
     seconds = time.perf_counter() - t0
+    for m, r in zip(members, results):
+        if not isinstance(r, MemberFailed) and r["key"] != m.key:  # the planned key must describe how it was trained
+            return failed(f"trained as trial {r['key']}, planned as {m.key}: the plan's key is incomplete (a kdbench bug)")
     return {
         m.key: Outcome(m.key, "failed", error=str(r), seconds=seconds)
         if isinstance(r, MemberFailed)

@@ -1,0 +1,44 @@
+"""Content digests: every hash kdbench computes (trial keys, checkpoint and cache names, dataset fingerprints).
+
+All are SHA-256, shown as the first ``n`` hex digits (16 by default, 64 bits: ample for the
+thousands of trials or files a benchmark names).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+DIGITS = 16
+
+
+def text_digest(text: str, n: int = DIGITS) -> str:
+    """SHA-256 of a string (UTF-8)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def json_digest(obj, n: int = DIGITS) -> str:
+    """SHA-256 of ``obj`` as canonical JSON (sorted keys, no spaces): equal values give equal digests."""
+    return text_digest(json.dumps(obj, sort_keys=True, separators=(",", ":")), n)
+
+
+def file_sha256(path: str | os.PathLike, n: int = DIGITS) -> str:
+    """SHA-256 of a file's bytes: a checkpoint's content identity."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def dataset_fingerprint(root: str | os.PathLike, rel_paths: Iterable[str]) -> str:
+    """The image files a trial uses: their sorted paths relative to ``root`` with their sizes.
+
+    Cheap (one ``stat`` per file, no reading) and independent of where the dataset folder
+    lives; an image added, removed, renamed or re-encoded to another size changes it.
+    """
+    root = Path(root)
+    return json_digest(sorted((p, (root / p).stat().st_size) for p in rel_paths))

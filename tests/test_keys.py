@@ -1,0 +1,155 @@
+"""Trial keys are complete: every field that can change a result changes the key, and nothing else does."""
+
+import dataclasses
+import shutil
+
+import pytest
+from conftest import call_main, make_image_folder
+
+import kdbench.engine
+import kdbench.losses
+from kdbench.config import PRECISION, DataConfig, LossConfig, Recipe, TrialConfig
+from kdbench.data import data_fingerprint
+from kdbench.sweep.__main__ import main as sweep_main
+from kdbench.sweep.ablation import parse_ablation
+from kdbench.sweep.packs import pack_trials
+from kdbench.sweep.plan import plan_trials
+
+BASE = TrialConfig(method="kd_kl", teacher_id="teacher-key", device="cpu", dataset_fingerprint="fp")
+
+
+def test_identity_holds_exactly_the_result_fields():
+    # run settings (output folder, workers, threads) are not TrialConfig fields; a new field must be placed here consciously
+    assert set(BASE.identity()) == {
+        "method",
+        "data",
+        "recipe",
+        "loss",
+        "seed",
+        "teacher_id",
+        "device",
+        "precision",
+        "packed",
+        "dataset_fingerprint",
+    }
+    assert "eval_batch_size" not in BASE.identity()["recipe"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"method": "kd_kl_cos"},
+        {"seed": 1},
+        {"teacher_id": "another teacher"},
+        {"device": "cuda"},  # and with it the precision: fp32 on CPU, bf16 autocast on CUDA
+        {"packed": True},  # a packed student draws other dropout masks
+        {"dataset_fingerprint": "other files"},
+    ]
+    + [{"data": dataclasses.replace(DataConfig(), **{f: v})} for f, v in [("dataset", "ucmerced"), ("resolution", 32)]]
+    + [{"data": dataclasses.replace(DataConfig(), **{f: v})} for f, v in [("images_per_class", 5), ("classes", ("a", "b"))]]
+    + [{"data": dataclasses.replace(DataConfig(), **{f: v})} for f, v in [("val_fraction", 0.2), ("test_fraction", 0.3)]]
+    + [{"data": dataclasses.replace(DataConfig(), **{f: v})} for f, v in [("split_seed", 3), ("augment", "none")]]
+    + [{"data": dataclasses.replace(DataConfig(), skip_bad_images=True)}]
+    + [
+        {"recipe": dataclasses.replace(Recipe(), **{f: v})}
+        for f, v in [
+            ("model", "resnet18"),
+            ("pretrained", "imagenet"),
+            ("epochs", 3),
+            ("batch_size", 32),
+            ("optimizer", "adamw"),
+            ("lr", 0.01),
+            ("momentum", 0.5),
+            ("weight_decay", 0.0),
+            ("schedule", "constant"),
+            ("warmup_epochs", 0),
+        ]
+    ]
+    + [
+        {"loss": dataclasses.replace(LossConfig(), **{f: v})}
+        for f, v in [("alpha", 0.5), ("beta", 2.0), ("gamma", 0.0), ("temperature", 2.0), ("cosine_on", "probs")]
+    ],
+)
+def test_each_result_field_changes_the_key(change):
+    changed = dataclasses.replace(BASE, **change)
+    assert changed.key() != BASE.key()
+    if "device" in change:
+        assert changed.identity()["precision"] == PRECISION["cuda"] == "bf16-autocast"
+        assert BASE.identity()["precision"] == "fp32"
+
+
+def test_code_versions_change_the_key(monkeypatch):
+    key = BASE.key()
+    monkeypatch.setattr(kdbench.engine, "RESULTS_VERSION", kdbench.engine.RESULTS_VERSION + "x")
+    assert BASE.key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(kdbench.losses, "LOSS_VERSION", kdbench.losses.LOSS_VERSION + "x")
+    assert BASE.key() != key
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"recipe": dataclasses.replace(Recipe(), eval_batch_size=7)},  # evaluation is per image in eval mode
+        {"teacher_checkpoint": "/somewhere/else/best.pt"},  # a path; the teacher's content is teacher_id
+        {"trust_teacher": True},  # allows a run, recorded in its result
+        {"allow_chance_teacher": True},  # whether a finished teacher counts as failed, not what it learnt
+    ],
+)
+def test_run_settings_leave_the_key_alone(change):
+    assert dataclasses.replace(BASE, **change).key() == BASE.key()
+
+
+def test_auto_device_is_resolved_in_the_key_and_at_plan_time(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dataclasses.replace(BASE, device="auto").key() == BASE.key()
+    raw = {"name": "t", "grid": {"datasets": ["eurosat"], "methods": ["teacher", "baseline"]}, "teacher": {"model": "vgg16"}}
+    assert {t.config.device for t in plan_trials(parse_ablation(raw, "t"))} == {"cpu"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dataclasses.replace(BASE, device="auto").key() == dataclasses.replace(BASE, device="cuda").key()
+    assert {t.config.device for t in plan_trials(parse_ablation(raw, "t"))} == {"cuda"}
+
+
+def test_dataset_fingerprint_follows_the_files_not_the_folder(tmp_path):
+    folder = make_image_folder(tmp_path / "a", classes=2, per_class=4, size=16)
+    data = DataConfig(dataset=f"imagefolder:{folder}")
+    fp = data_fingerprint(data)
+    moved = shutil.copytree(folder, tmp_path / "b")
+    assert data_fingerprint(DataConfig(dataset=f"imagefolder:{moved}")) == fp  # paths are relative to the dataset folder
+    assert data_fingerprint(dataclasses.replace(data, images_per_class=3)) != fp  # only the images used count
+    (folder / "class0" / "img000.png").write_bytes((folder / "class0" / "img000.png").read_bytes() + b"\0")
+    assert data_fingerprint(data) != fp
+    make_image_folder(moved, classes=3, per_class=4, size=16)  # adds class2
+    assert data_fingerprint(DataConfig(dataset=f"imagefolder:{moved}")) != fp
+
+
+def test_plan_decides_packing_and_pack_trials_follows_it():
+    raw = {
+        "name": "t",
+        "grid": {"datasets": ["eurosat"], "methods": ["teacher", "baseline", "kd_kl"], "temperatures": [2.0, 4.0]},
+        "teacher": {"model": "vgg16"},
+    }
+    ablation = parse_ablation(raw, "t")
+    single, packed = plan_trials(ablation), plan_trials(ablation, pack=4)
+    assert not any(t.config.packed for t in single)
+    assert {t.config.method: t.config.packed for t in packed} == {"teacher": False, "baseline": True, "kd_kl": True}
+    assert {t.key for t in single}.isdisjoint({t.key for t in packed if t.config.packed})
+    units = pack_trials(packed, 4)
+    # the baseline (no teacher) is a pack of one; the two kd_kl trials a pack of two; the teacher runs alone
+    assert sorted(len(u.members) for u in units) == [0, 1, 2]
+    assert all(m.config.packed for u in units for m in u.members) and not any(u.config.packed for u in units if not u.members)
+    assert pack_trials(single, 4) == single
+
+
+def test_dry_run_keys_ignore_workers_threads_and_output_folder(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=10, size=16)
+    common = ["--dry-run", "--set", f"grid.datasets=['imagefolder:{folder}']", "--set", "run.device='cpu'"]
+    a = call_main(sweep_main, [*common, "--out", str(tmp_path / "a")], capsys)
+    b = call_main(sweep_main, [*common, "--out", str(tmp_path / "b"), "--workers", "2", "--threads", "1"], capsys)
+    assert a.returncode == b.returncode == 0, a.stderr
+    keys = lambda out: [line.split()[0] for line in out.splitlines()[1:-1]]  # noqa: E731
+    assert keys(a.stdout) == keys(b.stdout) and len(keys(a.stdout)) > 1
+    c = call_main(sweep_main, [*common, "--set", "student.eval_batch_size=16"], capsys)
+    assert keys(c.stdout) == keys(a.stdout)
