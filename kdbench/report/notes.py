@@ -19,6 +19,7 @@ def report_notes(data: ReportData, accuracy: Table) -> list[str]:
         *_failed(data),
         *_missing(data),
         *_weak_teachers(data),
+        *_at_chance(data),
         *_few_seeds(accuracy.data),
         *_best_vs_last(accuracy.data),
         *_skipped_images(data),
@@ -98,6 +99,24 @@ def _weak_teachers(data: ReportData) -> list[str]:
             f"{teacher.best_acc:.2f}% test accuracy; {len(better)} of its {len(students)} finished students beat it "
             f"(best: {best['label']}, {best['best_acc']:.2f}%), so distillation cannot be expected to help there."
         )
+    return notes
+
+
+CHANCE_FLAGS = {
+    "student_at_chance": "Student at chance level",
+    "teacher_at_chance": "Teacher at chance level, kept by run.allow_chance_teacher (its students' numbers mean nothing)",
+    "chance_untestable": "Too few validation images to test against chance",
+}
+
+
+def _at_chance(data: ReportData) -> list[str]:
+    """Trials whose best validation accuracy is not significantly above chance (store flags, kdbench.sweep.store)."""
+    notes = []
+    for flag, title in CHANCE_FLAGS.items():
+        flagged = data.done[data.done["flags"].map(lambda f, flag=flag: flag in f)]
+        if len(flagged):
+            names = "; ".join(_trial_name(t) for t in flagged.itertuples())
+            notes.append(f"{title} (one-sided exact binomial test of the validation accuracy, p >= 0.01): {names}.")
     return notes
 
 
