@@ -130,6 +130,7 @@ def test_plan_decides_packing_and_pack_trials_follows_it():
         "name": "t",
         "grid": {"datasets": ["eurosat"], "methods": ["teacher", "baseline", "kd_kl"], "temperatures": [2.0, 4.0]},
         "teacher": {"model": "vgg16"},
+        "loss": {"temperature": 4.0},
     }
     ablation = parse_ablation(raw, "t")
     single, packed = plan_trials(ablation), plan_trials(ablation, pack=4)
