@@ -116,7 +116,7 @@ def save_checkpoint(path: Path, model: nn.Module, *, model_name: str, classes: l
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **(extra or {}),
     }
-    atomic_torch_save(payload, path)
+    durable.atomic_torch_save(payload, path)  # never half a checkpoint
 
 
 def load_model_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
@@ -134,8 +134,3 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
             f"{path}: weights do not fit {ckpt['model']} with {len(ckpt['classes'])} classes; the file is damaged"
         ) from err
     return model, ckpt
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file, fsync, then rename (:mod:`kdbench.durable`): never half a checkpoint."""
-    durable.atomic_torch_save(obj, path)

@@ -58,7 +58,7 @@ from kdbench.config import TrialConfig
 from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import display_name
-from kdbench.durable import remove_stale_temps
+from kdbench.durable import atomic_torch_save, atomic_write_json, remove_stale_temps
 from kdbench.engine.loop import (
     EpochStats,
     MemberLoss,
@@ -80,11 +80,10 @@ from kdbench.engine.trial import (
     save_best,
     teacher_source,
     with_fingerprint,
-    write_json,
 )
 from kdbench.errors import NonFiniteError, one_line
 from kdbench.methods import get_method
-from kdbench.models import atomic_torch_save, build_model
+from kdbench.models import build_model
 from kdbench.packing import PackedMobileNetV2
 
 PACK_STATE_FILE = "pack.pt"
@@ -226,7 +225,7 @@ def run_packed_trials(
         result = _member_result(m, splits, teacher_info if m.loss.method.needs_teacher else None, t0) | {"pack": pack}
         if dropped:
             result["pack"] = pack | {"dropped": [x.cfg.key() for x in members if x.identity in dropped]}
-        write_json(m.out / METRICS_FILE, result)
+        atomic_write_json(m.out / METRICS_FILE, result)
         best, last = result["best"], result["last"]
         log(
             f"{m.loss.label}: test accuracy best-on-val (epoch {best['epoch']}) {best['test']['accuracy']:.4f}, "

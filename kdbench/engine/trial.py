@@ -38,7 +38,7 @@ from kdbench.data import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import display_name
 from kdbench.digest import file_sha256, json_digest
-from kdbench.durable import atomic_write_json, remove_stale_temps
+from kdbench.durable import atomic_torch_save, atomic_write_json, remove_stale_temps
 from kdbench.engine import RESULTS_VERSION
 from kdbench.engine.loop import (
     EpochStats,
@@ -59,7 +59,6 @@ from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
 from kdbench.models import (
     CHECKPOINT_FORMAT,
-    atomic_torch_save,
     build_model,
     load_model_checkpoint,
     save_checkpoint,
@@ -164,7 +163,7 @@ def run_trial(
             "nothing from it; lower the learning rate, add warm-up or epochs, or check the data "
             "(--allow-chance-teacher, run.allow_chance_teacher = true, keeps it for pipeline tests)"
         )
-    write_json(out / METRICS_FILE, result)
+    atomic_write_json(out / METRICS_FILE, result)
     log(
         f"test accuracy: best-on-val (epoch {result['best']['epoch']}) {result['best']['test']['accuracy']:.4f}, "
         f"last epoch ({recipe.epochs}) {result['last']['test']['accuracy']:.4f}"
@@ -421,8 +420,3 @@ def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, e
             "best": best,
         },
     )
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically and durably (:func:`kdbench.durable.atomic_write_json`)."""
-    atomic_write_json(path, obj)
