@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO, assert_one_line_error, call_main, make_image_folder, run_cli
 from PIL import Image
 
+from kdbench.errors import UserError
 from kdbench.sweep.__main__ import main as sweep_main
 from kdbench.sweep.ablation import GRID_AXES, apply_overrides, parse_ablation
 from kdbench.sweep.plan import plan_trials
@@ -84,6 +85,21 @@ def test_plan_varies_each_method_only_along_its_axes_and_orders_teachers_first()
     assert all(t.teacher_key is None for t in trials if t.config.method == "baseline")
 
 
+def test_teacher_seed_gives_every_student_seed_the_one_teacher():
+    raw = base_raw(methods=["teacher", "baseline", "kd_kl"], seeds=[0, 1, 2])
+    shared = plan_trials(parse_ablation({**raw, "teacher": {"model": "vgg16", "seed": 1}}, "t"))
+    teachers = [t for t in shared if t.role == "teacher"]
+    assert [t.config.seed for t in teachers] == [1]
+    kd = [t for t in shared if t.config.method == "kd_kl"]
+    assert sorted(t.config.seed for t in kd) == [0, 1, 2] and {t.teacher_key for t in kd} == {teachers[0].key}
+    # the teacher of seed 1 is the same trial whether or not the ablation shares it
+    own = plan_trials(parse_ablation(raw, "t"))
+    assert teachers[0].key in {t.key for t in own if t.role == "teacher"}
+    assert len([t for t in own if t.role == "teacher"]) == 3
+    with pytest.raises(UserError, match="teacher.seed must be an integer"):
+        parse_ablation({**raw, "teacher": {"model": "vgg16", "seed": "one"}}, "t")
+
+
 def test_grid_points_without_a_soft_term_are_planned_once_as_the_method_they_are():
     """weights.toml's grid: (beta, gamma) = (0, 0) is the baseline, beta = 0 is KD (Cos), gamma = 0 is KD (KL)."""
     raw = base_raw(methods=["teacher", "baseline", "kd_kl_cos"], kl_weights=[0.0, 0.5, 1.0], cos_weights=[0.0, 1.0])
@@ -117,8 +133,6 @@ def test_shipped_weights_ablation_lists_no_ce_only_kd_trial(shared_data):
     ],
 )
 def test_the_default_point_is_named_in_the_grid_and_not_degenerate(loss, needle):
-    from kdbench.errors import UserError
-
     raw = {**base_raw(methods=["baseline", "kd_kl"], temperatures=[2.0, 4.0], kl_weights=[0.0, 1.0]), "loss": loss}
     with pytest.raises(UserError, match=re.escape(needle)):
         parse_ablation(raw, "t")

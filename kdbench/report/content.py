@@ -150,7 +150,7 @@ def run_summary(data: ReportData) -> list[str]:
     return [
         f"Ablation {data.sweep['name']} from {data.sweep['ablation_path'] or 'an unnamed file'}.",
         _sweep_line(data),
-        f"Teacher: {_recipe(ab.teacher)}.",
+        f"Teacher: {_recipe(ab.teacher)}{_teacher_seed(ab.teacher_seed)}.",
         f"Student: {_recipe(ab.student)}.",
         f"Loss: α = {ab.loss.alpha:g} (cross-entropy), cosine on {ab.loss.cosine_on}; grid T ∈ {_values(g.temperatures)}, "
         f"β (KL weight) ∈ {_values(g.kl_weights)}, γ (cosine weight) ∈ {_values(g.cos_weights)}; "
@@ -182,6 +182,15 @@ def _sweep_line(data: ReportData) -> str:
     if data.sweep["finished_at"] is None:
         timing += "; the last invocation did not finish"
     return f"{len(trials)} trials planned: {status}; {timing}."
+
+
+def _teacher_seed(seed: int | None) -> str:
+    if seed is None:
+        return "; one teacher per student seed, trained with that seed"
+    return (
+        f"; one teacher per dataset, trained with seed {seed}, serves every student seed (the students' seed-to-seed "
+        "spread holds no teacher-to-teacher variation)"
+    )
 
 
 def _recipe(r: Recipe) -> str:

@@ -134,7 +134,7 @@ def write_report(out_dir: Path) -> bool:
 def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None:
     """The trials with their cost, then per dataset its classes and images, warning about very small classes."""
     from kdbench.data.specs import dataset_names
-    from kdbench.sweep.cost import SMALL_CLASS_SHARE, counts_key, estimate_seconds, train_images
+    from kdbench.sweep.cost import SMALL_CLASS_SHARE, counts_key, sweep_seconds, train_images
 
     names = dataset_names(datasets)
     counts = {}
@@ -144,10 +144,8 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None
         f"{'key':<16}  {'method':<10} {'dataset':<{width}} {'model':<14} {'seed':>4} {'T':>5} {'alpha':>5} {'beta':>5} "
         f"{'gamma':>5} {'epochs':>6} {'train imgs':>10}"
     )
-    total_s = 0.0
     for t in trials:
         c, lo = t.config, t.config.loss
-        total_s += estimate_seconds(t, images[t.key])
         print(
             f"{t.key:<16}  {c.method:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
             f"{lo.temperature:>5g} {lo.alpha:>5g} {lo.beta:>5g} {lo.gamma:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
@@ -172,7 +170,8 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None
     print(
         f"{len(trials)} trials ({sum(t.role == 'teacher' for t in trials)} teachers, "
         f"{sum(t.role != 'teacher' for t in trials)} students); "
-        f"{sum(images.values()):,} training images in all; estimated {total_s / 60:.1f} min of fp32 training on a 2-core CPU"
+        f"{sum(images.values()):,} training images in all; estimated {sweep_seconds(trials, counts) / 60:.1f} min of fp32 "
+        "training and evaluation on a 2-core CPU"
     )
     for line in warnings:
         print(line)

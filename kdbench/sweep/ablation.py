@@ -6,7 +6,7 @@ Layout::
     description = "..."
     [grid]      # datasets, methods, seeds, temperatures, kl_weights (beta), cos_weights (gamma)
     [data]      # DataConfig fields except dataset (resolution, images_per_class, augment, ...)
-    [teacher]   # Recipe of the teacher
+    [teacher]   # Recipe of the teacher; plus ``seed``: one teacher, trained with that seed, for every student seed
     [student]   # Recipe of every student
     [loss]      # alpha (CE weight), cosine_on, and the default point (temperature, beta, gamma) on the grid
     [run]       # device, pack, allow_chance_teacher
@@ -82,6 +82,9 @@ class Ablation:
     student: Recipe = field(default_factory=Recipe)
     loss: LossSettings = field(default_factory=LossSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    # ``[teacher] seed``: every student seed distils from the one teacher trained with this seed (a teacher
+    # costs many student trials on a CPU); None: each student seed has its own teacher, trained with that seed
+    teacher_seed: int | None = None
 
 
 def resolve_path(config: str | None) -> Path:
@@ -134,7 +137,12 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
         raise UserError(f"{source}: missing key name (the ablation's name, used for its output folder)")
     teacher = raw.get("teacher", {})
     if isinstance(teacher, dict):
-        raw = {**raw, "teacher": {**TEACHER_DEFAULTS, **teacher}}
+        teacher = {**TEACHER_DEFAULTS, **teacher}
+        if "seed" in teacher:
+            raw = {**raw, "teacher_seed": teacher.pop("seed")}
+        raw = {**raw, "teacher": teacher}
+    if "teacher_seed" in raw and not isinstance(raw["teacher_seed"], int):
+        raise UserError(f"{source}: teacher.seed must be an integer, got {raw['teacher_seed']!r}")
     ablation = from_dict(Ablation, raw, "ablation")
     check_grid(ablation.grid)
     ablation = dataclasses.replace(ablation, loss=default_point(ablation.loss, ablation.grid, source))

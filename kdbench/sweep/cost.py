@@ -1,9 +1,14 @@
 """Rough cost of a planned sweep, for ``--dry-run``.
 
-Training images per trial are ``epochs x n_train``.  Seconds use nominal fp32 training
-rates measured on a 2-core x86 CPU at 64 px (BENCHMARKS.md), scaled by pixel count;
-a GPU is one to two orders of magnitude faster.  On the quick ablation the
-estimate was within a factor of 1.5 of the measured wall time.
+A trial trains on ``epochs x n_train`` images, evaluates the validation split after every
+epoch and the validation and test splits of its best and last weights at the end; a
+teacher with distilled students also runs once over every training image in every view of
+the augmentation to fill the logit cache.  Seconds use fp32 training rates of kdbench's loop
+measured on the 2-core x86 CPU of BENCHMARKS.md at 64 px (2026-11-28, for ablations/cpu.toml);
+a share :data:`FIXED_SHARE` of an image's time at 64 px does not depend on its size and the
+rest scales with its pixel count (fitted to MobileNetV2 and ResNet-18 at 32, 48 and 64 px);
+evaluation is :data:`EVAL_SPEEDUP` times faster than training.  These VMs vary 2-3x in speed from day to
+day, so the estimate is good to that factor; a GPU is one to two orders of magnitude faster.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ from pathlib import Path
 from kdbench.config import DataConfig
 from kdbench.data.index import scan_folder
 from kdbench.data.locate import data_root, locate_dataset
+from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import get_spec
 from kdbench.sweep.plan import PlannedTrial
 
-CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 28.0, "vgg16_bn": 25.0, "resnet18": 90.0, "mobilenet_v2": 300.0}
-DEFAULT_RATE = 150.0
-TRIAL_OVERHEAD_S = 8.0  # data loading, per-epoch evaluation, checkpoints, complexity count
+CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 9.0, "vgg16_bn": 8.0, "resnet18": 63.0, "mobilenet_v2": 120.0}
+DEFAULT_RATE = 60.0
+FIXED_SHARE = 0.33
+EVAL_SPEEDUP = 3.0  # images/s of inference (no gradients, large batches) over images/s of training
+TRIAL_OVERHEAD_S = 8.0  # data loading, checkpoints, complexity count
 SMALL_CLASS_SHARE = 0.25  # a class with fewer images (used) than this share of the median class is worth a warning
 
 
@@ -32,7 +40,9 @@ class DatasetCounts:
     classes: list[str]
     found: list[int]  # images per class on disk
     used: list[int]  # after data.images_per_class
-    train: int  # training images (the rest are val and test)
+    train: int  # training images
+    val: int
+    test: int
 
     def small_classes(self) -> list[tuple[str, int]]:
         """``(class, images used)`` of the classes under :data:`SMALL_CLASS_SHARE` of the median class."""
@@ -49,7 +59,8 @@ def dataset_counts(d: DataConfig, root: str | None) -> DatasetCounts:
     used = [min(n, d.images_per_class) for n in found] if d.images_per_class else list(found)
     val = spec.val_fraction if d.val_fraction is None else d.val_fraction
     test = spec.test_fraction if d.test_fraction is None else d.test_fraction
-    return DatasetCounts(folder, index.classes, found, used, int(sum(n * (1 - val - test) for n in used)))
+    n_val, n_test = int(sum(n * val for n in used)), int(sum(n * test for n in used))
+    return DatasetCounts(folder, index.classes, found, used, sum(used) - n_val - n_test, n_val, n_test)
 
 
 def counts_key(d: DataConfig) -> tuple:
@@ -74,7 +85,39 @@ def train_images(
     return out
 
 
-def estimate_seconds(trial: PlannedTrial, images: int) -> float:
+def train_rate(trial: PlannedTrial) -> float:
+    """Nominal CPU training images/s of the trial's model at its resolution."""
     rate = CPU_TRAIN_IMAGES_PER_S_64PX.get(trial.config.recipe.model, DEFAULT_RATE)
-    rate *= (64 / trial.config.data.resolution) ** 2
-    return images / rate + TRIAL_OVERHEAD_S
+    return rate / (FIXED_SHARE + (1 - FIXED_SHARE) * (trial.config.data.resolution / 64) ** 2)
+
+
+def estimate_seconds(trial: PlannedTrial, n: DatasetCounts) -> float:
+    """Training, per-epoch validation and the final evaluations of one trial (each member of a pack)."""
+    epochs = trial.config.recipe.epochs
+    evaluated = epochs * n.val + 2 * (n.val + n.test)
+    return sum((epochs * n.train + evaluated / EVAL_SPEEDUP) / train_rate(t) + TRIAL_OVERHEAD_S for t in trial.trials)
+
+
+def teacher_seconds(teacher: PlannedTrial, student: PlannedTrial, n: DatasetCounts) -> float:
+    """The teacher's inference for one distilled student: one pass over every training image in every view to
+    fill the logit cache (shared by all its students, so counted for the first), or, with a continuous
+    augmentation, a forward pass on every training batch (kdbench.engine.teacher)."""
+    views = AUGMENTATIONS[teacher.config.data.augment].views
+    images = n.train * student.config.recipe.epochs if views is None else n.train * len(views)
+    return images / (EVAL_SPEEDUP * train_rate(teacher))
+
+
+def sweep_seconds(trials: list[PlannedTrial], counts: dict[tuple, DatasetCounts]) -> float:
+    """Estimated seconds of a whole sweep on one 2-core CPU: every trial, plus its teacher's inference."""
+    teachers = {t.key: t for t in trials if t.role == "teacher"}
+    total, cached = 0.0, set()
+    for t in trials:
+        n = counts[counts_key(t.config.data)]
+        total += estimate_seconds(t, n)
+        for m in t.trials:
+            teacher = teachers.get(m.teacher_key)
+            if teacher is None or (teacher.key in cached and AUGMENTATIONS[teacher.config.data.augment].views):
+                continue
+            cached.add(teacher.key)
+            total += teacher_seconds(teacher, m, n)
+    return total

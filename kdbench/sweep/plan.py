@@ -38,7 +38,8 @@ def plan_trials(
 ) -> list[PlannedTrial]:
     """All trials of the ablation, deduplicated by key, each teacher before its students.
 
-    One teacher per (dataset, teacher recipe, seed); a method's trials vary only
+    One teacher per (dataset, teacher recipe, seed), or per dataset where the ablation fixes the
+    teacher's seed (``[teacher] seed``); a method's trials vary only
     along the axes that change its result (``Method.sweep_axes``), so the baseline
     is trained once per (dataset, seed) whatever the temperature grid.  A grid point
     where a soft term's weight is 0 is planned as the method it really is
@@ -63,7 +64,7 @@ def plan_trials(
             data=data,
             recipe=ablation.teacher,
             loss=get_method("teacher").effective_loss(LossConfig()),
-            seed=seed,
+            seed=seed if ablation.teacher_seed is None else ablation.teacher_seed,
             device=device,
             dataset_fingerprint=data_id,
             allow_chance_teacher=ablation.run.allow_chance_teacher,
