@@ -296,6 +296,42 @@ def test_temperature_table_matches_store(report, trials):
     assert table.loc[("rsscn7", "kd_kl", 2.0), "n"] == 1
 
 
+def test_claim_table_pairs_the_papers_loss_with_every_other_student(report, trials):
+    """Table 1b: KD (KL+Cos) minus each other student, image by image; the Findings call the claim from its verdicts."""
+    claim = csv(report, "claim").set_index(["dataset", "method"])
+    assert set(claim.index.get_level_values("method")) == {"baseline", "kd_kl", "kd_cos"}
+    ours = default_accuracies(trials, "eurosat", "kd_kl_cos", of=prediction_accuracy)
+    for method in ("baseline", "kd_kl", "kd_cos"):
+        other = default_accuracies(trials, "eurosat", method, of=prediction_accuracy)
+        row = claim.loc[("eurosat", method)]
+        assert row["diff_mean"] == pytest.approx(sum(ours[s] - other[s] for s in ours) / 3, abs=0.006)
+        assert row["diff_n"] == 3 and row["diff_low"] <= row["diff_mean"] <= row["diff_high"]
+    assert math.isnan(claim.loc[("rsscn7", "kd_cos"), "diff_mean"])  # its only trial failed: nothing to pair
+    verdicts = set(claim.loc["eurosat", "verdict"])
+    expected = "holds" if verdicts == {"gain"} else "is contradicted" if "loss" in verdicts else "is not shown"
+    md = (report / "report.md").read_text()
+    assert f"eurosat: the paper's claim (KD (KL+Cos) beats Student baseline (CE), KD (KL), KD (Cos)) {expected}" in md
+    teacher, baseline = (sum(default_accuracies(trials, "eurosat", m).values()) / 3 for m in ("teacher", "baseline"))
+    assert f"eurosat: teacher {teacher:.2f}% against baseline student {baseline:.2f}%" in md
+
+
+def test_one_teacher_for_every_seed_is_paired_with_each_baseline_seed(tmp_path):
+    raw = {**RAW, "grid": {"datasets": ["eurosat"], "seeds": [0, 1, 2]}, "teacher": {"epochs": 3, "seed": 0}, "loss": {}}
+    planned = plan_trials(parse_ablation(raw, "test"))
+    store = Store(tmp_path / STORE_FILE)
+    sweep_id = store.begin_sweep(raw["name"], "ablations/synthetic.toml", raw, planned, ENVIRONMENT)
+    for trial in planned:
+        store.record_done(trial.key, result(trial), complexity(trial))
+    store.finish_sweep(sweep_id, {"total": len(planned), "done": len(planned), "failed": 0, "already": 0, "wall_s": 1.0})
+    store.close()
+    build_report(tmp_path)
+    teacher = csv(tmp_path, "accuracy").set_index("method").loc["teacher"]
+    assert (teacher["n"], teacher["planned"], teacher["diff_n"]) == (1, 1, 3)
+    md = (tmp_path / "report.md").read_text()
+    assert "one teacher per dataset, trained with seed 0, serves every student seed" in md
+    assert "Fewer than 3 finished seeds" not in md
+
+
 def test_paired_interval_by_hand(report, trials):
     """eurosat kd_kl vs baseline over 3 seeds: mean ± t(0.975, 2) * sd / sqrt(3)."""
     kd, base = default_accuracies(trials, "eurosat", "kd_kl"), default_accuracies(trials, "eurosat", "baseline")

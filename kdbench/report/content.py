@@ -19,6 +19,7 @@ from kdbench.report.tables import (
     accuracy_table,
     batch1_latency,
     best_students,
+    claim_table,
     complexity_table,
     has_ablation,
     incomplete_table,
@@ -31,7 +32,7 @@ from kdbench.report.tables import (
 
 def build_tables(data: ReportData) -> dict[str, Table]:
     """Every table this store supports, by CSV name (ablation and latency tables only when there is data for them)."""
-    tables = [accuracy_table(data), complexity_table(data)]
+    tables = [accuracy_table(data), *filter(None, [claim_table(data)]), complexity_table(data)]
     if data.bench is not None:
         tables.append(latency_table(data))
     if has_ablation(data, ("temperature",)):
@@ -109,9 +110,9 @@ def report_blocks(data: ReportData, tables: dict[str, Table], figs: dict[str, Fi
     if data.ablation.description:
         blocks.append(Paragraph(data.ablation.description))
     blocks += [Heading("What ran"), Bullets(tuple(run_summary(data)))]
-    blocks += [Heading("Findings"), Bullets(tuple(findings(tables["accuracy"])))]
+    blocks += [Heading("Findings"), Bullets(tuple(findings(tables["accuracy"], tables.get("claim"))))]
     blocks += [Heading("Notes"), Bullets(tuple(report_notes(data, tables["accuracy"])))]
-    blocks += _section("1. Accuracy", [tables["accuracy"]], [figs.get("accuracy")])
+    blocks += _section("1. Accuracy", [tables["accuracy"], *filter(None, [tables.get("claim")])], [figs.get("accuracy")])
     speed = [tables["latency"]] if "latency" in tables else [Paragraph(MISSING_BENCH_NOTE)]
     blocks += _section("2. Complexity and speed", [tables["complexity"], *speed], [figs.get("accuracy_vs_cost")])
     if "temperature" in tables:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pandas as pd
 
 from kdbench.errors import one_line
+from kdbench.methods import get_method
 from kdbench.report.load import ReportData
-from kdbench.report.tables import PAPER, PAPER_BEST_ACCURACY, PAPER_LABEL, Table
+from kdbench.report.tables import CLAIM_METHOD, PAPER, PAPER_BEST_ACCURACY, PAPER_LABEL, Table, claim_verdict
 
 MIN_SEEDS = 3  # fewer finished seeds than this: spreads and intervals are not meaningful
 BEST_LAST_GAP = 1.0  # percentage points between best-val-checkpoint and last-epoch accuracy worth a note
@@ -23,33 +24,71 @@ def report_notes(data: ReportData, accuracy: Table) -> list[str]:
         *_few_seeds(data, accuracy.data),
         *_best_vs_last(accuracy.data),
         *_skipped_images(data),
+        *_caveats(data),
         f"Reference: the paper ({PAPER}) reports a best test accuracy of {PAPER_BEST_ACCURACY:.2f}%, labelled "
         f"'{PAPER_LABEL}' in Table 1 and the accuracy figure; "
         "it comes from the paper's own training settings, not from this run.",
     ]
 
 
-def findings(accuracy: Table) -> list[str]:
-    """Per dataset, what Table 1 says of each distillation method against the baseline, by the significance rule."""
+def findings(accuracy: Table, claim: Table | None) -> list[str]:
+    """Per dataset, what Table 1 says of each distillation method against the baseline (by the significance rule),
+    how far the teacher is ahead of the baseline student, and whether Table 1b bears out the paper's claim."""
     rows = accuracy.data
     lines = []
     for dataset, group in rows.groupby("dataset", sort=False):
         students = group[(group["role"] == "student") & (group["method"] != "baseline")]
-        judged = students[students["verdict"].isin(["gain", "loss", "no significant difference"])]
+        judged = students[students["verdict"].isin(_VERDICT_PROSE)]
         if judged.empty:
             lines.append(f"{dataset}: no method could be compared with the baseline (no paired finished trials).")
             continue
-        parts = [
-            f"{r.label} {r.diff_mean:+.2f} pp [{r.diff_low:+.2f}, {r.diff_high:+.2f}], {_VERDICT_PROSE[r.verdict]}"
-            for r in judged.itertuples()
-        ]
         gains = judged[judged["verdict"] == "gain"]
         if gains.empty:
             head = "no distillation method is significantly better than the baseline student"
         else:
             head = f"{', '.join(gains['label'])} significantly better than the baseline student"
-        lines.append(f"{dataset}: {head} ({'; '.join(parts)}).")
+        lines.append(f"{dataset}: {head} ({_differences(judged)}).")
+        lines += _teacher_gap(dataset, group)
+        if claim is not None:
+            lines += _claim(dataset, claim.data[claim.data["dataset"] == dataset])
     return lines
+
+
+def _differences(rows: pd.DataFrame) -> str:
+    return "; ".join(
+        f"{r.label} {r.diff_mean:+.2f} pp [{r.diff_low:+.2f}, {r.diff_high:+.2f}], {_VERDICT_PROSE[r.verdict]}"
+        for r in rows.itertuples()
+    )
+
+
+def _teacher_gap(dataset: str, group: pd.DataFrame) -> list[str]:
+    teacher = group[(group["role"] == "teacher") & group["verdict"].isin(_VERDICT_PROSE)]
+    baseline = group[group["method"] == "baseline"]
+    if teacher.empty or baseline.empty:
+        return []
+    t, b = teacher.iloc[0], baseline.iloc[0]
+    meaning = {
+        "gain": "the teacher is significantly ahead: this is the gap distillation can close",
+        "loss": "the teacher is significantly behind its students: distillation cannot be expected to help",
+        "no significant difference": "the teacher is not significantly ahead: distillation has little to transfer",
+    }[t["verdict"]]
+    return [
+        f"{dataset}: teacher {t['best_mean']:.2f}% against baseline student {b['best_mean']:.2f}%, "
+        f"{t['diff_mean']:+.2f} pp [{t['diff_low']:+.2f}, {t['diff_high']:+.2f}]; {meaning}."
+    ]
+
+
+def _claim(dataset: str, rows: pd.DataFrame) -> list[str]:
+    rows = rows[rows["verdict"].isin(_VERDICT_PROSE)]
+    if rows.empty:
+        return []
+    label = rows["label"]
+    verdict = claim_verdict(rows)
+    against = ", ".join(label)
+    return [
+        f"{dataset}: the paper's claim ({_CLAIM_LABEL} beats {against}) {_CLAIM_PROSE[verdict]} here: "
+        f"{_differences(rows.assign(label='vs ' + label))}."
+    ]
 
 
 _VERDICT_PROSE = {
@@ -57,6 +96,12 @@ _VERDICT_PROSE = {
     "loss": "a significant loss",
     "no significant difference": "no significant difference",
 }
+_CLAIM_PROSE = {
+    "holds": "holds",
+    "contradicted": "is contradicted (a significant loss)",
+    "not shown": "is not shown (no significant gain over every method)",
+}
+_CLAIM_LABEL = get_method(CLAIM_METHOD).label
 
 
 def _unfinished(data: ReportData) -> list[str]:
@@ -152,6 +197,25 @@ def _best_vs_last(accuracy: pd.DataFrame) -> list[str]:
         f"cells of Table 1 (mean test accuracy; largest: {top['dataset']} {top['label']}, {top['best_mean']:.2f}% best vs "
         f"{top['last_mean']:.2f}% last): model selection on the validation split matters there."
     ]
+
+
+def _caveats(data: ReportData) -> list[str]:
+    """How this run's protocol differs from the paper's (ImageNet weights, 224 px), where it does."""
+    ab = data.ablation
+    scratch = [role for role, r in (("teacher", ab.teacher), ("student", ab.student)) if r.pretrained in ("", "none")]
+    notes = []
+    if scratch:
+        notes.append(
+            f"Trained from scratch ({' and '.join(scratch)}, no ImageNet weights), where the paper fine-tunes ImageNet "
+            "models: absolute accuracies are far below the paper's, and what this run judges is whether the distillation "
+            "losses help a student trained from scratch in this budget."
+        )
+    if ab.data.resolution < 224:
+        notes.append(
+            f"Images at {ab.data.resolution}×{ab.data.resolution} px (the paper's protocol: 224 px): the networks were "
+            "designed for 224 px, so their last feature maps are at most a few pixels wide here."
+        )
+    return notes
 
 
 def _skipped_images(data: ReportData) -> list[str]:

@@ -98,7 +98,8 @@ def axis_value(value: float) -> str:
 def accuracy_table(data: ReportData) -> Table:
     """Table 1: default-point trials of every method per dataset, test metrics over seeds, paired Δ vs baseline."""
     trials = data.trials[data.trials["default"]]
-    rows = [_accuracy_row(trials, dataset, method) for dataset in data.datasets for method in _methods(data)]
+    shared = data.ablation.teacher_seed is not None
+    rows = [_accuracy_row(trials, dataset, method, shared) for dataset in data.datasets for method in _methods(data)]
     frame = pd.DataFrame(rows)
     frame["best_student"] = _best_student(frame)
     frame["star"] = _star(frame)
@@ -137,6 +138,11 @@ def accuracy_table(data: ReportData) -> Table:
         "difference. The CSV also has the Student-t interval over seeds alone (diff_t_low, diff_t_high).",
         "McNemar p per seed: exact two-sided McNemar test of the method against the baseline on the same test images, "
         "one p-value per seed (binomial test of the images only one of the two gets right).",
+        *(
+            ["The teacher's row pairs its one trial (the ablation's [teacher] seed) with every seed of the baseline."]
+            if shared
+            else []
+        ),
         f"{BEST_MARK} the most accurate student among those with a significant gain over the baseline; no mark on a "
         "dataset where no method has one.",
         f"Last row: the best test accuracy the paper reports ({PAPER}), for reference; it is not in the CSV.",
@@ -154,14 +160,13 @@ def _methods(data: ReportData) -> list[str]:
     return [m for m in METHODS if m in data.ablation.grid.methods]
 
 
-def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str) -> dict:
+def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str, shared_teacher: bool) -> dict:
     planned = trials[(trials["dataset"] == dataset) & (trials["method"] == method)]
     done = planned[planned["status"] == "done"]
     best, last = summarize(list(done["best_acc"])), summarize(list(done["last_acc"]))
-    baseline = trials[(trials["dataset"] == dataset) & (trials["method"] == "baseline") & (trials["status"] == "done")]
-    by_seed_t = paired_difference(_by_seed(done), _by_seed(baseline))
-    correct, reference = _paired_correct(done, baseline)
-    boot = bootstrap_difference(correct, reference)
+    baseline = _done(trials, dataset, "baseline")
+    paired = _every_seed(done, baseline) if shared_teacher and get_method(method).role == "teacher" else done
+    comparison = compare(paired, baseline)
     return {
         "dataset": dataset,
         "method": method,
@@ -174,14 +179,37 @@ def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str) -> dict:
         **{m: summarize(list(done[f"best_{m}"])).mean for m in ("precision", "recall", "f1")},
         "last_mean": last.mean,
         "last_std": last.std,
+        **comparison,
+        "verdict": comparison["verdict"] if method != "baseline" else "",
+    }
+
+
+def _done(trials: pd.DataFrame, dataset: str, method: str) -> pd.DataFrame:
+    return trials[(trials["dataset"] == dataset) & (trials["method"] == method) & (trials["status"] == "done")]
+
+
+def _every_seed(teacher: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """The one teacher of an ablation with ``[teacher] seed`` as the partner of every baseline seed."""
+    if len(teacher) != 1:
+        return teacher
+    return pd.concat([teacher.assign(seed=seed) for seed in baseline["seed"]], ignore_index=True)
+
+
+def compare(done: pd.DataFrame, reference: pd.DataFrame) -> dict:
+    """``done``'s trials against ``reference``'s, paired by seed and test image: the bootstrap Δ (``diff_*``) and its
+    verdict, the Student-t interval over seeds alone (``diff_t_*``) and the exact McNemar p-value of each seed."""
+    by_seed_t = paired_difference(_by_seed(done), _by_seed(reference))
+    correct, paired = _paired_correct(done, reference)
+    boot = bootstrap_difference(correct, paired)
+    return {
         "diff_mean": boot.mean,
         "diff_low": boot.low,
         "diff_high": boot.high,
         "diff_n": boot.n,
-        "verdict": verdict(boot) if method != "baseline" else "",
+        "verdict": verdict(boot),
         "diff_t_low": by_seed_t.low,
         "diff_t_high": by_seed_t.high,
-        "mcnemar_p": tuple(mcnemar_exact(correct[s], reference[s]) for s in sorted(correct.keys() & reference.keys())),
+        "mcnemar_p": tuple(mcnemar_exact(correct[s], paired[s]) for s in sorted(correct.keys() & paired.keys())),
     }
 
 
@@ -189,16 +217,16 @@ def _by_seed(trials: pd.DataFrame) -> dict[int, float]:
     return dict(zip(trials["seed"], trials["best_acc"]))
 
 
-def _paired_correct(done: pd.DataFrame, baseline: pd.DataFrame) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """seed -> per-test-image correctness of ``done``'s and ``baseline``'s trials, for the seeds both have on the same images."""
-    correct, reference = {}, {}
-    base = {t.seed: t.result for t in baseline.itertuples()}
+def _paired_correct(done: pd.DataFrame, reference: pd.DataFrame) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """seed -> per-test-image correctness of ``done``'s and ``reference``'s trials, for the seeds both have on the same images."""
+    correct, paired = {}, {}
+    base = {t.seed: t.result for t in reference.itertuples()}
     for t in done.itertuples():
         pair = base.get(t.seed)
         if pair is None or "test_targets" not in t.result or pair.get("test_targets") != t.result["test_targets"]:
             continue  # no per-image predictions (an older store) or other test images: not paired
-        correct[t.seed], reference[t.seed] = test_correct(t.result), test_correct(pair)
-    return correct, reference
+        correct[t.seed], paired[t.seed] = test_correct(t.result), test_correct(pair)
+    return correct, paired
 
 
 def _best_student(frame: pd.DataFrame) -> pd.Series:
@@ -219,6 +247,49 @@ def best_students(accuracy: Table) -> dict[str, str]:
     """dataset -> its most accurate student in Table 1, the first in method order on a tie (datasets without one left out)."""
     best = accuracy.data[accuracy.data["best_student"]].drop_duplicates("dataset")
     return dict(zip(best["dataset"], best["method"]))
+
+
+CLAIM_METHOD = "kd_kl_cos"  # the paper's method; its claim: it beats the baseline and the single-loss KD students
+
+
+def claim_table(data: ReportData) -> Table | None:
+    """Table 1b: the paper's method against every other student method of the ablation, paired by seed and test image."""
+    methods = [m for m in _methods(data) if get_method(m).role == "student" and m != CLAIM_METHOD]
+    if CLAIM_METHOD not in data.ablation.grid.methods or not methods:
+        return None
+    trials = data.trials[data.trials["default"]]
+    rows = [
+        {"dataset": dataset, "method": m, "label": get_method(m).label}
+        | compare(_done(trials, dataset, CLAIM_METHOD), _done(trials, dataset, m))
+        for dataset in data.datasets
+        for m in methods
+    ]
+    frame = pd.DataFrame(rows)
+    ci, name = f"{CONFIDENCE:.0%}", get_method(CLAIM_METHOD).label
+    display = pd.DataFrame(
+        {
+            "Dataset": frame["dataset"],
+            f"{name} against": frame["label"],
+            f"Δ, pp [{ci} CI]": [difference_text(_boot(r), len(data.seeds)) for r in frame.itertuples()],
+            "McNemar p per seed": frame["mcnemar_p"].map(p_values_text),
+        }
+    )
+    notes = (
+        f"The paper's claim is that its loss ({name}) beats the baseline student and the single-loss KD students. "
+        f"Δ: test accuracy of {name} minus that of the method named, default point, paired by seed and test image, "
+        f"with the {ci} two-way bootstrap interval of Table 1; gain or loss only where the interval excludes 0.",
+    )
+    frame = frame.assign(mcnemar_p=frame["mcnemar_p"].map(p_values_text))
+    return Table("claim", f"Table 1b. {name} against each other student", _round(frame), display, notes, group="Dataset")
+
+
+def claim_verdict(claim: pd.DataFrame) -> str:
+    """``holds`` when every comparison of the paper's method is a gain, ``contradicted`` when one is a loss,
+    ``not shown`` otherwise."""
+    verdicts = set(claim["verdict"])
+    if verdicts == {"gain"}:
+        return "holds"
+    return "contradicted" if "loss" in verdicts else "not shown"
 
 
 # --- 2. complexity and speed ----------------------------------------------------------------------
