@@ -3,8 +3,9 @@
 A trial trains on ``epochs x n_train`` images, evaluates the validation split after every
 epoch and the validation and test splits of its best and last weights at the end; a
 teacher with distilled students also runs once over every training image in every view of
-the augmentation to fill the logit cache.  Seconds use fp32 training rates of kdbench's loop
-measured on the 2-core x86 CPU of BENCHMARKS.md at 64 px (2026-11-28, for ablations/cpu.toml);
+the augmentation to fill the logit cache.  Seconds use fp32 training rates at 64 px measured on
+the 2-core x86 CPU of BENCHMARKS.md on 2026-11-28: ResNet-18 and MobileNetV2 inside the sweep of
+ablations/cpu.toml, the VGGs in a plain PyTorch loop at batch 64 (where ResNet-18 ran 5% faster);
 a share :data:`FIXED_SHARE` of an image's time at 64 px does not depend on its size and the
 rest scales with its pixel count (fitted to MobileNetV2 and ResNet-18 at 32, 48 and 64 px);
 evaluation is :data:`EVAL_SPEEDUP` times faster than training.  These VMs vary 2-3x in speed from day to
@@ -24,7 +25,7 @@ from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import get_spec
 from kdbench.sweep.plan import PlannedTrial
 
-CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 9.0, "vgg16_bn": 8.0, "resnet18": 63.0, "mobilenet_v2": 120.0}
+CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 9.5, "vgg16_bn": 8.5, "resnet18": 66.0, "mobilenet_v2": 100.0}
 DEFAULT_RATE = 60.0
 FIXED_SHARE = 0.33
 EVAL_SPEEDUP = 3.0  # images/s of inference (no gradients, large batches) over images/s of training
