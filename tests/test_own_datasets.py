@@ -153,8 +153,8 @@ def test_default_sweep_on_two_own_sets_writes_the_report(tmp_path):
     expected = ["accuracy", "accuracy_vs_cost", "training_curves", *(f"confusion_{slug}" for slug in names.values())]
     assert figures == {f"{stem}.{ext}" for stem in expected for ext in ("png", "svg")}
     tables = {p.stem for p in (out / "tables").glob("*.csv")}
-    assert tables == {"accuracy", "complexity", "incomplete", "trials"}
-    for name in ("accuracy", "complexity", "trials"):
+    assert tables == {"accuracy", "claim", "complexity", "incomplete", "trials"}
+    for name in ("accuracy", "claim", "complexity", "trials"):
         text = (out / "tables" / f"{name}.csv").read_text()
         assert all(n in text for n in names) and "imagefolder:" not in text, name
     for slug in names.values():

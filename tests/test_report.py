@@ -412,7 +412,7 @@ def test_files_and_pdf(report):
     pdf = (report / "report.pdf").read_bytes()
     assert pdf.startswith(b"%PDF") and pdf_pages(pdf) > 1
     tables = {p.stem for p in (report / "tables").glob("*.csv")}
-    assert tables == {"accuracy", "complexity", "latency", "temperature", "loss_weights", "incomplete", "trials"}
+    assert tables == {"accuracy", "claim", "complexity", "latency", "temperature", "loss_weights", "incomplete", "trials"}
     figures = {p.stem for p in (report / "figures").glob("*.png")}
     assert {p.stem for p in (report / "figures").glob("*.svg")} == figures
     expected = {
