@@ -198,3 +198,21 @@ def test_plans_of_the_shipped_ablations_are_pinned(name):
     ablation, _, _ = load_ablation(name, ['run.device="cpu"'])
     keys = sorted(t.key for t in plan_trials(ablation))
     assert (len(keys), hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16]) == GOLDEN_PLANS[name]
+
+
+def test_a_method_with_its_own_hyperparameters_is_keyed_by_them_and_not_by_the_paper_settings():
+    from kdbench.methods import get_method
+
+    dkd = get_method("dkd")
+
+    def key(loss: LossConfig) -> str:
+        return dataclasses.replace(BASE, method="dkd", loss=dkd.effective_loss(loss)).key()
+
+    default = key(LossConfig())
+    assert key(LossConfig(temperature=9.0, beta=3.0, gamma=0.0, cosine_on="probs")) == default
+    assert key(LossConfig(params=(("beta", 8.0),))) == default  # the default value written out
+    assert key(LossConfig(params=(("beta", 4.0),))) != default
+    assert key(LossConfig(alpha=0.5)) != default  # the shared cross-entropy weight
+    identity = dataclasses.replace(BASE, method="dkd", loss=dkd.effective_loss(LossConfig())).identity()
+    assert identity["loss"]["params"] == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
+    assert "params" not in BASE.identity()["loss"]  # the paper's methods: as before method-owned hyperparameters
