@@ -55,13 +55,16 @@ class Recipe:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of ``alpha * CE + beta * T^2 * KL + gamma * (1 - cos)`` (see kdbench.losses)."""
+    """Weights of ``alpha * CE + beta * T^2 * KL + gamma * (1 - cos)`` (see kdbench.losses), and
+    ``params``: the ``(name, value)`` hyperparameters of a method that owns them (see kdbench.methods;
+    empty for the paper's methods, whose keys therefore never changed)."""
 
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 1.0
     temperature: float = 4.0
     cosine_on: str = "logits"
+    params: tuple[tuple[str, float], ...] = ()
 
 
 # How a trial computes on each device type (kdbench.engine.runtime.autocast): part of its key.
@@ -110,6 +113,9 @@ class TrialConfig:
         d.pop("trust_teacher")  # allows a run, changes nothing in it; recorded in the result's teacher record
         d.pop("allow_chance_teacher")  # decides whether a finished teacher counts as failed, not what it learnt
         d["recipe"].pop("eval_batch_size")
+        params = d["loss"].pop("params")
+        if params:  # a method's own hyperparameters; absent for the paper's methods, as before they existed
+            d["loss"]["params"] = dict(params)
         d["device"] = device_type(self.device)
         d["precision"] = PRECISION[d["device"]]
         return d

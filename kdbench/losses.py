@@ -95,25 +95,29 @@ def loss_terms(
 ) -> LossTerms:
     """Validate the inputs and compute each term whose weight is non-zero."""
     check_weights(alpha, beta, gamma, temperature, cosine_on)
+    needs_teacher = beta > 0 or gamma > 0
+    if needs_teacher and teacher_logits is None:
+        raise ValueError("beta or gamma > 0 needs teacher logits")
+    check_logits(student_logits, teacher_logits if needs_teacher else None, targets)
+    ce = cross_entropy_term(student_logits, targets) if alpha > 0 else None
+    kl = kl_term(student_logits, teacher_logits, temperature) if beta > 0 else None
+    cos = cosine_term(student_logits, teacher_logits, on=cosine_on, temperature=temperature) if gamma > 0 else None
+    return LossTerms(ce, kl, cos)
+
+
+def check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor) -> None:
+    """``ValueError`` unless student logits are ``[B, C]``, targets ``[B]`` and teacher logits (if given) the student's shape."""
     if student_logits.ndim != 2:
         raise ValueError(f"student logits must be [batch, classes], got shape {tuple(student_logits.shape)}")
     if targets.shape != student_logits.shape[:1]:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} does not match the batch of student logits {tuple(student_logits.shape)}"
         )
-    needs_teacher = beta > 0 or gamma > 0
-    if needs_teacher:
-        if teacher_logits is None:
-            raise ValueError("beta or gamma > 0 needs teacher logits")
-        if teacher_logits.shape != student_logits.shape:
-            raise ValueError(
-                f"teacher logits shape {tuple(teacher_logits.shape)} does not match student logits "
-                f"shape {tuple(student_logits.shape)}"
-            )
-    ce = cross_entropy_term(student_logits, targets) if alpha > 0 else None
-    kl = kl_term(student_logits, teacher_logits, temperature) if beta > 0 else None
-    cos = cosine_term(student_logits, teacher_logits, on=cosine_on, temperature=temperature) if gamma > 0 else None
-    return LossTerms(ce, kl, cos)
+    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits shape {tuple(teacher_logits.shape)} does not match student logits "
+            f"shape {tuple(student_logits.shape)}"
+        )
 
 
 def combine(terms: LossTerms, *, alpha: float, beta: float, gamma: float) -> torch.Tensor:

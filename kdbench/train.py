@@ -4,6 +4,7 @@ Examples::
 
     python -m kdbench.train --dataset eurosat --model vgg16_bn --method teacher --out runs/teacher
     python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method kd_kl_cos --out runs/kd
+    python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method dkd --param beta=4 --out runs/dkd
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_data, check_loss, check_recipe
+from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_data, check_recipe
 from kdbench.errors import UserError, cli_main, log_errors_to
 from kdbench.methods import METHODS, get_method
 
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, default=lo.gamma, help="cosine weight")
     g.add_argument("--temperature", "-T", type=float, default=lo.temperature)
     g.add_argument("--cosine-on", default=lo.cosine_on, help="logits (default) or probs")
+    g.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a hyperparameter of a method that owns them (dkd, dist, lskd), e.g. --param beta=4; repeatable",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -97,11 +105,18 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         schedule=args.schedule,
         warmup_epochs=min(args.warmup_epochs, args.epochs),
     )
-    loss = LossConfig(alpha=args.alpha, beta=args.beta, gamma=args.gamma, temperature=args.temperature, cosine_on=args.cosine_on)
+    loss = LossConfig(
+        alpha=args.alpha,
+        beta=args.beta,
+        gamma=args.gamma,
+        temperature=args.temperature,
+        cosine_on=args.cosine_on,
+        params=tuple(_param(method.name, item) for item in args.param),
+    )
     check_data(data, "data")
     check_recipe(recipe, "recipe")
     effective = method.effective_loss(loss)
-    check_loss(effective, "")
+    method.check(effective, "")
     return TrialConfig(
         method=method.name,
         data=data,
@@ -113,6 +128,17 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         trust_teacher=args.trust_teacher,
         allow_chance_teacher=args.allow_chance_teacher,
     )
+
+
+def _param(method: str, item: str) -> tuple[str, float]:
+    """``--param NAME=VALUE`` as ``(name, value)``; a one-line UserError unless it is a number for a method that owns it."""
+    name, sep, text = item.partition("=")
+    if not get_method(method).params:
+        raise UserError(f"--param {item}: {method} has no hyperparameters of its own (use --temperature, --beta, --gamma)")
+    try:
+        return name.strip(), float(text.strip() if sep else "not a number")
+    except ValueError:
+        raise UserError(f"--param {item} must look like NAME=NUMBER, e.g. --param beta=4") from None
 
 
 @cli_main

@@ -154,3 +154,65 @@ def test_dry_run_keys_ignore_workers_threads_and_output_folder(tmp_path, capsys)
     assert keys(a.stdout) == keys(b.stdout) and len(keys(a.stdout)) > 1
     c = call_main(sweep_main, [*common, "--set", "student.eval_batch_size=16"], capsys)
     assert keys(c.stdout) == keys(a.stdout)
+
+
+# Keys of the paper's methods computed before method-owned hyperparameters existed (issue 13): stores of
+# committed reports are reused, so these keys must never change.
+GOLDEN_KEYS = [
+    ("teacher", {}, {}, "4b9d01ac7a98493e"),
+    ("baseline", {}, {}, "c7a1c470082d27a9"),
+    ("kd_kl", {"temperature": 4.0, "beta": 1.0}, {}, "15f5b33d775c0ec2"),
+    ("kd_kl", {"temperature": 2.0, "beta": 0.5}, {"seed": 2}, "f663b427bba5586d"),
+    ("kd_cos", {"gamma": 1.0}, {}, "3d1a898750a4f114"),
+    ("kd_cos", {"gamma": 2.0, "temperature": 8.0, "cosine_on": "probs"}, {}, "c6e1648fda68f13a"),
+    ("kd_kl_cos", {}, {}, "d37cccee08905c49"),
+    ("kd_kl_cos", {"temperature": 1.0, "beta": 2.0, "gamma": 0.5, "cosine_on": "probs"}, {"packed": True}, "03bb3176bb616aac"),
+]
+GOLDEN_PLANS = {"quick": (15, "8382c20fa6be64d4"), "temperature": (144, "70a86fe74b2f2864"), "weights": (153, "09e44e4e6439e74e")}
+
+
+@pytest.mark.parametrize(("method", "loss", "extra", "key"), GOLDEN_KEYS)
+def test_keys_of_the_paper_methods_are_pinned(method, loss, extra, key):
+    from kdbench.methods import get_method
+
+    m = get_method(method)
+    cfg = TrialConfig(
+        method=method,
+        data=DataConfig(dataset="eurosat", resolution=32, images_per_class=30),
+        recipe=Recipe(epochs=2),
+        loss=m.effective_loss(LossConfig(**loss)),
+        teacher_id="teacher-key" if m.needs_teacher else None,
+        device="cpu",
+        dataset_fingerprint="fp",
+        **extra,
+    )
+    assert cfg.key() == key
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_PLANS))
+def test_plans_of_the_shipped_ablations_are_pinned(name):
+    import hashlib
+
+    from kdbench.sweep.ablation import load_ablation
+
+    ablation, _, _ = load_ablation(name, ['run.device="cpu"'])
+    keys = sorted(t.key for t in plan_trials(ablation))
+    assert (len(keys), hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16]) == GOLDEN_PLANS[name]
+
+
+def test_a_method_with_its_own_hyperparameters_is_keyed_by_them_and_not_by_the_paper_settings():
+    from kdbench.methods import get_method
+
+    dkd = get_method("dkd")
+
+    def key(loss: LossConfig) -> str:
+        return dataclasses.replace(BASE, method="dkd", loss=dkd.effective_loss(loss)).key()
+
+    default = key(LossConfig())
+    assert key(LossConfig(temperature=9.0, beta=3.0, gamma=0.0, cosine_on="probs")) == default
+    assert key(LossConfig(params=(("beta", 8.0),))) == default  # the default value written out
+    assert key(LossConfig(params=(("beta", 4.0),))) != default
+    assert key(LossConfig(alpha=0.5)) != default  # the shared cross-entropy weight
+    identity = dataclasses.replace(BASE, method="dkd", loss=dkd.effective_loss(LossConfig())).identity()
+    assert identity["loss"]["params"] == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
+    assert "params" not in BASE.identity()["loss"]  # the paper's methods: as before method-owned hyperparameters

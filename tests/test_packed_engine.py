@@ -27,6 +27,12 @@ KD_LOSSES = {
     "kd_cos": LossConfig(beta=0.0, gamma=0.5),
     "kd_kl_cos": LossConfig(temperature=4.0, beta=0.5, gamma=1.0),
 }
+# a pack mixing methods with their own hyperparameters and one of the paper's
+MIXED_LOSSES = {
+    "dkd": LossConfig(params=(("beta", 4.0),)),
+    "dist": LossConfig(),
+    "kd_kl_cos": LossConfig(temperature=4.0, beta=0.5, gamma=1.0),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,11 +102,12 @@ def test_initial_members_equal_fresh_separate_models(setup):
         assert all(torch.equal(state[k], fresh[k]) for k in fresh)
 
 
-def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("losses", [KD_LOSSES, MIXED_LOSSES], ids=["paper", "dkd-dist-kl_cos"])
+def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup, tmp_path, monkeypatch, losses):
     folder, teacher = setup
     _no_dropout(monkeypatch)
-    cfgs = [_cfg(folder, m, loss=loss, teacher=teacher, epochs=1) for m, loss in KD_LOSSES.items()]
-    pack = run_packed_trials(cfgs, [tmp_path / "pack" / m for m in KD_LOSSES], progress=False, log=QUIET)
+    cfgs = [_cfg(folder, m, loss=loss, teacher=teacher, epochs=1) for m, loss in losses.items()]
+    pack = run_packed_trials(cfgs, [tmp_path / "pack" / m for m in losses], progress=False, log=QUIET)
     torch.manual_seed(0)
     init = dict(build_model("mobilenet_v2", 3).named_parameters())
     for cfg, result in zip(cfgs, pack):

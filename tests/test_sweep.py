@@ -140,6 +140,24 @@ def test_the_default_point_is_named_in_the_grid_and_not_degenerate(loss, needle)
     assert (named.temperature, named.beta, named.gamma) == (2.0, 1.0, 1.0)  # gamma: its axis's only value
 
 
+def test_a_method_with_its_own_hyperparameters_varies_only_along_its_own_axes():
+    raw = base_raw(methods=["teacher", "dkd", "kd_kl"], temperatures=[2.0, 4.0], seeds=[0])
+    raw["grid"]["dkd"] = {"beta": [2.0, 8.0]}
+    raw["methods"] = {"dkd": {"beta": 8.0, "temperature": 3.0}}
+    ablation = parse_ablation(raw, "t")
+    assert ablation.default_loss("dkd").params == (("alpha", 1.0), ("beta", 8.0), ("temperature", 3.0))
+    trials = plan_trials(ablation)
+    dkd = [t for t in trials if t.config.method == "dkd"]
+    assert sorted(dict(t.config.loss.params)["beta"] for t in dkd) == [2.0, 8.0]  # not doubled by grid.temperatures
+    assert all(dict(t.config.loss.params)["temperature"] == 3.0 and t.teacher_key == trials[0].key for t in dkd)
+    assert len({t.key for t in dkd}) == 2
+    assert sum(t.config.method == "kd_kl" for t in trials) == 2
+    # the same point through --set keeps the key; a changed hyperparameter changes it
+    same = apply_overrides(base_raw(methods=["teacher", "dkd"], temperatures=[2.0, 4.0]), ["methods.dkd.temperature=3"])
+    keys = {t.key for t in plan_trials(parse_ablation(same, "t")) if t.config.method == "dkd"}
+    assert keys == {t.key for t in dkd if dict(t.config.loss.params)["beta"] == 8.0}
+
+
 def test_keys_are_stable_and_change_only_with_what_affects_a_result():
     keys = lambda raw: {(t.config.method, t.config.loss.temperature): t.key for t in plan_trials(parse_ablation(raw, "t"))}  # noqa: E731
     a = keys(base_raw(methods=["baseline", "kd_kl"], temperatures=[4.0]))
@@ -171,7 +189,14 @@ def test_overrides_set_nested_typed_values():
         (["grid.datasets=['mars']"], "unknown dataset 'mars'"),
         (["student.model=resnet9000"], "unknown model 'resnet9000'"),
         (["grid.seeds=[]"], "grid.seeds is empty"),
-        (["grid.methods=['dkd']"], "unknown method 'dkd'"),
+        (["grid.methods=['fitnets']"], "unknown method 'fitnets'"),
+        (["methods.fitnets.beta=1"], "unknown method 'fitnets'"),
+        (["methods.kd_kl.beta=2"], "kd_kl has no hyperparameters of its own"),
+        (["methods.dkd.gamma=1"], "unknown key methods.dkd.gamma"),
+        (["grid.methods=['teacher','dkd']", "methods.dkd.beta=-1"], "methods.dkd.beta must be >= 0 (a loss weight)"),
+        (["grid.methods=['teacher','dkd']", "grid.dkd.beta=[2.0,8.0]"], "name the default one in [methods.dkd]"),
+        (["grid.dkd.beta=[2.0,8.0]", "methods.dkd.beta=4"], "methods.dkd.beta = 4 is not in grid.dkd.beta"),
+        (["grid.dkd.temperature=[0.0]"], "dkd.temperature must be > 0"),
         (["teacher.epochs='ten'"], "teacher.epochs must be int"),
         (["nonsense"], "must look like key=value"),
         (["student.lr=nan"], "ablation.student.lr must be a finite number"),

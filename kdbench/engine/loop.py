@@ -176,7 +176,7 @@ def _member_losses(
     for i, m in enumerate(members):
         loss, terms = m.method.loss(logits[i], teacher_logits if m.method.needs_teacher else None, y, m.cfg)
         losses.append(loss)
-        present = {f"term_{k}": v.detach() for k, v in terms._asdict().items() if v is not None}
+        present = {f"term_{k}": v.detach() for k, v in terms.items() if v is not None}
         layout.append(["loss", "correct", *present])
         scalars += [loss.detach(), (logits[i].argmax(1) == y).float().mean(), *present.values()]
     return losses, torch.stack(scalars), layout

@@ -320,8 +320,7 @@ def _save_best(m: _Member) -> None:
 def _member(cfg: TrialConfig, out: Path, data: PreparedData, device: torch.device, teacher_info: dict | None) -> _Member:
     method = get_method(cfg.method)
     loss_cfg = method.effective_loss(cfg.loss)
-    weights = f"T={loss_cfg.temperature:g} alpha={loss_cfg.alpha:g} beta={loss_cfg.beta:g} gamma={loss_cfg.gamma:g}"
-    label = f"{cfg.method} {weights} [{cfg.key()}]"
+    label = f"{cfg.method} α {loss_cfg.alpha:g}, {method.describe(loss_cfg)} [{cfg.key()}]"
     model = build_model(PACK_MODEL, len(data.classes)).to(device, memory_format=memory_format(device))
     teacher_info = teacher_info if method.needs_teacher else None
     return _Member(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kdbench.config import Recipe
 from kdbench.data.specs import get_spec
+from kdbench.methods import get_method
 from kdbench.report import figures
 from kdbench.report.document import Block, Bullets, FigureBlock, Heading, Paragraph, TableBlock
 from kdbench.report.load import BENCH_FILE, ReportData
@@ -24,6 +25,7 @@ from kdbench.report.tables import (
     has_ablation,
     incomplete_table,
     latency_table,
+    own_defaults,
     temperature_table,
     trials_table,
     weights_table,
@@ -156,6 +158,14 @@ def run_summary(data: ReportData) -> list[str]:
         f"Loss: α = {ab.loss.alpha:g} (cross-entropy), cosine on {ab.loss.cosine_on}; grid T ∈ {_values(g.temperatures)}, "
         f"β (KL weight) ∈ {_values(g.kl_weights)}, γ (cosine weight) ∈ {_values(g.cos_weights)}; "
         f"methods: {', '.join(g.methods)}.",
+        *(f"{label} hyperparameters ([methods] default point): {settings}." for label, settings in own_defaults(data)),
+        *(
+            f"{get_method(m).label} grid: "
+            + ", ".join(f"{name} ∈ {_values(values)}" for name, values in ab.methods[m].axes if len(values) > 1)
+            + "."
+            for m in g.methods
+            if m in ab.methods and any(len(values) > 1 for _, values in ab.methods[m].axes)
+        ),
         f"Seeds: {', '.join(map(str, g.seeds))} ({len(g.seeds)}); "
         f"Δ intervals are {CONFIDENCE:.0%} two-way bootstrap intervals over seeds and test images.",
         f"Images: {d.resolution}×{d.resolution} px, {images}{classes}, augmentation {d.augment}, split seed {d.split_seed}.",

@@ -3,8 +3,9 @@
 Every trial the latest sweep planned is one row, done or not, so later stages can
 mark what is missing.  Accuracies and macro metrics become percentages.  A trial is
 *default* when its loss settings are the ablation's default point (``[loss]``
-temperature, beta and gamma) passed through the method's ``effective_loss`` (so
-the baseline, which ignores them, is always default).
+temperature, beta and gamma, and ``[methods.<method>]`` for a method with its own
+hyperparameters) passed through the method's ``effective_loss`` (so the baseline,
+which ignores them, is always default).
 Datasets are shown by their display names
 (:func:`kdbench.data.specs.dataset_names`): the ``dataset`` column holds the display
 name, ``source`` the grid's dataset string.
@@ -69,11 +70,6 @@ class ReportData:
         return get_method(method).sweep_axes(LossConfig(alpha=loss.alpha, cosine_on=loss.cosine_on))
 
 
-def default_loss(ablation: Ablation, method: str) -> LossConfig:
-    """The loss settings of ``method``'s default trial (the ablation's default point, ``[loss]``)."""
-    return get_method(method).effective_loss(ablation.loss.default_point())
-
-
 def test_correct(result: dict, checkpoint: str = "best") -> np.ndarray:
     """Per-test-image correctness (bool, in ``test_targets`` order) of a trial's ``checkpoint`` weights."""
     return np.asarray(result[checkpoint]["test"]["predictions"]) == np.asarray(result["test_targets"])
@@ -102,9 +98,10 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
     """One row per trial, ordered by dataset (grid order), method (registry order), loss settings and seed.
 
     Columns: the store's identity columns (key, role, dataset, method, model, seed,
-    temperature, beta, gamma, teacher_key, status, error, flags) with ``dataset`` the
+    temperature, beta, gamma, params, teacher_key, status, error, flags) with ``dataset`` the
     display name, ``source`` (the dataset string of the grid), ``label`` (the
-    method's report name), ``default`` (see the module docstring), ``best_<m>`` and
+    method's report name), ``settings`` (the loss settings the method varies by, as
+    text: :meth:`kdbench.methods.Method.describe`), ``default`` (see the module docstring), ``best_<m>`` and
     ``last_<m>`` for m in acc, precision, recall, f1 (percent of the test split; NaN
     unless done), ``best_epoch``, ``last_epoch``, and the decoded ``result`` and
     ``complexity`` dicts.
@@ -123,6 +120,8 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
         "model",
         "seed",
         *LOSS_AXES,
+        "params",
+        "settings",
         "default",
         "teacher_key",
         "status",
@@ -140,19 +139,24 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
     order = {"dataset": list(names.values()), "method": list(METHODS)}
     rank = {col: frame[col].map({v: i for i, v in enumerate(values)}) for col, values in order.items()}
     frame = frame.assign(_d=rank["dataset"], _m=rank["method"])
-    frame = frame.sort_values(["_d", "_m", *LOSS_AXES, "seed"], ignore_index=True)
+    frame = frame.sort_values(["_d", "_m", *LOSS_AXES, "settings", "seed"], ignore_index=True)
     return frame.drop(columns=["_d", "_m"])
 
 
 def _record(row: dict, ablation: Ablation) -> dict:
-    default = default_loss(ablation, row["method"])
+    method, default = get_method(row["method"]), ablation.default_loss(row["method"])
+    loss = LossConfig(**{axis: row[axis] for axis in (*LOSS_AXES, "alpha")}, params=tuple(row["params"].items()))
     record = {
         **{
-            k: row[k] for k in ("key", "role", "dataset", "method", "model", "seed", *LOSS_AXES, "teacher_key", "status", "error")
+            k: row[k]
+            for k in ("key", "role", "dataset", "method", "model", "seed", *LOSS_AXES, "params", "teacher_key", "status", "error")
         },
-        "label": get_method(row["method"]).label,
+        "label": method.label,
+        "settings": method.describe(loss),
         "flags": tuple(row["flags"] or ()),
-        "default": all(math.isclose(row[axis], getattr(default, axis)) for axis in LOSS_AXES),
+        "default": all(math.isclose(row[axis], getattr(default, axis)) for axis in LOSS_AXES)
+        and row["params"].keys() == dict(default.params).keys()
+        and all(math.isclose(v, row["params"][k]) for k, v in default.params),
         "result": row["result"],
         "complexity": row["complexity"],
         "started_at": row.get("started_at"),

@@ -111,7 +111,7 @@ def _unfinished(data: ReportData) -> list[str]:
 
 
 def _trial_name(t) -> str:
-    return f"{t.label} on {t.dataset}, seed {t.seed} (T {t.temperature:g}, β {t.beta:g}, γ {t.gamma:g})"
+    return f"{t.label} on {t.dataset}, seed {t.seed} ({t.settings})"
 
 
 def _failed(data: ReportData) -> list[str]:

@@ -127,7 +127,9 @@ def accuracy_table(data: ReportData) -> Table:
     default = data.ablation.loss
     notes = (
         f"Default point only ([loss] of the ablation): T = {axis_value(default.temperature)}, "
-        f"β = {axis_value(default.beta)}, γ = {axis_value(default.gamma)}; a method that does not use a setting ignores it.",
+        f"β = {axis_value(default.beta)}, γ = {axis_value(default.gamma)}; a method that does not use a setting ignores it"
+        + "".join(f"; {label}: {settings}" for label, settings in own_defaults(data))
+        + ".",
         "Best-val ckpt: the weights of the epoch with the best validation accuracy, evaluated on the test split; "
         "last epoch: the final weights. Accuracies are mean ± sample standard deviation over seeds; macro F1 (and, in "
         "the CSV, macro precision and recall) are means over seeds. Seeds: finished / planned.",
@@ -153,6 +155,15 @@ def accuracy_table(data: ReportData) -> Table:
 
 def _boot(row) -> Difference:
     return Difference(row.diff_mean, row.diff_low, row.diff_high, row.diff_n)
+
+
+def own_defaults(data: ReportData) -> list[tuple[str, str]]:
+    """(label, default-point text) of each method of the ablation that has its own hyperparameters ([methods.<name>])."""
+    return [
+        (get_method(m).label, get_method(m).describe(data.ablation.default_loss(m)))
+        for m in _methods(data)
+        if get_method(m).params is not None
+    ]
 
 
 def _methods(data: ReportData) -> list[str]:
@@ -529,13 +540,13 @@ def _cell(row) -> str:
 def incomplete_table(data: ReportData) -> Table:
     """Failed trials (with their error) and planned trials that never finished."""
     trials = data.trials[data.trials["status"] != "done"]
-    frame = trials[["dataset", "method", "label", "seed", "temperature", "beta", "gamma", "status", "error", "key"]]
+    frame = trials[["dataset", "method", "label", "seed", "temperature", "beta", "gamma", "settings", "status", "error", "key"]]
     display = pd.DataFrame(
         {
             "Dataset": frame["dataset"],
             "Method": frame["label"],
             "Seed": frame["seed"].astype(str),
-            "T, β, γ": [f"{t:g}, {b:g}, {g:g}" for t, b, g in zip(frame["temperature"], frame["beta"], frame["gamma"])],
+            "Settings": frame["settings"],
             "Status": frame["status"].map(lambda s: "failed" if s == "failed" else f"missing ({s})"),
             "Error": frame["error"].fillna(""),
             "Key": frame["key"],
@@ -555,6 +566,7 @@ def trials_table(data: ReportData) -> Table:
         "temperature",
         "beta",
         "gamma",
+        "settings",
         "default",
         "status",
         "best_epoch",

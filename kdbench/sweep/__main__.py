@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from kdbench.errors import UserError, cli_main, describe, log_errors_to, one_line, write_error_log
+from kdbench.methods import get_method
 from kdbench.sweep.ablation import load_ablation
 from kdbench.sweep.plan import plan_trials
 from kdbench.sweep.store import STORE_FILE
@@ -142,13 +143,14 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None
     width = max(10, *(len(n.display) for n in names.values()))
     print(
         f"{'key':<16}  {'method':<10} {'dataset':<{width}} {'model':<14} {'seed':>4} {'T':>5} {'alpha':>5} {'beta':>5} "
-        f"{'gamma':>5} {'epochs':>6} {'train imgs':>10}"
+        f"{'gamma':>5} {'epochs':>6} {'train imgs':>10}  own hyperparameters"
     )
     for t in trials:
         c, lo = t.config, t.config.loss
         print(
             f"{t.key:<16}  {c.method:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
             f"{lo.temperature:>5g} {lo.alpha:>5g} {lo.beta:>5g} {lo.gamma:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
+            + (f"  {get_method(c.method).describe(lo)}" if lo.params else "")
         )
     warnings = []
     for dataset, name in names.items():

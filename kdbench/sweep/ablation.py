@@ -10,18 +10,27 @@ Layout::
     [student]   # Recipe of every student
     [loss]      # alpha (CE weight), cosine_on, and the default point (temperature, beta, gamma) on the grid
     [run]       # device, pack, allow_chance_teacher
+    [methods.dkd]   # a method's own hyperparameters (kdbench.methods): fixed values / the default point
+    [grid.dkd]      # lists of values of a method's own hyperparameters: grid axes of that method only
+
+``temperature``, ``beta`` and ``gamma`` are the paper's methods' settings (kd_kl, kd_cos, kd_kl_cos).
+A method that owns its hyperparameters (dkd, dist, lskd, ...) takes them from ``[methods.<name>]``
+(``--set methods.dkd.beta=4``) and sweeps them along ``[grid.<name>]`` (``--set grid.dkd.beta=[2,8]``);
+unset ones keep the method's published defaults.  As for ``[loss]``, where a method's axis has several
+values its default must be named in ``[methods.<name>]``; a one-value axis is its own default.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdbench.config import DataConfig, LossConfig, Recipe, check_data, check_loss, check_recipe, from_dict
+from kdbench.config import DataConfig, LossConfig, Recipe, check_data, check_recipe, from_dict
 from kdbench.data.specs import dataset_names
 from kdbench.errors import UserError
 
@@ -66,6 +75,19 @@ class LossSettings:
 
 
 @dataclass(frozen=True)
+class MethodSettings:
+    """A method's own hyperparameters in an ablation: every grid point's values and the default point."""
+
+    axes: tuple[tuple[str, tuple[float, ...]], ...]  # (name, values) in the method's field order
+    default: tuple[tuple[str, float], ...]  # (name, value): the point Table 1 reports
+
+    def points(self) -> list[tuple[tuple[str, float], ...]]:
+        """Every combination of the axes' values, as ``LossConfig.params``."""
+        names = [name for name, _ in self.axes]
+        return [tuple(zip(names, values)) for values in itertools.product(*(v for _, v in self.axes))]
+
+
+@dataclass(frozen=True)
 class RunSettings:
     device: str = "auto"
     pack: int = 0  # students trained together on CUDA; 0 = automatic (8 on CUDA, 1 on CPU)
@@ -85,6 +107,28 @@ class Ablation:
     # ``[teacher] seed``: every student seed distils from the one teacher trained with this seed (a teacher
     # costs many student trials on a CPU); None: each student seed has its own teacher, trained with that seed
     teacher_seed: int | None = None
+    methods: dict[str, MethodSettings] = field(default_factory=dict)  # from [methods.X] and [grid.X]; see the docstring
+
+    def points(self, name: str) -> list[LossConfig]:
+        """The loss settings of every grid point of method ``name`` (before :func:`kdbench.methods.resolve`)."""
+        from kdbench.methods import get_method
+
+        method = get_method(name)
+        base = LossConfig(alpha=self.loss.alpha, cosine_on=self.loss.cosine_on)
+        if name in self.methods:
+            return [dataclasses.replace(base, params=params) for params in self.methods[name].points()]
+        axes = method.sweep_axes(base)
+        values = itertools.product(*(getattr(self.grid, GRID_AXES[a]) for a in axes))
+        return [dataclasses.replace(base, **dict(zip(axes, v))) for v in values]
+
+    def default_loss(self, name: str) -> LossConfig:
+        """The effective loss of method ``name``'s default trial (``[loss]`` and ``[methods.<name>]``)."""
+        from kdbench.methods import get_method
+
+        point = self.loss.default_point()
+        if name in self.methods:
+            point = dataclasses.replace(point, params=self.methods[name].default)
+        return get_method(name).effective_loss(point)
 
 
 def resolve_path(config: str | None) -> Path:
@@ -143,8 +187,11 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
         raw = {**raw, "teacher": teacher}
     if "teacher_seed" in raw and not isinstance(raw["teacher_seed"], int):
         raise UserError(f"{source}: teacher.seed must be an integer, got {raw['teacher_seed']!r}")
+    raw, fixed, axes = _method_tables(raw)
     ablation = from_dict(Ablation, raw, "ablation")
     check_grid(ablation.grid)
+    methods = method_settings(fixed, axes, ablation.grid, source)
+    ablation = dataclasses.replace(ablation, methods=methods)
     ablation = dataclasses.replace(ablation, loss=default_point(ablation.loss, ablation.grid, source))
     for dataset in ablation.grid.datasets:
         check_data(dataclasses.replace(ablation.data, dataset=dataset), "data")
@@ -182,7 +229,7 @@ def default_point(loss: LossSettings, grid: Grid, source: str) -> LossSettings:
     loss = dataclasses.replace(loss, **values)
     for name in grid.methods:
         method = get_method(name)
-        check_loss(method.effective_loss(loss.default_point()), f"{source}: {name} at the default point: ")
+        method.check(method.effective_loss(loss.default_point()), f"{source}: {name} at the default point: ")
         real, _ = resolve(method, loss.default_point())
         if real.name != method.name:
             raise UserError(
@@ -190,6 +237,70 @@ def default_point(loss: LossSettings, grid: Grid, source: str) -> LossSettings:
                 f"{real.name}: choose a default with non-zero weights for the terms {name} uses"
             )
     return loss
+
+
+def _method_tables(raw: dict) -> tuple[dict, dict, dict]:
+    """``raw`` without the method tables, and those tables: ``[methods.X]`` and ``[grid.X]`` by method name."""
+    fixed = raw.get("methods", {})
+    grid = raw.get("grid", {})
+    if not isinstance(fixed, dict) or not all(isinstance(t, dict) for t in fixed.values()):
+        raise UserError("methods must hold one table per method, e.g. [methods.dkd] with beta = 8.0")
+    if not isinstance(grid, dict):
+        return {k: v for k, v in raw.items() if k != "methods"}, fixed, {}
+    axes = {k: v for k, v in grid.items() if isinstance(v, dict)}
+    grid = {k: v for k, v in grid.items() if k not in axes}
+    return {**{k: v for k, v in raw.items() if k != "methods"}, "grid": grid}, fixed, axes
+
+
+def method_settings(fixed: dict, axes: dict, grid: Grid, source: str) -> dict[str, MethodSettings]:
+    """The own hyperparameters of every method of the grid that has them, checked against the method's ``Params``."""
+    from kdbench.methods import get_method
+
+    for table, names in (("methods", fixed), ("grid", axes)):
+        for name in names:
+            if get_method(name).params is None:
+                raise UserError(
+                    f"{source}: [{table}.{name}]: {name} has no hyperparameters of its own (its T, beta and gamma are "
+                    "[loss] and grid.temperatures, grid.kl_weights, grid.cos_weights)"
+                )
+    settings = {}
+    for name in [*grid.methods, *fixed, *axes]:
+        method = get_method(name)
+        if method.params is None or name in settings:
+            continue
+        given = from_dict(method.params, fixed.get(name, {}), f"methods.{name}")
+        lists = from_dict(_axes_type(method.params), axes.get(name, {}), f"grid.{name}")
+        values, default = [], []
+        for f in dataclasses.fields(method.params):
+            options = getattr(lists, f.name) or (getattr(given, f.name),)
+            value = getattr(given, f.name)
+            if len(options) > 1 and f.name not in fixed.get(name, {}):
+                raise UserError(
+                    f"{source}: grid.{name}.{f.name} has {len(options)} values: name the default one in [methods.{name}] "
+                    f"(e.g. methods.{name}.{f.name} = {options[0]:g}); Table 1 reports that point"
+                )
+            if f.name in fixed.get(name, {}) and not any(math.isclose(value, o) for o in options):
+                raise UserError(
+                    f"{source}: methods.{name}.{f.name} = {value:g} is not in grid.{name}.{f.name} "
+                    f"({', '.join(f'{o:g}' for o in options)})"
+                )
+            value = value if f.name in fixed.get(name, {}) else options[0]
+            values.append((f.name, tuple(float(o) for o in options)))
+            default.append((f.name, float(value)))
+        settings[name] = MethodSettings(tuple(values), tuple(default))
+        for point in settings[name].points():
+            method.params(**dict(point)).check(f"{source}: {name} at {_point_text(point)}: methods.{name}")
+    return settings
+
+
+def _point_text(point: tuple[tuple[str, float], ...]) -> str:
+    return ", ".join(f"{k} = {v:g}" for k, v in point)
+
+
+def _axes_type(params: type) -> type:
+    """A dataclass with the fields of ``params`` as optional lists (the layout of ``[grid.<method>]``)."""
+    fields = [(f.name, tuple[float, ...], field(default=())) for f in dataclasses.fields(params)]
+    return dataclasses.make_dataclass(f"{params.__name__}Axes", fields, frozen=True)
 
 
 def check_grid(grid: Grid) -> None:

@@ -7,10 +7,10 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kdbench.config import DataConfig, LossConfig, TrialConfig, check_loss, device_type
+from kdbench.config import DataConfig, LossConfig, TrialConfig, device_type
 from kdbench.errors import UserError
 from kdbench.methods import get_method, resolve
-from kdbench.sweep.ablation import GRID_AXES, Ablation
+from kdbench.sweep.ablation import Ablation
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ def plan_trials(
     One teacher per (dataset, teacher recipe, seed), or per dataset where the ablation fixes the
     teacher's seed (``[teacher] seed``); a method's trials vary only
     along the axes that change its result (``Method.sweep_axes``), so the baseline
-    is trained once per (dataset, seed) whatever the temperature grid.  A grid point
+    is trained once per (dataset, seed) whatever the temperature grid, and a method with its own
+    hyperparameters varies only along its ``[grid.<method>]`` axes (:meth:`Ablation.points`).  A grid point
     where a soft term's weight is 0 is planned as the method it really is
     (:func:`kdbench.methods.resolve`): ``kd_kl_cos`` at ``beta = gamma = 0`` is the baseline.
 
@@ -75,11 +76,8 @@ def plan_trials(
         for method in methods:
             if method.role == "teacher":
                 continue
-            base = LossConfig(alpha=ablation.loss.alpha, cosine_on=ablation.loss.cosine_on)
-            axes = method.sweep_axes(base)
-            for values in itertools.product(*(getattr(grid, GRID_AXES[a]) for a in axes)):
-                point = dataclasses.replace(base, **dict(zip(axes, values)))
-                check_loss(
+            for point in ablation.points(method.name):
+                method.check(
                     method.effective_loss(point), f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)"
                 )
                 real, loss = resolve(method, point)

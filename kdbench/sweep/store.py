@@ -1,7 +1,8 @@
 """The results store: one SQLite database per output folder.
 
 Table ``trials`` has one row per trial key (the primary key, so never a duplicate),
-with its config, its dataset's display name (``dataset_name``, see
+with its config (its loss settings also as columns; ``params`` holds a method's own hyperparameters
+as a JSON object), its dataset's display name (``dataset_name``, see
 :func:`kdbench.data.specs.dataset_names`), status (``pending``, ``running``, ``done``, ``failed``), error,
 attempts (times started), notes (e.g. ``worker process died (attempt 1 of 3); retrying``),
 result JSON (best-on-validation and last-epoch metrics, history, timings,
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS trials (
     model TEXT NOT NULL,
     seed INTEGER NOT NULL,
     temperature REAL, alpha REAL, beta REAL, gamma REAL,
+    params TEXT,
     teacher_key TEXT,
     config TEXT NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending',
@@ -79,7 +81,7 @@ class Store:
                 if statement.strip():
                     db.execute(statement)
             columns = {r["name"] for r in db.execute("PRAGMA table_info(trials)")}
-            for column in ("dataset_name", "notes"):  # columns a store of an older kdbench lacks
+            for column in ("dataset_name", "notes", "params"):  # columns a store of an older kdbench lacks
                 if column not in columns:
                     db.execute(f"ALTER TABLE trials ADD COLUMN {column} TEXT")
 
@@ -111,7 +113,7 @@ class Store:
                 c, lo = t.config, t.config.loss
                 db.execute(
                     "INSERT OR IGNORE INTO trials (key, role, dataset, method, model, seed, temperature, alpha, beta, gamma,"
-                    " teacher_key, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " params, teacher_key, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         t.key,
                         t.role,
@@ -123,6 +125,7 @@ class Store:
                         lo.alpha,
                         lo.beta,
                         lo.gamma,
+                        json.dumps(dict(lo.params)),
                         t.teacher_key,
                         json.dumps(c.identity(), sort_keys=True),
                         now,
@@ -223,6 +226,7 @@ class Store:
             d = dict(r)
             for col in ("config", "result", "complexity", "flags"):
                 d[col] = json.loads(d[col]) if d[col] else None
+            d["params"] = json.loads(d["params"]) if d["params"] else {}  # NULL in a store of an older kdbench
             out.append(d)
         if keys is not None:
             wanted = set(keys)
