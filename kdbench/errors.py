@@ -12,7 +12,9 @@ folder), else under ``$KDBENCH_CACHE/logs`` (default ``~/.cache/kdbench/logs``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import platform
 import sys
@@ -81,6 +83,12 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail on the closed pipe again."""
+    with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):  # stdout is no file (captured): no flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
     """Decorate a CLI ``main``: any error and Ctrl-C become one line and a non-zero exit, never a traceback.
 
@@ -94,13 +102,18 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
         spec = main.__globals__.get("__spec__")  # under python -m, __module__ is __main__
         what = (spec.name if spec else main.__module__).removesuffix(".__main__").rsplit(".", 1)[-1]
         try:
-            return int(main(*args, **kwargs) or 0)
+            status = int(main(*args, **kwargs) or 0)
+            sys.stdout.flush()  # here, not at exit: a closed pipe is then one of the errors below
+            return status
         except UserError as err:
             print(f"kdbench: error: {one_line(err)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("kdbench: interrupted; rerun the same command to resume", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader of stdout went away (``| head``): stop quietly, like any Unix tool
+            _silence_stdout()
+            return 141
         except SystemExit:  # argparse's usage errors and --help
             raise
         except Exception as err:

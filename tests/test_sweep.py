@@ -85,6 +85,24 @@ def test_plan_varies_each_method_only_along_its_axes_and_orders_teachers_first()
     assert all(t.teacher_key is None for t in trials if t.config.method == "baseline")
 
 
+def test_a_closed_stdout_pipe_ends_the_run_quietly(tmp_path):
+    """``python -m kdbench.sweep --dry-run | head -1``: the reader goes away; no traceback, exit 141 like SIGPIPE."""
+    folder = make_image_folder(tmp_path / "set")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "kdbench.sweep", "--dry-run", "--set", f"grid.datasets=['imagefolder:{folder}']"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
 def test_teacher_seed_gives_every_student_seed_the_one_teacher():
     raw = base_raw(methods=["teacher", "baseline", "kd_kl"], seeds=[0, 1, 2])
     shared = plan_trials(parse_ablation({**raw, "teacher": {"model": "vgg16", "seed": 1}}, "t"))
