@@ -44,7 +44,7 @@ def test_regular_install_finds_the_shipped_ablations_from_an_empty_folder(wheel,
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site), "KDBENCH_DATA": str(shared_data)}
-    for args in ([], ["--config", "quick"], ["--config", "paper.toml"]):
+    for args in ([], ["--config", "quick"], ["--config", "paper.toml"], ["--config", "methods"]):  # methods: every module found
         proc = subprocess.run(
             [sys.executable, "-m", "kdbench.sweep", *args, "--dry-run"],
             cwd=empty,
