@@ -315,17 +315,22 @@ def test_claim_table_pairs_the_papers_loss_with_every_other_student(report, tria
     assert f"eurosat: teacher {teacher:.2f}% against baseline student {baseline:.2f}%" in md
 
 
-def test_one_teacher_for_every_seed_is_paired_with_each_baseline_seed(tmp_path):
-    raw = {**RAW, "grid": {"datasets": ["eurosat"], "seeds": [0, 1, 2]}, "teacher": {"epochs": 3, "seed": 0}, "loss": {}}
-    planned = plan_trials(parse_ablation(raw, "test"))
-    store = Store(tmp_path / STORE_FILE)
-    sweep_id = store.begin_sweep(raw["name"], "ablations/synthetic.toml", raw, planned, ENVIRONMENT)
+def store_and_report(out: Path, raw: dict) -> pd.DataFrame:
+    """Every trial of ``raw``'s plan done with the synthetic results, the report built; its Table 1 CSV."""
+    planned = plan_trials(parse_ablation(raw, raw["name"]))
+    store = Store(out / STORE_FILE)
+    sweep_id = store.begin_sweep(raw["name"], f"ablations/{raw['name']}.toml", raw, planned, ENVIRONMENT)
     for trial in planned:
         store.record_done(trial.key, result(trial), complexity(trial))
     store.finish_sweep(sweep_id, {"total": len(planned), "done": len(planned), "failed": 0, "already": 0, "wall_s": 1.0})
     store.close()
-    build_report(tmp_path)
-    teacher = csv(tmp_path, "accuracy").set_index("method").loc["teacher"]
+    build_report(out)
+    return csv(out, "accuracy")
+
+
+def test_one_teacher_for_every_seed_is_paired_with_each_baseline_seed(tmp_path):
+    raw = {**RAW, "grid": {"datasets": ["eurosat"], "seeds": [0, 1, 2]}, "teacher": {"epochs": 3, "seed": 0}, "loss": {}}
+    teacher = store_and_report(tmp_path, raw).set_index("method").loc["teacher"]
     assert (teacher["n"], teacher["planned"], teacher["diff_n"]) == (1, 1, 3)
     md = (tmp_path / "report.md").read_text()
     assert "one teacher per dataset, trained with seed 0, serves every student seed" in md

@@ -7,13 +7,12 @@ import sqlite3
 import pandas as pd
 import pytest
 import test_report
-from test_report import ENVIRONMENT, complexity, result
+from test_report import store_and_report
 
 from kdbench.methods import METHODS, get_method
 from kdbench.report import build_report
-from kdbench.sweep.ablation import apply_overrides, load_raw, parse_ablation, resolve_path
-from kdbench.sweep.plan import plan_trials
-from kdbench.sweep.store import STORE_FILE, Store
+from kdbench.sweep.ablation import apply_overrides, load_raw, resolve_path
+from kdbench.sweep.store import STORE_FILE
 
 SHRINK = ['grid.datasets=["eurosat"]', "grid.seeds=[0,1]", "data.resolution=32", "data.images_per_class=20"]
 
@@ -22,18 +21,6 @@ SHRINK = ['grid.datasets=["eurosat"]', "grid.seeds=[0,1]", "data.resolution=32",
 def _accuracies(monkeypatch):
     for i, name in enumerate(("dkd", "dist", "lskd")):
         monkeypatch.setitem(test_report.METHOD_ACCURACY, name, 0.83 + 0.01 * i)
-
-
-def store_and_report(out, raw) -> pd.DataFrame:
-    trials = plan_trials(parse_ablation(raw, "methods"))
-    store = Store(out / STORE_FILE)
-    sweep_id = store.begin_sweep(raw["name"], "ablations/methods.toml", raw, trials, ENVIRONMENT)
-    for trial in trials:
-        store.record_done(trial.key, result(trial), complexity(trial))
-    store.finish_sweep(sweep_id, {"total": len(trials), "done": len(trials), "failed": 0, "already": 0, "wall_s": 1.0})
-    store.close()
-    build_report(out)
-    return pd.read_csv(out / "tables" / "accuracy.csv")
 
 
 def test_table_1_and_findings_list_every_method_at_its_default_point(tmp_path):
