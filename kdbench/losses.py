@@ -167,13 +167,18 @@ def distillation_loss(
 def check_weights(alpha: float, beta: float, gamma: float, temperature: float, cosine_on: str = "logits") -> None:
     """Raise ``ValueError`` unless weights are finite and >= 0, not all 0, and ``T > 0``."""
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
+        check_weight(name, value)
     if alpha == 0 and beta == 0 and gamma == 0:
         raise ValueError("loss weights alpha, beta and gamma are all 0: at least one must be > 0")
     _check_temperature(temperature)
     if cosine_on not in COSINE_ON:
         raise ValueError(f"cosine_on must be one of {COSINE_ON}, got {cosine_on!r}")
+
+
+def check_weight(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless the loss weight ``name`` is a finite number >= 0."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"loss weight {name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_temperature(temperature: float) -> None:

@@ -173,8 +173,10 @@ class OwnParams(Method):
         return LossConfig(alpha=loss.alpha, beta=0.0, gamma=0.0, temperature=1.0, params=self.own(loss).pairs())
 
     def check(self, loss: LossConfig, where: str, hint: str = "") -> None:
-        if not isinstance(loss.alpha, (int, float)) or not math.isfinite(loss.alpha) or loss.alpha < 0:
-            raise UserError(f"{where}loss weight alpha must be a finite number >= 0, got {loss.alpha!r}{hint}")
+        try:
+            losses.check_weight("alpha", loss.alpha)
+        except ValueError as err:
+            raise UserError(f"{where}{err}{hint}") from err
         self.own(loss).check(f"{where}{self.name}")
 
     def describe(self, loss: LossConfig) -> str:
