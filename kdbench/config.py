@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from kdbench.digest import json_digest
 from kdbench.errors import UserError
+from kdbench.machine import gpu_visible
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
@@ -74,9 +75,7 @@ PRECISION = {"cpu": "fp32", "cuda": "bf16-autocast"}
 def device_type(name: str) -> str:
     """``cpu`` or ``cuda`` for a device setting (``auto``: cuda when a GPU is visible)."""
     if name == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if gpu_visible() else "cpu"
     if name not in PRECISION:
         raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
     return name
@@ -102,7 +101,7 @@ class TrialConfig:
     teacher_id: str | None = None  # identity of the teacher: its trial key (sweep) or checkpoint content digest
     device: str = "auto"  # resolved to cpu or cuda in the key
     packed: bool = False  # trained in a pack of students (kdbench.engine.packed): other dropout masks than alone
-    dataset_fingerprint: str | None = None  # kdbench.data.data_fingerprint; run_trial fills it in when None
+    dataset_fingerprint: str | None = None  # kdbench.data.select.data_fingerprint; run_trial fills it in when None
     trust_teacher: bool = False  # accept a teacher checkpoint without provenance (recorded in the result)
     allow_chance_teacher: bool = False  # a teacher at chance level is done (flagged), not failed: for pipeline tests
 
@@ -175,11 +174,22 @@ RECIPE_RANGES = (("lr", 0.0, 10.0, True), ("momentum", 0.0, 1.0, False), ("weigh
 MIN_TRAIN_FRACTION = 0.1  # val_fraction + test_fraction <= 0.9
 
 
+# torchvision classifiers that every supported torchvision (>= 0.19) has: a recipe naming one is checked
+# without importing torchvision, so that the sweep driver plans without torch (kdbench.machine)
+COMMON_MODELS = frozenset(
+    {"alexnet", "densenet121", "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"}
+    | {"mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1"}
+    | {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+    | {f"vgg{depth}{bn}" for depth in (11, 13, 16, 19) for bn in ("", "_bn")}
+)
+
+
 def check_recipe(recipe: Recipe, where: str) -> None:
     """Range checks that types alone do not catch."""
-    from kdbench.models import check_model_name
+    if recipe.model not in COMMON_MODELS:
+        from kdbench.models import check_model_name  # any other name: torchvision's registry
 
-    check_model_name(recipe.model)
+        check_model_name(recipe.model)
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(recipe, name) < 1:
             raise UserError(f"{where}.{name} must be >= 1, got {getattr(recipe, name)}")

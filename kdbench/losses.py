@@ -18,15 +18,18 @@ sample (``reduction="mean"`` would also divide by ``C``: a classic KD bug).
 
 Bump :data:`LOSS_VERSION` whenever a formula here changes: it is part of every
 sweep trial's key, so stored results from an older formula are never reused.
+
+torch is imported inside the functions that compute: planning a sweep (trial keys, weight
+checks) reads this module without loading torch (kdbench.machine says why).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
 LOSS_VERSION = "1"
 COSINE_ON = ("logits", "probs")
@@ -42,6 +45,8 @@ class LossTerms(NamedTuple):
 
 def cross_entropy_term(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Hard-label cross-entropy, ``CE(s, y) = mean_b [ -log softmax(s_b)[y_b] ]``."""
+    import torch.nn.functional as F
+
     return F.cross_entropy(student_logits, targets)
 
 
@@ -51,6 +56,8 @@ def kl_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     ``KL(p || q) = mean_b sum_c p_bc * (log p_bc - log q_bc)`` with ``p = softmax(t/T)``
     (teacher) and ``q = softmax(s/T)`` (student): batchmean reduction, times ``T^2``.
     """
+    import torch.nn.functional as F
+
     _check_temperature(temperature)
     log_q = F.log_softmax(student_logits / temperature, dim=1)
     log_p = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -71,6 +78,8 @@ def cosine_term(
     enter).  ``on="probs"``: ``u = softmax(s/T)`` and ``v = softmax(t/T)``.
     Ranges over ``[0, 2]``; 0 when the two vectors point the same way.
     """
+    import torch.nn.functional as F
+
     if on == "logits":
         u, v = student_logits, teacher_logits
     elif on == "probs":

@@ -8,10 +8,10 @@ from conftest import assert_one_line_error, call_main, make_image_folder, run_cl
 from PIL import Image
 
 from kdbench.config import DataConfig
-from kdbench.data import prepare_data
 from kdbench.data.decode import load_images
 from kdbench.data.index import limit_per_class, scan_folder, stratified_split
 from kdbench.data.locate import data_root, locate_dataset
+from kdbench.data.prepare import prepare_data
 from kdbench.data.presets import AUGMENTATIONS, apply_view, apply_views
 from kdbench.data.specs import get_spec
 from kdbench.errors import UserError

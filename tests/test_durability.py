@@ -339,6 +339,7 @@ def test_a_killed_pool_worker_is_replaced_and_its_trial_retried(tmp_path):
     assert rows[victim[1]]["attempts"] == 2
     assert all(r["notes"] is None for k, r in rows.items() if k != victim[1])  # the bystander was not charged
     assert "resuming from" in (out / "trials" / victim[1] / "train.log").read_text()
+    assert not (out / ".workers").exists()
 
 
 def test_soak_a_sweep_killed_three_times_equals_an_uninterrupted_one(tmp_path):

@@ -9,7 +9,7 @@ from conftest import call_main, make_image_folder
 import kdbench.engine
 import kdbench.losses
 from kdbench.config import PRECISION, DataConfig, LossConfig, Recipe, TrialConfig
-from kdbench.data import data_fingerprint
+from kdbench.data.select import data_fingerprint
 from kdbench.sweep.__main__ import main as sweep_main
 from kdbench.sweep.ablation import parse_ablation
 from kdbench.sweep.packs import pack_trials
@@ -101,13 +101,13 @@ def test_run_settings_leave_the_key_alone(change):
 
 
 def test_auto_device_is_resolved_in_the_key_and_at_plan_time(monkeypatch):
-    import torch
+    import kdbench.config
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(kdbench.config, "gpu_visible", lambda: False)
     assert dataclasses.replace(BASE, device="auto").key() == BASE.key()
     raw = {"name": "t", "grid": {"datasets": ["eurosat"], "methods": ["teacher", "baseline"]}, "teacher": {"model": "vgg16"}}
     assert {t.config.device for t in plan_trials(parse_ablation(raw, "t"))} == {"cpu"}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kdbench.config, "gpu_visible", lambda: True)
     assert dataclasses.replace(BASE, device="auto").key() == dataclasses.replace(BASE, device="cuda").key()
     assert {t.config.device for t in plan_trials(parse_ablation(raw, "t"))} == {"cuda"}
 

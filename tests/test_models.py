@@ -22,6 +22,15 @@ def test_unknown_model_is_a_user_error():
         build_model("mobilenet_v9", 10)
 
 
+def test_model_names_checked_without_torchvision_are_torchvision_models():
+    from kdbench.config import COMMON_MODELS, Recipe, check_recipe
+
+    assert set(models.available_models()) >= COMMON_MODELS
+    with pytest.raises(UserError, match="unknown model 'resnet_18'"):  # any other name: torchvision's registry
+        check_recipe(Recipe(model="resnet_18"), "student")
+    check_recipe(Recipe(model="regnet_y_400mf"), "student")
+
+
 def test_local_state_dict_loads_backbone_and_reinitialises_a_different_head(tmp_path):
     source = torchvision.models.mobilenet_v2(num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "imagenet_like.pth")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import kdbench.report
 from kdbench.config import DataConfig
-from kdbench.data import prepare_data
+from kdbench.data.prepare import prepare_data
 from kdbench.data.specs import dataset_names, get_spec, slugify
 from kdbench.errors import UserError
 from kdbench.report.__main__ import main as report_main

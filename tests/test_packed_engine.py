@@ -15,7 +15,8 @@ from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.engine import packed as packed_engine
 from kdbench.engine import trial as trial_engine
-from kdbench.engine.packed import MemberLoss, check_pack, compatible_key, init_pack, run_packed_trials, train_pack_epoch
+from kdbench.engine.pack_rules import check_pack, compatible_key
+from kdbench.engine.packed import MemberLoss, init_pack, run_packed_trials, train_pack_epoch
 from kdbench.engine.trial import run_trial
 from kdbench.errors import NonFiniteError
 from kdbench.methods import get_method
@@ -163,6 +164,18 @@ def test_pack_with_a_baseline_resumes_after_interruption_exactly(setup, tmp_path
         for which in ("best", "last"):
             assert 0 <= result[which]["test"]["accuracy"] <= 1 and math.isfinite(result[which]["val"]["loss"])
         assert all(math.isfinite(h["train_loss"]) and 0 <= h["train_accuracy"] <= 1 for h in result["history"])
+
+    # an unreadable pack state (a torn write by another tool, a bad disk) restarts the pack, with a warning
+    dirs = [tmp_path / "c" / c.method for c in cfgs]
+    with pytest.raises(KeyboardInterrupt):
+        run_packed_trials(cfgs, dirs, progress=False, log=crash_after_epoch_1)
+    (dirs[0] / "pack.pt").write_bytes((dirs[0] / "pack.pt").read_bytes()[:100])
+    lines = []
+    restarted = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
+    assert any(line.startswith("warning: cannot read the pack resume state") for line in lines)
+    assert not any(line.startswith("resuming pack") for line in lines)
+    for a, b in zip(full, restarted):
+        assert a["best"] == b["best"] and a["last"] == b["last"]
 
 
 def test_non_finite_member_loss_is_named(setup):

@@ -240,9 +240,23 @@ def test_bad_ablation_file(tmp_path, capsys):
     assert_one_line_error(run_cli("kdbench.sweep", "--config", str(tmp_path / "none.toml")), "not found")
 
 
+HEAVY_MODULES = ("torch", "torchvision", "fvcore", "numpy", "PIL")
+
+
+def torch_free_sweep(*args: str) -> subprocess.CompletedProcess:
+    """``python -m kdbench.sweep args`` that fails unless the driver process ends without having imported torch."""
+    check = (
+        "import sys; from kdbench.sweep.__main__ import main; code = main(sys.argv[1:]); "
+        f"heavy = [m for m in {HEAVY_MODULES!r} if m in sys.modules]; "
+        "print('the sweep driver imported', heavy, file=sys.stderr) if heavy else None; sys.exit(code or 3 * bool(heavy))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", check, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_dry_run_lists_trials_and_cost_without_training(tmp_path):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
-    proc = run_cli("kdbench.sweep", "--config", str(write_ablation(tmp_path, folder)), "--dry-run", "--out", str(tmp_path / "o"))
+    proc = torch_free_sweep("--config", str(write_ablation(tmp_path, folder)), "--dry-run", "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
     assert "6 trials (1 teachers, 5 students)" in proc.stdout and "estimated" in proc.stdout
     assert not (tmp_path / "o").exists()
@@ -376,8 +390,7 @@ def test_process_pool_workers_give_the_same_results(tmp_path):
         "--set",
         "grid.methods=['teacher','kd_kl']",
     )
-    pooled = run_cli(
-        "kdbench.sweep",
+    pooled = torch_free_sweep(  # the driver plans, dispatches and records; the workers train and count FLOPs
         "--config",
         str(ablation),
         "--out",
@@ -395,7 +408,12 @@ def test_process_pool_workers_give_the_same_results(tmp_path):
     def acc(out):
         return dict(sqlite3.connect(out / "store.sqlite").execute("SELECT key, best_test_accuracy FROM trials"))
 
+    def complexity(out):
+        return dict(sqlite3.connect(out / "store.sqlite").execute("SELECT key, complexity FROM trials"))
+
     assert acc(tmp_path / "a") == acc(tmp_path / "b")
+    assert complexity(tmp_path / "a") == complexity(tmp_path / "b") and "null" not in complexity(tmp_path / "b").values()
+    assert not (tmp_path / "b" / ".workers").exists()  # the workers' notes are gone with them
 
 
 def test_pack_grouping_and_default():

@@ -6,15 +6,19 @@ without a horizontal flip).  A *finite* preset draws one of its ``views`` per
 sample, so a frozen teacher's outputs can be precomputed for every (image, view)
 pair (the teacher-logit cache).  A *random* preset (``d4_crop``) has no finite
 view set: KD trials using it run the teacher online.
+
+torch is imported inside the functions that compute: the sweep driver reads the presets
+(names, views) to check and cost a plan without loading torch (kdbench.machine).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -24,7 +28,7 @@ def apply_view(x: torch.Tensor, view: int) -> torch.Tensor:
     """D4 element ``view`` in 0..7 of ``[..., H, W]``: flip horizontally if ``view >= 4``, then rotate by ``90 * (view % 4)``."""
     if view >= 4:
         x = x.flip(-1)
-    return torch.rot90(x, view % 4, dims=(-2, -1))
+    return x.rot90(view % 4, dims=(-2, -1))
 
 
 def apply_views(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
@@ -42,6 +46,8 @@ def apply_views(x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=16)
 def _view_indices(h: int, w: int, device: torch.device) -> torch.Tensor:
     """``[8, H*W]``: for each view, the source pixel of every output pixel."""
+    import torch
+
     if h != w:
         raise ValueError(f"D4 views need square images, got {h}x{w}")
     grid = torch.arange(h * w, device=device).view(h, w)
@@ -50,6 +56,8 @@ def _view_indices(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, 3, H, W]`` to float, scaled to [0, 1] and standardised with ImageNet statistics."""
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN, device=x_uint8.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x_uint8.device).view(1, 3, 1, 1)
     return (x_uint8.float() / 255.0 - mean) / std
@@ -68,6 +76,8 @@ class Augmentation:
         return self.views is not None
 
     def sample_views(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        import torch
+
         group = torch.tensor(self.views if self.views is not None else range(8))
         return group[torch.randint(len(group), (n,), generator=generator)]
 
@@ -81,6 +91,9 @@ class Augmentation:
 
 def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """Per-sample square crop covering ``scale`` of the area, resized back to the input size."""
+    import torch
+    import torch.nn.functional as F
+
     b, _, h, w = x.shape
     out = torch.empty_like(x)
     areas = torch.empty(b).uniform_(*scale, generator=generator)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from kdbench.config import Recipe, TrialConfig
-from kdbench.data import PreparedData, prepare_data
+from kdbench.data.prepare import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import display_name
 from kdbench.digest import file_sha256, json_digest

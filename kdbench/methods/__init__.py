@@ -15,7 +15,8 @@ Hyperparameters come in two kinds:
   trial key (ablation axes ``[grid.<method>]``, default point ``[methods.<method>]``).
 
 The cross-entropy weight ``alpha`` is shared by every student.  Methods import only data, models and
-losses, never the engine, the sweep or the report.
+losses, never the engine, the sweep or the report; and torch only inside the functions that compute a
+loss, so that the sweep driver plans with this registry without loading torch (kdbench.machine).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import dataclasses
 import importlib
 import math
 import pkgutil
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from kdbench import losses
 from kdbench.config import LossConfig, check_loss
 from kdbench.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 METHODS: dict[str, type[Method]] = {}
 

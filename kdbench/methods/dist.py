@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from kdbench.methods import OwnParams, Params, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pearson_distance(u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor:
@@ -17,6 +18,8 @@ def pearson_distance(u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor
     property the paper builds on.  A constant vector has no correlation: ``rho = 0`` there (the
     cosine's ``eps`` guards the zero norm), so ``d_p = 1`` with a zero gradient.
     """
+    import torch.nn.functional as F  # here, not at the top: the registry loads without torch (kdbench.machine)
+
     u = u - u.mean(dim, keepdim=True)
     v = v - v.mean(dim, keepdim=True)
     return 1.0 - F.cosine_similarity(u, v, dim=dim, eps=1e-8)
@@ -42,8 +45,8 @@ def dist_loss(
     Since ``softmax`` ignores a constant added to a row of logits, so does the loss; scaling the
     logits changes the predictions (it is a change of temperature) and so the loss.
     """
-    y_s = F.softmax(student_logits / temperature, dim=1)
-    y_t = F.softmax(teacher_logits / temperature, dim=1)
+    y_s = (student_logits / temperature).softmax(dim=1)
+    y_t = (teacher_logits / temperature).softmax(dim=1)
     scale = temperature**2
     terms = {"inter": scale * pearson_distance(y_s, y_t, 1).mean(), "intra": scale * pearson_distance(y_s, y_t, 0).mean()}
     return beta * terms["inter"] + gamma * terms["intra"], terms

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kdbench.methods import OwnParams, Params, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def decoupled_terms(
@@ -25,6 +27,8 @@ def decoupled_terms(
     Both are computed in log space (``log(1 - p_y) = logsumexp_{i != y} z_i/T - logsumexp_i z_i/T``),
     so they stay finite for logits far apart.
     """
+    import torch  # here, not at the top: the registry loads without torch (kdbench.machine)
+
     b, c = student_logits.shape
     others = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, targets[:, None], False)
 

@@ -4,11 +4,12 @@ arXiv 2403.01427)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from kdbench.methods import OwnParams, Params, register
+
+if TYPE_CHECKING:
+    import torch
 
 VARIANCE_EPS = 1e-7  # keeps a constant logit vector (zero spread) finite, with a finite gradient
 
@@ -22,7 +23,7 @@ def standardize(logits: torch.Tensor) -> torch.Tensor:
     is added to the variance so that a constant row maps to zeros instead of 0/0.
     """
     centred = logits - logits.mean(dim=1, keepdim=True)
-    return centred / torch.sqrt(centred.pow(2).mean(dim=1, keepdim=True) + VARIANCE_EPS)
+    return centred / (centred.pow(2).mean(dim=1, keepdim=True) + VARIANCE_EPS).sqrt()
 
 
 def lskd_loss(
@@ -38,6 +39,8 @@ def lskd_loss(
     sees which class is ahead and has no gradient.  The KL is batchmean and ``tau^2``-scaled, as
     :func:`kdbench.losses.kl_term`.
     """
+    import torch.nn.functional as F  # here, not at the top: the registry loads without torch (kdbench.machine)
+
     log_q = F.log_softmax(standardize(student_logits) / temperature, dim=1)
     log_p = F.log_softmax(standardize(teacher_logits) / temperature, dim=1)
     kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2

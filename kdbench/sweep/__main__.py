@@ -98,18 +98,23 @@ def plan(ablation, pack: int, root: str | None):
     """The ablation's trials with complete keys: the datasets' fingerprints (found, not downloaded), the pack size."""
     from functools import cache
 
-    from kdbench.data import data_fingerprint
+    from kdbench.data.select import data_fingerprint
 
     return plan_trials(ablation, pack=pack, fingerprint=cache(lambda data: data_fingerprint(data, root, download=False)))
 
 
 def pack_size(requested: int | None, ablation) -> int:
-    from kdbench.engine.runtime import resolve_device
+    from kdbench.config import device_type
     from kdbench.sweep.packs import default_pack_size
 
     if requested is not None and requested < 1:
         raise UserError(f"--pack must be >= 1, got {requested}")
-    return default_pack_size(requested or ablation.run.pack, resolve_device(ablation.run.device).type)
+    device = device_type(ablation.run.device)
+    if device == "cuda":
+        from kdbench.engine.runtime import resolve_device
+
+        resolve_device(device)  # one line, before any work, where no GPU is visible
+    return default_pack_size(requested or ablation.run.pack, device)
 
 
 def write_report(out_dir: Path) -> bool:

@@ -155,6 +155,8 @@ class LocalExecutor:
                         self._finish(Outcome(trial.key, "failed", error=error), deps, on_outcome)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(OSError):  # empty once every worker has removed its note
+                (Path(ctx.out_dir) / WORKER_NOTES).rmdir()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         spawn = multiprocessing.get_context("spawn")
@@ -168,13 +170,15 @@ class LocalExecutor:
 
 
 MAX_ATTEMPTS = 3  # a trial whose worker dies is run at most this many times
+WORKER_NOTES = ".workers"  # <out>/.workers/<pid>: the trial each pool worker runs
 
 
 def _pool_task(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
     """``execute_trial`` in a pool worker, noting in ``<out>/.workers/<pid>`` which trial this process runs."""
-    note = Path(ctx.out_dir) / ".workers" / str(os.getpid())
-    note.parent.mkdir(parents=True, exist_ok=True)
-    note.write_text(trial.key)
+    note = Path(ctx.out_dir) / WORKER_NOTES / str(os.getpid())
+    with contextlib.suppress(OSError):  # best effort (another sweep may remove the folder): without a note, a
+        note.parent.mkdir(parents=True, exist_ok=True)  # dead worker charges every trial that was in flight
+        note.write_text(trial.key)
     try:
         return execute_trial(trial, ctx)
     finally:
@@ -189,7 +193,7 @@ def _dead_workers_trials(pool: ProcessPoolExecutor, out_dir: str, in_flight: lis
         p.join(timeout=10)
     keys = set()
     for pid, p in processes.items():  # every note of the broken pool goes; a dead worker's names its trial
-        note = Path(out_dir) / ".workers" / str(pid)
+        note = Path(out_dir) / WORKER_NOTES / str(pid)
         with contextlib.suppress(OSError):
             key = note.read_text().strip()
             note.unlink()

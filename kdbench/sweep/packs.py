@@ -1,16 +1,14 @@
 """Group compatible student trials into packs trained as one network (the GPU fast path).
 
 Trials of one pack share everything but their method and loss settings
-(:func:`kdbench.engine.packed.compatible_key`) and distil from the same teacher, so
+(:func:`kdbench.engine.pack_rules.compatible_key`) and distil from the same teacher, so
 they see the same batches and one teacher lookup serves them all.
 """
 
 from __future__ import annotations
 
-from kdbench.config import TrialConfig
 from kdbench.digest import text_digest
-from kdbench.engine.packed import PACK_MODEL, compatible_key
-from kdbench.methods import get_method
+from kdbench.engine.pack_rules import compatible_key
 from kdbench.sweep.plan import PlannedTrial
 
 
@@ -19,11 +17,6 @@ def default_pack_size(requested: int, device_type: str) -> int:
     if requested > 0:
         return requested
     return 8 if device_type == "cuda" else 1
-
-
-def packable(cfg: TrialConfig) -> bool:
-    """A student trial the packed network can train (a MobileNetV2 student)."""
-    return get_method(cfg.method).role == "student" and cfg.recipe.model == PACK_MODEL
 
 
 def pack_trials(trials: list[PlannedTrial], k: int) -> list[PlannedTrial]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kdbench.config import DataConfig, LossConfig, TrialConfig, device_type
+from kdbench.engine.pack_rules import packable
 from kdbench.errors import UserError
 from kdbench.methods import get_method, resolve
 from kdbench.sweep.ablation import Ablation
@@ -47,12 +48,10 @@ def plan_trials(
     (:func:`kdbench.methods.resolve`): ``kd_kl_cos`` at ``beta = gamma = 0`` is the baseline.
 
     Keys are complete (kdbench.config.TrialConfig.key): ``run.device`` is resolved here,
-    ``fingerprint(data)`` (kdbench.data.data_fingerprint) names the dataset's files, and
+    ``fingerprint(data)`` (kdbench.data.select.data_fingerprint) names the dataset's files, and
     with ``pack > 1`` every packable student is planned ``packed`` (kdbench.sweep.packs
     then trains exactly those in packs, a lone one as a pack of one).
     """
-    from kdbench.sweep.packs import packable
-
     grid = ablation.grid
     methods = [get_method(m) for m in grid.methods]
     device = device_type(ablation.run.device)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kdbench.config import device_type
 from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.specs import dataset_names, get_spec
-from kdbench.engine.runtime import environment, resolve_device
+from kdbench.machine import environment
 from kdbench.sweep.ablation import Ablation
 from kdbench.sweep.executors import Executor
 from kdbench.sweep.packs import pack_trials
@@ -23,15 +24,6 @@ def check_datasets(ablation: Ablation, root: str | None, download: bool) -> None
     """Fail before any training when a dataset of the grid cannot be found."""
     for dataset in ablation.grid.datasets:
         locate_dataset(get_spec(dataset), data_root(root), download=download)
-
-
-def trial_complexity(trial: PlannedTrial, result: dict) -> dict | None:
-    """The trained model's params, FLOPs and size (kdbench.profile); None where fvcore is not installed."""
-    try:
-        from kdbench.profile import complexity
-    except ImportError:  # fvcore is a dependency, but a bare GPU box may run without it
-        return None
-    return complexity(trial.config.recipe.model, len(result["classes"]), trial.config.data.resolution)
 
 
 def run_sweep(
@@ -49,7 +41,8 @@ def run_sweep(
     """Run the trials the store does not have as done (students in packs of ``pack``); returns the summary counts."""
     t0 = time.time()
     store = Store(out_dir / STORE_FILE)
-    sweep_id = store.begin_sweep(ablation.name, str(ablation_path), raw, trials, environment(resolve_device(ablation.run.device)))
+    env = environment(device_type(ablation.run.device), ctx.threads)  # each trial's result records its own, too
+    sweep_id = store.begin_sweep(ablation.name, str(ablation_path), raw, trials, env)
     by_key = {t.key: t for t in trials}
     names = {d: n.display for d, n in dataset_names(ablation.grid.datasets).items()}
     done = {t.key for t in trials if store.status(t.key) == "done"}
@@ -92,7 +85,7 @@ def run_sweep(
         c = trial.config
         name = names.get(c.data.dataset, c.data.dataset)
         if outcome.status == "done":
-            fresh = store.record_done(outcome.key, outcome.result, trial_complexity(trial, outcome.result))
+            fresh = store.record_done(outcome.key, outcome.result, outcome.complexity)
             counts["done" if fresh else "already"] += 1  # another sweep on this store may have recorded it first
             acc = outcome.result["best"]["test"]["accuracy"]
             how = "recovered from its metrics.json" if outcome.recovered else f"{outcome.seconds:.0f}s"

@@ -21,8 +21,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from kdbench.durable import Busy, file_lock, is_disk_full
 from kdbench.errors import UserError, one_line
 from kdbench.sweep.plan import PlannedTrial
@@ -49,6 +47,7 @@ class Outcome:
     seconds: float = 0.0
     recovered: bool = False  # finished earlier, store write was lost
     members: list[Outcome] | None = None  # a pack's per-trial outcomes
+    complexity: dict | None = None  # a done trial's model: params, FLOPs, size (kdbench.profile); None without fvcore
 
 
 def trial_dir(out_dir: str | Path, key: str) -> Path:
@@ -62,8 +61,11 @@ def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
     one, unless ``ctx.wait_for_locks``); members whose ``metrics.json``
     is already there are returned as recovered, the rest train (resuming from their
     checkpoints), singly with ``run_trial`` or together with ``run_packed_trials``.
-    A pack's outcome lists its members' outcomes in ``members``.
+    A pack's outcome lists its members' outcomes in ``members``.  Each done trial carries its model's
+    complexity, counted here so that the sweep driver never imports torch (kdbench.machine).
     """
+    import torch
+
     from kdbench.engine.trial import METRICS_FILE
 
     if ctx.threads:
@@ -86,6 +88,9 @@ def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
         if todo:
             outcomes.update(_train([m for m, _ in todo], [f for _, f in todo], trial.teacher_key, ctx, t0))
     results = [outcomes[m.key] for m in members]
+    for m, outcome in zip(members, results):
+        if outcome.status == "done":
+            outcome.complexity = trial_complexity(m, outcome.result)
     if not trial.members:
         return results[0]
     status = "done" if all(o.status == "done" for o in results) else "failed"
@@ -96,6 +101,8 @@ def _train(
     members: list[PlannedTrial], folders: list[Path], teacher_key: str | None, ctx: SweepContext, t0: float
 ) -> dict[str, Outcome]:
     """Run ``members`` (one trial, or a pack) in ``folders``; a failure fails them all, with one message."""
+    import torch
+
     from kdbench.engine.packed import MemberFailed, run_packed_trials
     from kdbench.engine.trial import run_trial
 
@@ -141,6 +148,15 @@ def _train(
         else Outcome(m.key, "done", r, seconds=seconds)
         for m, r in zip(members, results)
     }
+
+
+def trial_complexity(trial: PlannedTrial, result: dict) -> dict | None:
+    """The trained model's params, FLOPs and size (kdbench.profile); None where fvcore is not installed."""
+    try:
+        from kdbench.profile import complexity
+    except ImportError:  # fvcore is a dependency, but a bare GPU box may run without it
+        return None
+    return complexity(trial.config.recipe.model, len(result["classes"]), trial.config.data.resolution)
 
 
 def crashed(folders: list[Path], failed) -> dict[str, Outcome]:

@@ -1,0 +1,68 @@
+"""A dataset ready for training: :func:`prepare_data` selects, decodes and splits the images of a config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdbench.config import DataConfig
+from kdbench.data.decode import load_images
+from kdbench.data.index import ImageIndex, stratified_split, write_manifest
+from kdbench.data.select import select_images
+from kdbench.data.specs import get_spec
+from kdbench.digest import dataset_fingerprint, json_digest
+
+
+@dataclass
+class PreparedData:
+    """A dataset ready for training: decoded images, labels, and each image's split."""
+
+    folder: Path
+    index: ImageIndex
+    split: list[str]
+    images: torch.Tensor  # [N, 3, R, R] uint8
+    labels: torch.Tensor  # [N] int64
+    fingerprint: str = ""  # :func:`data_fingerprint` of the images selected (before unreadable ones are dropped)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.index.classes
+
+    def indices(self, split: str) -> torch.Tensor:
+        return torch.tensor([i for i, s in enumerate(self.split) if s == split], dtype=torch.long)
+
+    def counts(self) -> dict[str, int]:
+        return {s: self.split.count(s) for s in ("train", "val", "test")}
+
+    def write_manifest(self, path: Path) -> None:
+        write_manifest(path, self.index, self.split)
+
+    def paths(self, *splits: str) -> list[str]:
+        """Relative paths of the images in ``splits``."""
+        return [p for p, s in zip(self.index.paths, self.split) if s in splits]
+
+    def manifest_digest(self) -> str:
+        """Digest of the split manifest (each image's path, class and split)."""
+        return json_digest([self.index.paths, self.index.labels, self.classes, self.split])
+
+
+def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = True) -> PreparedData:
+    spec = get_spec(cfg.dataset)
+    folder, index = select_images(cfg, root, download)
+    fingerprint = dataset_fingerprint(folder, index.paths)
+    images, bad = load_images(folder, index.paths, cfg.resolution, skip_bad=cfg.skip_bad_images)
+    if bad:
+        dropped = {b["path"] for b in bad}
+        index = index.subset([i for i, p in enumerate(index.paths) if p not in dropped], bad)
+    split = stratified_split(
+        index,
+        val_fraction=spec.val_fraction if cfg.val_fraction is None else cfg.val_fraction,
+        test_fraction=spec.test_fraction if cfg.test_fraction is None else cfg.test_fraction,
+        seed=cfg.split_seed,
+    )
+    return PreparedData(
+        folder=folder, index=index, split=split, images=images, labels=torch.tensor(index.labels), fingerprint=fingerprint
+    )

@@ -1,0 +1,31 @@
+"""Which images a :class:`~kdbench.config.DataConfig` selects, and their fingerprint (no decoding, no torch)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kdbench.config import DataConfig
+from kdbench.data.index import ImageIndex, limit_per_class, scan_folder
+from kdbench.data.locate import data_root, locate_dataset
+from kdbench.data.specs import get_spec
+from kdbench.digest import dataset_fingerprint
+
+
+def select_images(cfg: DataConfig, root, download: bool) -> tuple[Path, ImageIndex]:
+    """The dataset folder and the images ``cfg`` selects (class subset, per-class limit), not yet decoded."""
+    spec = get_spec(cfg.dataset)
+    folder = locate_dataset(spec, data_root(root), download=download)
+    index = scan_folder(folder, classes=list(cfg.classes) or None, skip_bad=cfg.skip_bad_images)
+    if spec.num_classes is not None and not cfg.classes and len(index.classes) != spec.num_classes:
+        print(
+            f"kdbench: warning: {folder} has {len(index.classes)} classes, the official {spec.name} has {spec.num_classes}",
+            flush=True,
+        )
+    return folder, limit_per_class(index, cfg.images_per_class, cfg.split_seed)
+
+
+def data_fingerprint(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = False) -> str:
+    """Fingerprint of the image files ``cfg`` selects (paths and sizes; see kdbench.digest): part of a trial's key."""
+    folder, index = select_images(cfg, root, download)
+    return dataset_fingerprint(folder, index.paths)
