@@ -4,6 +4,8 @@
 the teacher and the student and how much smaller and cheaper the student is.
 Numbers depend only on the architecture, class count and input resolution (weights
 are never loaded), so :func:`complexity` caches them per ``(model, classes, resolution)``.
+torch, torchvision and fvcore are imported where a model is measured: the report reads
+:data:`FLOP_CONVENTION` and :func:`compression` without them.
 """
 
 from __future__ import annotations
@@ -13,16 +15,13 @@ import copy
 import functools
 import json
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from kdbench.data.specs import BUILTIN_DATASETS, get_spec
 from kdbench.errors import UserError, cli_main
-from kdbench.models import build_model, check_model_name
 
-with warnings.catch_warnings():  # fvcore.nn imports losses decorated with the deprecated torch.jit.script
-    warnings.simplefilter("ignore", FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
+if TYPE_CHECKING:
+    import torch
 
 FLOP_CONVENTION = (
     "FLOPs follow fvcore: one fused multiply-add counts as one FLOP (i.e. MACs); batch norm is counted, "
@@ -57,6 +56,8 @@ class _ByteCounter:
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """Size in bytes of ``torch.save(model.state_dict())`` (measured without writing the file)."""
+    import torch
+
     counter = _ByteCounter()
     torch.save(model.state_dict(), counter)
     return counter.size
@@ -82,12 +83,22 @@ def complexity(model_name: str, num_classes: int, resolution: int) -> dict:
         raise UserError(f"num_classes must be a positive integer, got {num_classes}: pass --num-classes 1 or more")
     if resolution < 1:
         raise UserError(f"resolution must be a positive number of pixels, got {resolution}: pass e.g. --resolution 224")
+    from kdbench.models import check_model_name
+
     check_model_name(model_name)
     return copy.deepcopy(_measure(model_name, num_classes, resolution))
 
 
 @functools.cache
 def _measure(model_name: str, num_classes: int, resolution: int) -> dict:
+    import torch
+
+    from kdbench.models import build_model
+
+    with warnings.catch_warnings():  # fvcore.nn imports losses decorated with the deprecated torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+
     model = build_model(model_name, num_classes).eval()
     analysis = (
         FlopCountAnalysis(model, torch.zeros(1, 3, resolution, resolution))
@@ -189,6 +200,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     num_classes = args.num_classes if args.num_classes is not None else num_classes_for(args.dataset)
+    from kdbench.models import check_model_name
+
     for name in (args.teacher, args.student):  # fail on a typo before the slow teacher analysis
         check_model_name(name)
     teacher = complexity(args.teacher, num_classes, args.resolution)

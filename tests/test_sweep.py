@@ -254,6 +254,12 @@ def torch_free_sweep(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", check, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+def test_the_report_modules_load_without_torch():
+    code = f"import sys, kdbench.report.__main__; print([m for m in {HEAVY_MODULES[:3]!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+
+
 def test_dry_run_lists_trials_and_cost_without_training(tmp_path):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
     proc = torch_free_sweep("--config", str(write_ablation(tmp_path, folder)), "--dry-run", "--out", str(tmp_path / "o"))
@@ -414,6 +420,17 @@ def test_process_pool_workers_give_the_same_results(tmp_path):
     assert acc(tmp_path / "a") == acc(tmp_path / "b")
     assert complexity(tmp_path / "a") == complexity(tmp_path / "b") and "null" not in complexity(tmp_path / "b").values()
     assert not (tmp_path / "b" / ".workers").exists()  # the workers' notes are gone with them
+
+
+def test_without_fvcore_a_trial_is_stored_without_complexity(monkeypatch):
+    import kdbench.profile
+    from kdbench.sweep.worker import trial_complexity
+
+    trial = plan_trials(parse_ablation(base_raw(methods=["baseline"]), "t"))[0]
+    assert trial_complexity(trial, {"classes": ["a", "b", "c"]})["model"] == trial.config.recipe.model
+    kdbench.profile._measure.cache_clear()
+    monkeypatch.setitem(sys.modules, "fvcore.nn", None)  # as on a GPU box without fvcore: importing it fails
+    assert trial_complexity(trial, {"classes": ["a", "b", "c"]}) is None
 
 
 def test_pack_grouping_and_default():

@@ -152,11 +152,12 @@ def _train(
 
 def trial_complexity(trial: PlannedTrial, result: dict) -> dict | None:
     """The trained model's params, FLOPs and size (kdbench.profile); None where fvcore is not installed."""
+    from kdbench.profile import complexity
+
     try:
-        from kdbench.profile import complexity
+        return complexity(trial.config.recipe.model, len(result["classes"]), trial.config.data.resolution)
     except ImportError:  # fvcore is a dependency, but a bare GPU box may run without it
         return None
-    return complexity(trial.config.recipe.model, len(result["classes"]), trial.config.data.resolution)
 
 
 def crashed(folders: list[Path], failed) -> dict[str, Outcome]:
