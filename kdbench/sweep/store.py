@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kdbench.data.specs import dataset_names
+from kdbench.durable import file_lock
 from kdbench.sweep.plan import PlannedTrial
 
 STORE_FILE = "store.sqlite"
@@ -74,16 +75,19 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        with self.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            columns = {r["name"] for r in db.execute("PRAGMA table_info(trials)")}
-            for column in ("dataset_name", "notes", "params"):  # columns a store of an older kdbench lacks
-                if column not in columns:
-                    db.execute(f"ALTER TABLE trials ADD COLUMN {column} TEXT")
+        # switching to WAL takes an exclusive lock that SQLite's busy timeout does not wait for: two sweeps
+        # opening a new store at once would fail with "database is locked", so opening is serialised
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            with self.transaction() as db:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                columns = {r["name"] for r in db.execute("PRAGMA table_info(trials)")}
+                for column in ("dataset_name", "notes", "params"):  # columns a store of an older kdbench lacks
+                    if column not in columns:
+                        db.execute(f"ALTER TABLE trials ADD COLUMN {column} TEXT")
 
     @contextmanager
     def transaction(self):
