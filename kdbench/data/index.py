@@ -3,23 +3,36 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdbench.data.specs import IMAGE_SUFFIXES
+from kdbench.digest import file_digests
 from kdbench.errors import UserError
 
 
 @dataclass
 class ImageIndex:
-    """Images of a dataset folder: relative paths, class indices, and what was left out and why."""
+    """Images of a dataset folder: their names, on-disk files, class indices, and what was left out and why.
+
+    ``paths`` are the images' names, the same on every OS (:func:`portable_name`): manifests, split
+    seeds, provenance and fingerprints use them.  ``files`` are the same images as the file system
+    spells them (relative to ``root``), to open them.  ``classes`` are portable names too.
+    """
 
     root: Path
     classes: list[str]
     paths: list[str]
     labels: list[int]
     skipped: list[dict] = field(default_factory=list)  # {"path": ..., "reason": ...}
+    files: list[str] = field(default_factory=list)  # on-disk relative paths; == paths for plain names
+
+    def __post_init__(self):
+        if not self.files:
+            self.files = list(self.paths)
 
     def subset(self, keep: list[int], skipped: list[dict] = ()) -> ImageIndex:
         """The images at positions ``keep`` (in that order), with ``skipped`` added to the record."""
@@ -29,54 +42,141 @@ class ImageIndex:
             paths=[self.paths[i] for i in keep],
             labels=[self.labels[i] for i in keep],
             skipped=self.skipped + list(skipped),
+            files=[self.files[i] for i in keep],
         )
 
 
-def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool = False) -> ImageIndex:
-    """List the images of ``root/<class>/`` (sorted; hidden files are not part of a dataset).
+def portable_name(name: str) -> str:
+    """A file or folder name as text that is the same on every OS: Unicode NFC, undecodable bytes as ``\\xNN``.
 
-    Stray non-image files and empty class folders are errors naming them, unless
-    ``skip_bad`` is set: then they are left out and listed in ``skipped``.
+    macOS writes accented names decomposed (NFD), Linux keeps what it is given (usually NFC), and a
+    name unpacked from an old Windows zip can hold bytes that are not UTF-8 (``caf\\xe9.jpg``): Python
+    reads those as lone surrogates, which no JSON, CSV or SQLite text can hold.
     """
-    all_classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if any("\udc80" <= ch <= "\udcff" for ch in name):
+        name = os.fsencode(name).decode("utf-8", "backslashreplace")
+    return unicodedata.normalize("NFC", name)
+
+
+def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool = False) -> ImageIndex:
+    """List the images of ``root/<class>/`` (any depth below a class folder), sorted by portable name.
+
+    Class folders and sub-folders may be symbolic links (followed, each real folder once); the
+    order, the names and so the split are the same on every OS (:func:`portable_name`).  Stray
+    non-image files, broken symbolic links and empty class folders are errors naming them, unless
+    ``skip_bad`` is set: then they are left out and listed in ``skipped``.  Hidden files and
+    folders (``.name``) and files beside the class folders are not part of a dataset: always left
+    out, and listed.  Two names that differ only in their Unicode form are an error.
+
+    Raises:
+        UserError: a missing class, a bad file (without ``skip_bad``), a name clash, fewer than 2 classes.
+    """
+    index = ImageIndex(root=root, classes=[], paths=[], labels=[])
+    found: dict[str, str] = {}  # portable class name -> on-disk name
+    for entry in os.scandir(root):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            _claim(found, portable_name(entry.name), entry.name, root)
+        else:
+            index.skipped.append({"path": portable_name(entry.name), "reason": "not in a class folder"})
+    all_classes = sorted(found)
     if classes:
-        missing = [c for c in classes if c not in all_classes]
+        missing = [c for c in classes if portable_name(c) not in found]
         if missing:
             raise UserError(f"class(es) {', '.join(missing)} not in {root}: available are {', '.join(all_classes)}")
-        all_classes = [c for c in all_classes if c in set(classes)]
-    index = ImageIndex(root=root, classes=[], paths=[], labels=[])
+        wanted = {portable_name(c) for c in classes}
+        all_classes = [c for c in all_classes if c in wanted]
     stray: list[str] = []
+    broken: list[str] = []
     empty: list[str] = []
     for name in all_classes:
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and not _hidden(p, root))
-        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-        stray += [p.relative_to(root).as_posix() for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+        files = _class_files(root, found[name], name, index.skipped)
+        images = [(p, f) for p, f in files if _suffix(p) in IMAGE_SUFFIXES and os.path.exists(root / f)]
+        broken += [p for p, f in files if not os.path.exists(root / f)]
+        stray += [p for p, f in files if _suffix(p) not in IMAGE_SUFFIXES and os.path.exists(root / f)]
         if not images:
             empty.append(name)
             continue
         label = len(index.classes)
         index.classes.append(name)
-        index.paths += [p.relative_to(root).as_posix() for p in images]
+        index.paths += [p for p, _ in images]
+        index.files += [f for _, f in images]
         index.labels += [label] * len(images)
-    if (stray or empty) and not skip_bad:
+    if (stray or empty or broken) and not skip_bad:
         what = []
         if empty:
             what.append(f"empty class folder(s) {', '.join(empty)}")
         if stray:
             what.append(f"{len(stray)} non-image file(s) ({', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''})")
+        if broken:
+            what.append(f"{len(broken)} broken symbolic link(s) ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''})")
         raise UserError(
             f"{root}: {' and '.join(what)}; remove them or pass --skip-bad-images "
             f"(skip_bad_images = true) to leave them out and list them in the run record"
         )
     index.skipped += [{"path": p, "reason": "not an image file"} for p in stray]
+    index.skipped += [{"path": p, "reason": "broken symbolic link"} for p in broken]
     index.skipped += [{"path": c + "/", "reason": "empty class folder"} for c in empty]
     if len(index.classes) < 2:
         raise UserError(f"{root} has {len(index.classes)} class folder(s) with images: classification needs at least 2")
     return index
 
 
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+def _class_files(root: Path, disk_name: str, name: str, skipped: list[dict]) -> list[tuple[str, str]]:
+    """``(portable path, on-disk path)`` of every file below one class folder, sorted by portable path.
+
+    Walks with ``followlinks=True`` (pathlib's ``rglob`` follows links to folders on some Python
+    versions and not on others); a folder already seen (a link loop, two links to one folder) is
+    listed in ``skipped`` instead of being read twice.  Hidden files and folders are listed there too.
+    """
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for top, dirs, files in os.walk(root / disk_name, followlinks=True):
+        rel_top = Path(top).relative_to(root)
+        portable_top = "/".join([name, *(portable_name(part) for part in rel_top.parts[1:])])
+        real = os.path.realpath(top)
+        if real in seen:
+            skipped.append({"path": portable_top + "/", "reason": "folder already read through another link"})
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for d in [d for d in dirs if d.startswith(".")]:
+            skipped.append({"path": f"{portable_top}/{portable_name(d)}/", "reason": "hidden folder"})
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in files:
+            portable = f"{portable_top}/{portable_name(f)}"
+            if f.startswith("."):
+                skipped.append({"path": portable, "reason": "hidden file"})
+                continue
+            _claim(out, portable, (rel_top / f).as_posix(), root)
+    return sorted(out.items())
+
+
+def _claim(names: dict[str, str], portable: str, disk: str, root: Path) -> None:
+    """Record ``disk`` under its portable name; two files with one portable name (NFC and NFD) are an error."""
+    if portable in names and names[portable] != disk:
+        raise UserError(
+            f"{root}: {names[portable]!a} and {disk!a} are the same name in two Unicode forms (or byte spellings): "
+            "rename one of them (e.g. with convmv --nfc)"
+        )
+    names[portable] = disk
+
+
+def _suffix(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def content_digests(root: Path, rel_files: list[str]) -> list[str]:
+    """:func:`kdbench.digest.file_digests` of dataset files, with an unreadable file as a one-line error.
+
+    Raises:
+        UserError: a file that cannot be read (permissions, removed meanwhile).
+    """
+    try:
+        return file_digests(root, rel_files)
+    except OSError as err:
+        raise UserError(f"cannot read {err.filename!a}: {err.strerror}; check the dataset folder") from err
 
 
 def limit_per_class(index: ImageIndex, images_per_class: int | None, seed: int) -> ImageIndex:
