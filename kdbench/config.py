@@ -8,13 +8,15 @@ one-line :class:`~kdbench.errors.UserError` for unknown keys and wrong types.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
-from kdbench.digest import json_digest
+from kdbench.digest import file_sha256, json_digest
 from kdbench.errors import UserError
 from kdbench.machine import gpu_visible
 
@@ -86,10 +88,11 @@ class TrialConfig:
     """Everything that determines one training run's result, and a few run settings that do not.
 
     The key (:meth:`key`) covers :meth:`identity`: method, data (and the fingerprint of its
-    files), recipe, loss, seed, teacher identity, device type and its precision, packed or
-    single training, plus the results and loss-code versions.  Not in the key: the teacher
-    checkpoint's path (its content is ``teacher_id``), ``trust_teacher``, ``allow_chance_teacher``,
-    the recipe's ``eval_batch_size``, and everything outside this class (output folder, workers, threads).
+    files), recipe (a ``pretrained`` state-dict file by its content digest, not its path), loss,
+    seed, teacher identity, device type and its precision, packed or single training, plus the
+    results and loss-code versions.  Not in the key: the teacher checkpoint's path (its content is
+    ``teacher_id``), ``trust_teacher``, ``allow_chance_teacher``, the recipe's ``eval_batch_size``,
+    and everything outside this class (output folder, workers, threads).
     """
 
     method: str
@@ -112,6 +115,7 @@ class TrialConfig:
         d.pop("trust_teacher")  # allows a run, changes nothing in it; recorded in the result's teacher record
         d.pop("allow_chance_teacher")  # decides whether a finished teacher counts as failed, not what it learnt
         d["recipe"].pop("eval_batch_size")
+        d["recipe"]["pretrained"] = pretrained_identity(self.recipe.pretrained)
         params = d["loss"].pop("params")
         if params:  # a method's own hyperparameters; absent for the paper's methods, as before they existed
             d["loss"]["params"] = dict(params)
@@ -124,6 +128,36 @@ class TrialConfig:
         from kdbench.losses import LOSS_VERSION
 
         return json_digest({"trial": self.identity(), "results_version": RESULTS_VERSION, "loss_version": LOSS_VERSION})
+
+
+PRETRAINED_NAMES = ("", "none", "imagenet")  # any other ``pretrained`` value is a state-dict file
+
+
+def pretrained_identity(pretrained: str) -> str:
+    """What a recipe's ``pretrained`` contributes to a trial key: ``none``, ``imagenet`` (torchvision's
+    weights, hash-checked by torchvision) or ``sha256:<digest>`` of a state-dict file's bytes, so a file
+    overwritten in place is another trial and two copies of one file are the same.
+
+    Raises:
+        UserError: the state-dict file cannot be read.
+    """
+    if pretrained in PRETRAINED_NAMES:
+        return pretrained
+    path = Path(pretrained).expanduser()
+    try:
+        st = path.stat()
+        return f"sha256:{_file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)}"
+    except OSError as err:
+        raise UserError(f"pretrained state-dict file {pretrained} cannot be read ({err.strerror}): check the path") from err
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, *stat) -> str:
+    """:func:`kdbench.digest.file_sha256`, once per (file, size, times, inode): keys are computed often.
+
+    Any write to a file changes its ``ctime``, which no user tool can set back, so a changed file is hashed anew.
+    """
+    return file_sha256(path)
 
 
 T = TypeVar("T")
@@ -200,6 +234,7 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         if not (lo < value <= hi if closed_hi else lo <= value < hi):  # also false for NaN
             interval = f"({lo:g}, {hi:g}]" if closed_hi else f"[{lo:g}, {hi:g})"
             raise UserError(f"{where}.{name} must be in {interval}, got {value!r}")
+    pretrained_identity(recipe.pretrained)  # a state-dict file must be readable where the trial is planned
     if recipe.optimizer not in OPTIMIZERS:
         raise UserError(f"{where}.optimizer must be one of {', '.join(OPTIMIZERS)}, got {recipe.optimizer!r}")
     if recipe.schedule not in SCHEDULES:

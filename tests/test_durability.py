@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, call_main, make_image_folder
+from PIL import Image
 
 from kdbench import durable
 from kdbench.data import decode
@@ -105,9 +106,10 @@ def test_half_written_cache_is_detected_and_repaired(tmp_path, monkeypatch):
         f.write(b"\xff" * (3 * 16 * 16 + 100))
     again, _ = load_images(folder, paths, 16)
     assert torch.equal(again, truth)
-    (folder / "class0" / "extra.png").write_bytes((folder / "class1" / "img000.png").read_bytes())
+    flipped = torch.flip(decode.decode_image(folder / paths[4], 20), dims=(2,)).permute(1, 2, 0).numpy()
+    Image.fromarray(flipped).save(folder / "class0" / "extra.png")  # a new image: appended after the cut
     more, _ = load_images(folder, [*paths, "class0/extra.png"], 16)
-    assert data.stat().st_size == 9 * 3 * 16 * 16 and torch.equal(more[-1], truth[4])
+    assert data.stat().st_size == 9 * 3 * 16 * 16 and torch.equal(more[-1], decode.decode_image(folder / "class0/extra.png", 16))
     # an index naming rows the file lacks (file cut short), or a broken index: rebuilt from the images
     with open(data, "r+b") as f:
         f.truncate(3 * 3 * 16 * 16)

@@ -1,6 +1,7 @@
 """Trial keys are complete: every field that can change a result changes the key, and nothing else does."""
 
 import dataclasses
+import os
 import shutil
 
 import pytest
@@ -10,6 +11,7 @@ import kdbench.engine
 import kdbench.losses
 from kdbench.config import PRECISION, DataConfig, LossConfig, Recipe, TrialConfig
 from kdbench.data.select import data_fingerprint
+from kdbench.errors import UserError
 from kdbench.sweep.__main__ import main as sweep_main
 from kdbench.sweep.ablation import parse_ablation
 from kdbench.sweep.packs import pack_trials
@@ -121,8 +123,36 @@ def test_dataset_fingerprint_follows_the_files_not_the_folder(tmp_path):
     assert data_fingerprint(dataclasses.replace(data, images_per_class=3)) != fp  # only the images used count
     (folder / "class0" / "img000.png").write_bytes((folder / "class0" / "img000.png").read_bytes() + b"\0")
     assert data_fingerprint(data) != fp
+    # the same size and modification time, other pixels (an image overwritten in place, its time restored)
+    fp, target = data_fingerprint(data), folder / "class1" / "img000.png"
+    before, other = target.stat(), (folder / "class1" / "img001.png").read_bytes()
+    if len(other) == before.st_size:
+        target.write_bytes(other)
+    else:
+        target.write_bytes(bytes(b ^ 1 for b in target.read_bytes()))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    assert data_fingerprint(data) != fp
     make_image_folder(moved, classes=3, per_class=4, size=16)  # adds class2
     assert data_fingerprint(DataConfig(dataset=f"imagefolder:{moved}")) != fp
+
+
+def test_a_pretrained_state_dict_file_is_keyed_by_its_content_not_its_path(tmp_path):
+    import torch
+
+    first, copy = tmp_path / "a.pt", tmp_path / "elsewhere" / "b.pt"
+    torch.save({"w": torch.zeros(3)}, first)
+    copy.parent.mkdir()
+    shutil.copy(first, copy)
+    keyed = {p: dataclasses.replace(BASE, recipe=Recipe(pretrained=str(p))).key() for p in (first, copy)}
+    assert keyed[first] == keyed[copy] != BASE.key()
+    torch.save({"w": torch.ones(3)}, first)  # overwritten in place: the same path, another trial
+    assert dataclasses.replace(BASE, recipe=Recipe(pretrained=str(first))).key() != keyed[first]
+    assert (
+        dataclasses.replace(BASE, recipe=Recipe(pretrained=str(first))).identity()["recipe"]["pretrained"].startswith("sha256:")
+    )
+    with pytest.raises(UserError, match=r"pretrained state-dict file .*missing.pt cannot be read"):
+        dataclasses.replace(BASE, recipe=Recipe(pretrained=str(tmp_path / "missing.pt"))).key()
 
 
 def test_plan_decides_packing_and_pack_trials_follows_it():

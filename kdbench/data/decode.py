@@ -7,11 +7,13 @@ read-only, one folder per (dataset folder, resolution):
 - ``images.u8``: the decoded images, one row of ``3*R*R`` bytes each, only ever
   appended to; processes map it read-only (``numpy.memmap``), so every worker of a
   sweep shares one copy through the page cache, and a run reads only its rows;
-- ``index.json``: ``path -> [row, size, mtime_ns]`` and the row count, replaced
-  atomically (:mod:`kdbench.durable`) AFTER the rows it names are on disk.
+- ``index.json``: ``content digest -> row`` (SHA-256 of the image file's bytes,
+  :func:`kdbench.digest.file_digests`) and the row count, replaced atomically
+  (:mod:`kdbench.durable`) AFTER the rows it names are on disk.
 
-An image changed on disk (other size or modification time) is decoded again into a
-new row.  A crash during an append leaves rows past the index's count: they are
+A row is found by what the file holds, never by its name, size or time: an image
+overwritten in place is decoded again into a new row, and two identical files share one.
+A crash during an append leaves rows past the index's count: they are
 ignored and cut off by the next append.  An index that names more rows than the file
 holds, or that cannot be read, means a damaged cache: it is rebuilt.  Only appends
 take the folder's lock; reads of images already in the cache take none (rows named by
@@ -33,11 +35,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kdbench.data.index import content_digests
 from kdbench.digest import text_digest
 from kdbench.durable import atomic_write_json, file_lock, fsync_dir
 from kdbench.errors import UserError
 
-CACHE_FORMAT = "kdbench-image-cache-v2"
+CACHE_FORMAT = "kdbench-image-cache-v3"  # v3: rows keyed by file content; kdbench.data.pixels' rule
 CHUNK = 512  # images decoded and appended at a time
 
 
@@ -55,31 +58,45 @@ def decode_image(path: Path, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def load_images(root: Path, rel_paths: list[str], resolution: int, *, skip_bad: bool = False) -> tuple[torch.Tensor, list[dict]]:
-    """``([N, 3, R, R] uint8, bad)`` for ``rel_paths`` under ``root``, from the cache where possible.
+def load_images(
+    root: Path,
+    rel_files: list[str],
+    resolution: int,
+    *,
+    skip_bad: bool = False,
+    digests: list[str] | None = None,
+    names: list[str] | None = None,
+) -> tuple[torch.Tensor, list[dict]]:
+    """``([N, 3, R, R] uint8, bad)`` for ``rel_files`` under ``root``, from the cache where possible.
 
-    An unreadable or truncated image is an error naming it, unless ``skip_bad``:
-    then it is left out of the tensor and listed in ``bad`` (``{"path", "reason"}``),
-    and the caller drops it from its index.
+    ``digests`` are the files' :func:`~kdbench.digest.file_digests` (computed when not given) and
+    ``names`` their portable names for messages (:func:`kdbench.data.index.portable_name`; the
+    files' own names when not given).  An unreadable or truncated image is an error naming it,
+    unless ``skip_bad``: then it is left out of the tensor and listed in ``bad``
+    (``{"path", "reason"}``, by name), and the caller drops it from its index.
+
+    Raises:
+        UserError: a file that cannot be read at all, or a bad image without ``skip_bad``.
     """
     root = root.resolve()
-    stamps = {p: _stamp(root / p) for p in rel_paths}
+    names = names or list(rel_files)
+    digests = digests or content_digests(root, rel_files)
     folder = cache_folder(root, resolution)
     index = _read_index(folder, resolution)
     bad: list[dict] = []
-    if any(not _known(index, p, stamps[p]) for p in rel_paths):
+    if any(d not in index["entries"] for d in digests):
         with file_lock(folder / ".lock"):
             index = _read_index(folder, resolution)  # another process may have added them meanwhile
-            missing = [p for p in dict.fromkeys(rel_paths) if not _known(index, p, stamps[p])]
-            index, bad = _append(folder, root, index, missing, stamps, resolution)
+            missing = {d: f for f, d in zip(rel_files, digests) if d not in index["entries"]}
+            index, failed = _append(folder, root, index, missing, resolution)
+        bad = [{"path": n, "reason": failed[d]} for n, d in zip(names, digests) if d in failed]
     if bad and not skip_bad:
         shown = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:3])
         raise UserError(
             f"{len(bad)} unreadable image(s) under {root}: {shown}{' ...' if len(bad) > 3 else ''}; "
             "replace or delete them, or pass --skip-bad-images to leave them out and list them in the run record"
         )
-    bad_paths = {b["path"] for b in bad}
-    rows = np.array([index["entries"][p][0] for p in rel_paths if p not in bad_paths], dtype=np.int64)
+    rows = np.array([index["entries"][d] for d in digests if d in index["entries"]], dtype=np.int64)
     return torch.from_numpy(gather_rows(folder, index["rows"], rows, resolution)), bad
 
 
@@ -111,11 +128,6 @@ def gather_rows(folder: Path, n_rows: int, rows: np.ndarray, resolution: int) ->
     return out
 
 
-def _known(index: dict, path: str, stamp: tuple[int, int]) -> bool:
-    entry = index["entries"].get(path)
-    return entry is not None and (entry[1], entry[2]) == stamp
-
-
 def _empty_index(resolution: int) -> dict:
     return {"format": CACHE_FORMAT, "resolution": resolution, "rows": 0, "entries": {}}
 
@@ -133,18 +145,21 @@ def _read_index(folder: Path, resolution: int) -> dict:
         index.get("format") == CACHE_FORMAT
         and index.get("resolution") == resolution
         and size >= rows * row_bytes
-        and all(0 <= e[0] < rows for e in index["entries"].values())
+        and all(0 <= row < rows for row in index["entries"].values())
     )
     return index if valid else _empty_index(resolution)
 
 
-def _append(folder: Path, root: Path, index: dict, missing: list[str], stamps: dict, resolution: int) -> tuple[dict, list[dict]]:
-    """Decode ``missing``, append them to ``images.u8`` (under the lock), then write the index; returns it, bad images."""
+def _append(folder: Path, root: Path, index: dict, missing: dict[str, str], resolution: int) -> tuple[dict, dict[str, str]]:
+    """Decode ``missing`` (digest -> file), append them to ``images.u8`` (under the lock), then write the index.
+
+    Returns the new index and, for each image that could not be decoded, digest -> reason.
+    """
     if not missing:
-        return index, []
+        return index, {}
     folder.mkdir(parents=True, exist_ok=True)
     row_bytes = 3 * resolution * resolution
-    entries, rows, bad = dict(index["entries"]), index["rows"], []
+    entries, rows, failed = dict(index["entries"]), index["rows"], {}
     data_file = folder / "images.u8"
     if rows == 0 and (folder / "index.json").exists():  # a damaged cache: start it over
         with contextlib.suppress(OSError):
@@ -152,46 +167,39 @@ def _append(folder: Path, root: Path, index: dict, missing: list[str], stamps: d
     with open(data_file, "r+b" if data_file.exists() and rows else "wb") as f:
         f.truncate(rows * row_bytes)  # rows a crashed append left past the index
         f.seek(rows * row_bytes)
-        for decoded, chunk_bad in _decode_chunks(root, missing, resolution):
-            bad += chunk_bad
-            for p, array in decoded:
+        for decoded, chunk_failed in _decode_chunks(root, list(missing.items()), resolution):
+            failed |= chunk_failed
+            for digest, array in decoded:
                 f.write(array.tobytes())
-                entries[p] = [rows, *stamps[p]]
+                entries[digest] = rows
                 rows += 1
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(folder)
     index = {"format": CACHE_FORMAT, "resolution": resolution, "rows": rows, "entries": entries}
     atomic_write_json(folder / "index.json", index)  # last: it names only rows that are on disk
-    return index, bad
+    return index, failed
 
 
-def _decode_chunks(root: Path, rel_paths: list[str], resolution: int):
-    """Yield ``([(path, [3, R, R] uint8 array)], bad)`` for chunks of ``rel_paths``, decoded by a thread pool."""
+def _decode_chunks(root: Path, missing: list[tuple[str, str]], resolution: int):
+    """Yield ``([(digest, [3, R, R] uint8 array)], {digest: reason})`` for chunks of ``missing``, decoded by threads."""
 
-    def work(p: str):
+    def work(item):
+        digest, file = item
         try:
-            return p, decode_image(root / p, resolution).numpy(), None
+            return digest, decode_image(root / file, resolution).numpy(), None
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            return p, None, f"{type(err).__name__}: {err}"
+            return digest, None, f"{type(err).__name__}: {err}"
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for lo in range(0, len(rel_paths), CHUNK):
-            decoded, bad = [], []
-            for p, array, error in pool.map(work, rel_paths[lo : lo + CHUNK]):
+        for lo in range(0, len(missing), CHUNK):
+            decoded, failed = [], {}
+            for digest, array, error in pool.map(work, missing[lo : lo + CHUNK]):
                 if error is None:
-                    decoded.append((p, array))
+                    decoded.append((digest, array))
                 else:
-                    bad.append({"path": p, "reason": " ".join(error.split())})
-            yield decoded, bad
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        st = path.stat()
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}; check the dataset folder") from err
-    return (st.st_size, st.st_mtime_ns)
+                    failed[digest] = " ".join(error.split())
+            yield decoded, failed
 
 
 def _slug(root: Path) -> str:

@@ -10,7 +10,7 @@ import torch
 
 from kdbench.config import DataConfig
 from kdbench.data.decode import load_images
-from kdbench.data.index import ImageIndex, stratified_split, write_manifest
+from kdbench.data.index import ImageIndex, content_digests, stratified_split, write_manifest
 from kdbench.data.select import select_images
 from kdbench.data.specs import get_spec
 from kdbench.digest import dataset_fingerprint, json_digest
@@ -25,6 +25,7 @@ class PreparedData:
     split: list[str]
     images: torch.Tensor  # [N, 3, R, R] uint8
     labels: torch.Tensor  # [N] int64
+    digests: list[str]  # each image's content digest (kdbench.digest.file_digests), in index order
     fingerprint: str = ""  # :func:`data_fingerprint` of the images selected (before unreadable ones are dropped)
 
     @property
@@ -44,6 +45,10 @@ class PreparedData:
         """Relative paths of the images in ``splits``."""
         return [p for p, s in zip(self.index.paths, self.split) if s in splits]
 
+    def digests_of(self, split: str) -> list[str]:
+        """Content digests of the images of ``split``, in the order of :meth:`indices`."""
+        return [self.digests[i] for i in self.indices(split).tolist()]
+
     def manifest_digest(self) -> str:
         """Digest of the split manifest (each image's path, class and split)."""
         return json_digest([self.index.paths, self.index.labels, self.classes, self.split])
@@ -52,11 +57,15 @@ class PreparedData:
 def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = True) -> PreparedData:
     spec = get_spec(cfg.dataset)
     folder, index = select_images(cfg, root, download)
-    fingerprint = dataset_fingerprint(folder, index.paths)
-    images, bad = load_images(folder, index.paths, cfg.resolution, skip_bad=cfg.skip_bad_images)
+    digests = content_digests(folder, index.files)
+    fingerprint = dataset_fingerprint(index.paths, digests)
+    images, bad = load_images(
+        folder, index.files, cfg.resolution, skip_bad=cfg.skip_bad_images, digests=digests, names=index.paths
+    )
     if bad:
         dropped = {b["path"] for b in bad}
-        index = index.subset([i for i, p in enumerate(index.paths) if p not in dropped], bad)
+        keep = [i for i, p in enumerate(index.paths) if p not in dropped]
+        index, digests = index.subset(keep, bad), [digests[i] for i in keep]
     split = stratified_split(
         index,
         val_fraction=spec.val_fraction if cfg.val_fraction is None else cfg.val_fraction,
@@ -64,5 +73,11 @@ def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, down
         seed=cfg.split_seed,
     )
     return PreparedData(
-        folder=folder, index=index, split=split, images=images, labels=torch.tensor(index.labels), fingerprint=fingerprint
+        folder=folder,
+        index=index,
+        split=split,
+        images=images,
+        labels=torch.tensor(index.labels),
+        digests=digests,
+        fingerprint=fingerprint,
     )

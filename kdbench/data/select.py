@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from kdbench.config import DataConfig
-from kdbench.data.index import ImageIndex, limit_per_class, scan_folder
+from kdbench.data.index import ImageIndex, content_digests, limit_per_class, scan_folder
 from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.specs import get_spec
 from kdbench.digest import dataset_fingerprint
@@ -26,6 +26,6 @@ def select_images(cfg: DataConfig, root, download: bool) -> tuple[Path, ImageInd
 
 
 def data_fingerprint(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = False) -> str:
-    """Fingerprint of the image files ``cfg`` selects (paths and sizes; see kdbench.digest): part of a trial's key."""
-    folder, index = select_images(cfg, root, download)
-    return dataset_fingerprint(folder, index.paths)
+    """Fingerprint of the image files ``cfg`` selects (names and content digests; see kdbench.digest): part of a trial's key."""
+    _, index = select_images(cfg, root, download)
+    return dataset_fingerprint(index.paths, content_digests(index.root, index.files))

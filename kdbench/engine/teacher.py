@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdbench.data.decode import CACHE_FORMAT
 from kdbench.data.presets import Augmentation, apply_view, normalize
 from kdbench.digest import json_digest
 from kdbench.durable import atomic_torch_save, file_lock
-from kdbench.engine.runtime import autocast, memory_format
+from kdbench.engine.runtime import autocast, full_precision, memory_format
 from kdbench.errors import NonFiniteError
 
 
@@ -32,7 +33,7 @@ class OnlineTeacher:
     @torch.no_grad()
     def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         with autocast(inputs.device):
-            logits = self.model(inputs).float()
+            logits = full_precision(self.model(inputs))
         check_finite_teacher(logits, self.source)
         return logits
 
@@ -59,14 +60,21 @@ def check_finite_teacher(logits: torch.Tensor, source: str) -> None:
 
 def cache_path(
     teacher_checkpoint: Path,
-    teacher_id: str,
-    train_paths: list[str],
+    teacher_digest: str,
+    train_digests: list[str],
     resolution: int,
     aug: Augmentation,
     device: torch.device,
 ) -> Path:
-    """Where the cache for this teacher, training set, resolution and view group lives."""
-    return teacher_checkpoint.parent / f"logits-{json_digest([teacher_id, train_paths, resolution, aug.views, device.type])}.pt"
+    """Where the cache for this teacher, training set, resolution and view group lives.
+
+    Its name is a digest of everything its logits depend on: the teacher checkpoint's content
+    digest, each training image's content digest in training order (an image overwritten in
+    place gets a new cache), the image decoding rule (:data:`kdbench.data.decode.CACHE_FORMAT`),
+    the resolution, the views and the device type (its precision).
+    """
+    what = [teacher_digest, train_digests, CACHE_FORMAT, resolution, aug.views, device.type]
+    return teacher_checkpoint.parent / f"logits-{json_digest(what)}.pt"
 
 
 def build_logit_cache(
@@ -78,7 +86,7 @@ def build_logit_cache(
     device: torch.device,
     source: str,
 ) -> torch.Tensor:
-    """``[N, V, C]`` teacher logits of every training image in every view of ``aug`` (fp32)."""
+    """``[N, V, C]`` teacher logits of every training image in every view of ``aug`` (fp32, or the default dtype)."""
     teacher.eval()
     views = aug.views
     chunks = []
@@ -89,7 +97,7 @@ def build_logit_cache(
             for v in views:
                 inputs = normalize(apply_view(x, v)).contiguous(memory_format=memory_format(device))
                 with autocast(device):
-                    per_view.append(teacher(inputs).float())
+                    per_view.append(full_precision(teacher(inputs)))
             chunks.append(torch.stack(per_view, dim=1))
     logits = torch.cat(chunks)
     check_finite_teacher(logits, source)

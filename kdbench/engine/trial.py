@@ -318,7 +318,7 @@ def teacher_source(cfg: TrialConfig, needed: bool, data: PreparedData, train_ima
             "mode": "online",
             "why": f"augmentation {aug.name} is continuous",
         }
-    cache = cache_path(path, digest, [data.index.paths[i] for i in data.indices("train")], cfg.data.resolution, aug, device)
+    cache = cache_path(path, digest, data.digests_of("train"), cfg.data.resolution, aug, device)
     t0 = time.perf_counter()
     teacher: CachedTeacher = cached_teacher(
         model, cache, train_images, aug, batch_size=cfg.recipe.eval_batch_size, device=device, source=str(path)

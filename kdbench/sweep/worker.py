@@ -141,7 +141,10 @@ def _train(
     seconds = time.perf_counter() - t0
     for m, r in zip(members, results):
         if not isinstance(r, MemberFailed) and r["key"] != m.key:  # the planned key must describe how it was trained
-            return failed(f"trained as trial {r['key']}, planned as {m.key}: the plan's key is incomplete (a kdbench bug)")
+            return failed(
+                f"trained as trial {r['key']}, planned as {m.key}: a file it depends on (a pretrained state dict) "
+                "changed since the sweep was planned: rerun the sweep to plan it anew"
+            )
     return {
         m.key: Outcome(m.key, "failed", error=str(r), seconds=seconds)
         if isinstance(r, MemberFailed)
