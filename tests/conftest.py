@@ -22,6 +22,23 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KDBENCH_NO_DOWNLOAD", "1")
 
 
+@pytest.fixture
+def float64():
+    """Train in float64 (torch's default dtype; kdbench builds models and normalises images in it).
+
+    For tests that compare two float computations along different code paths (cached vs online
+    teacher, other batch shapes or kernels) after training: in float32 their rounding differences
+    (1e-7) grow through the training trajectory to 1e-3 and more, and differ by CPU; in float64 they
+    start at 1e-16 and stay orders of magnitude below the tolerance.
+    """
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 24, fmt: str = "png", seed: int = 0) -> Path:
     """``root/<class>/<n>.<fmt>`` with learnable images: each class has its own mean colour plus noise."""
     rng = np.random.default_rng(seed)

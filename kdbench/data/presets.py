@@ -55,12 +55,13 @@ def _view_indices(h: int, w: int, device: torch.device) -> torch.Tensor:
 
 
 def normalize(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` to float, scaled to [0, 1] and standardised with ImageNet statistics."""
+    """uint8 ``[B, 3, H, W]`` to torch's default float dtype (fp32 unless set), scaled to [0, 1] and standardised
+    with ImageNet statistics."""
     import torch
 
     mean = torch.tensor(IMAGENET_MEAN, device=x_uint8.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x_uint8.device).view(1, 3, 1, 1)
-    return (x_uint8.float() / 255.0 - mean) / std
+    return (x_uint8.to(torch.get_default_dtype()) / 255.0 - mean) / std
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from kdbench.config import LossConfig, Recipe
 from kdbench.data.presets import Augmentation, normalize
 from kdbench.engine.metrics import confusion_matrix, summarize
-from kdbench.engine.runtime import autocast, memory_format
+from kdbench.engine.runtime import autocast, full_precision, memory_format
 from kdbench.errors import NonFiniteError
 from kdbench.methods import Method
 
@@ -134,7 +134,7 @@ def train_members_epoch(
     for step, (positions, batch_views, x, y) in enumerate(batches):
         with autocast(device):
             logits = model(x)
-        logits = logits.float() if stacked else logits.float().unsqueeze(0)
+        logits = full_precision(logits) if stacked else full_precision(logits).unsqueeze(0)
         teacher_logits = teacher(positions, batch_views, x) if teacher is not None else None
         losses, scalars, layout = _member_losses(members, logits, teacher_logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -270,14 +270,14 @@ def evaluate(
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device) -> torch.Tensor:
-    """``[N, C]`` fp32 logits of ``model`` (eval mode) on un-augmented uint8 ``images``, on the CPU."""
+    """``[N, C]`` logits of ``model`` (eval mode, fp32 or the default dtype) on un-augmented uint8 ``images``, on the CPU."""
     model.eval()
     fmt = memory_format(device)
     chunks = []
     for lo in range(0, len(images), batch_size):
         x = normalize(images[lo : lo + batch_size].to(device)).contiguous(memory_format=fmt)
         with autocast(device):
-            chunks.append(model(x).float().cpu())
+            chunks.append(full_precision(model(x)).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
 

@@ -27,6 +27,16 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def full_precision(outputs: torch.Tensor) -> torch.Tensor:
+    """A model's outputs for losses and metrics: bf16/fp16 (autocast) raised to fp32, fp32 and fp64 as they are.
+
+    Training follows torch's default dtype (models are built and images normalised in it): fp32
+    normally; the tests that compare two code paths run in fp64 (``torch.set_default_dtype``), where
+    kernel-order rounding stays far below what the comparison checks.
+    """
+    return outputs.float() if outputs.dtype in (torch.bfloat16, torch.float16) else outputs
+
+
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CUDA (faster convolutions with tensor cores), contiguous on CPU."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
