@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from kdbench.data import pixels
 from kdbench.data.index import content_digests
 from kdbench.digest import text_digest
 from kdbench.durable import atomic_write_json, file_lock, fsync_dir
@@ -49,10 +50,17 @@ def cache_dir() -> Path:
 
 
 def decode_image(path: Path, resolution: int) -> torch.Tensor:
-    """One image as ``[3, R, R]`` uint8 RGB, resized with antialiased bilinear filtering."""
-    with Image.open(path) as img:
-        img.load()
-        rgb = img.convert("RGB")
+    """One image as ``[3, R, R]`` uint8 RGB (by :mod:`kdbench.data.pixels`'s rule), resized with antialiased bilinear."""
+    with open(path, "rb") as f:  # a file object, not a path: see pixels.to_rgb
+        try:
+            img = Image.open(f)
+        except UnidentifiedImageError as err:
+            reason = pixels.unopenable(path)
+            if reason is None:
+                raise
+            raise UserError(reason) from err
+        with img:
+            rgb = pixels.to_rgb(img, path)
     if rgb.size != (resolution, resolution):
         rgb = rgb.resize((resolution, resolution), Image.BILINEAR)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
@@ -188,6 +196,8 @@ def _decode_chunks(root: Path, missing: list[tuple[str, str]], resolution: int):
         digest, file = item
         try:
             return digest, decode_image(root / file, resolution).numpy(), None
+        except UserError as err:  # kdbench.data.pixels refuses a mode: its reason, without the path named beside it
+            return digest, None, str(err).removeprefix(f"{root / file}: ")
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
             return digest, None, f"{type(err).__name__}: {err}"
 
