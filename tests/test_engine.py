@@ -367,3 +367,32 @@ def test_logit_cache_and_online_teacher_give_the_same_trial(image_folder, tmp_pa
     for which in ("best", "last"):
         assert cached[which]["test"]["accuracy"] == online[which]["test"]["accuracy"]
         assert cached[which]["test"]["confusion_matrix"] == online[which]["test"]["confusion_matrix"]
+
+
+def test_a_student_of_a_replaced_teacher_checkpoint_trains_again(image_folder, tmp_path):
+    """A student's key names its teacher by trial key in a sweep; the checkpoint's content decides reuse.
+
+    A finished result (metrics.json) or a resume state (last.pt) from another teacher checkpoint at
+    the same path is never reused: the worker trains the student again, from scratch.
+    """
+    from kdbench.data.select import data_fingerprint
+    from kdbench.sweep.plan import PlannedTrial
+    from kdbench.sweep.worker import SweepContext, execute_trial, trial_dir
+
+    out = tmp_path / "sweep"
+    teacher = tiny_trial(image_folder, model="resnet18", epochs=1)
+    run_trial(teacher, trial_dir(out, "T"), progress=False, log=lambda m: None)
+    student = tiny_trial(image_folder, method="kd_kl", epochs=1, teacher_id="T")
+    student = dataclasses.replace(student, dataset_fingerprint=data_fingerprint(student.data))
+    planned = PlannedTrial(student.key(), student, teacher_key="T")
+    ctx = SweepContext(str(out), threads=1)
+    first = execute_trial(planned, ctx)
+    assert first.status == "done" and not first.recovered, first.error
+    assert execute_trial(planned, ctx).recovered  # the same teacher: the finished result is reused
+    run_trial(dataclasses.replace(teacher, seed=1), tmp_path / "t2", progress=False, log=lambda m: None)
+    (trial_dir(out, "T") / "best.pt").write_bytes((tmp_path / "t2" / "best.pt").read_bytes())  # re-trained in place
+    again = execute_trial(planned, ctx)
+    assert again.status == "done" and not again.recovered, again.error
+    assert again.result["teacher"]["digest"] != first.result["teacher"]["digest"]
+    log = (trial_dir(out, planned.key) / "train.log").read_text()
+    assert "trained from another teacher checkpoint (same trial): starting this trial from scratch" in log

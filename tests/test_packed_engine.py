@@ -104,7 +104,13 @@ def test_initial_members_equal_fresh_separate_models(setup):
 
 
 @pytest.mark.parametrize("losses", [KD_LOSSES, MIXED_LOSSES], ids=["paper", "dkd-dist-kl_cos"])
-def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup, tmp_path, monkeypatch, losses):
+def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup, tmp_path, monkeypatch, losses, float64):
+    """The pack's first step is K separate trials' first steps, compared in float64 (the ``float64`` fixture).
+
+    Grouped and plain convolutions round differently; in float32 the first SGD update differed by
+    0.3-0.6 % of its norm under ``ATEN_CPU_CAPABILITY=default`` (0.01 % with AVX-512), in float64 by
+    about 1e-12.  Checked with ``ATEN_CPU_CAPABILITY`` = default, avx2 and avx512, 1 and 2 threads.
+    """
     folder, teacher = setup
     _no_dropout(monkeypatch)
     cfgs = [_cfg(folder, m, loss=loss, teacher=teacher, epochs=1) for m, loss in losses.items()]
@@ -116,10 +122,10 @@ def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup,
         p, a = result["history"][0], alone["history"][0]
         assert p.keys() == a.keys()
         for term in [k for k in a if k == "train_loss" or k.startswith("term_")]:  # the first (only) step, before any update
-            assert p[term] == pytest.approx(a[term], rel=1e-4), term
-        # the SGD step: a mean over members instead of the sum would give 2/3 here, rounding gives ~1e-4
+            assert p[term] == pytest.approx(a[term], rel=1e-9), term
+        # the SGD step: a mean over members instead of the sum would give 2/3 here, rounding in float64 ~1e-12
         step_pack, step_alone = (_update(tmp_path / run / cfg.method / "best.pt", init) for run in ("pack", "alone"))
-        assert (step_pack - step_alone).norm() <= 1e-3 * step_alone.norm()
+        assert (step_pack - step_alone).norm() <= 1e-8 * step_alone.norm()
         assert set(result) == set(alone) | {"pack"}
         for field in ("effective_loss", "classes", "data"):
             assert result[field] == alone[field], field

@@ -386,6 +386,9 @@ def _resume(path: Path, identity: str, model, optimizer, scheduler, log) -> dict
         log(f"warning: cannot read the resume state {path} ({why[:200]}): starting this trial from scratch")
         return fresh
     if state.get("trial") != identity:
+        if _same_trial_other_teacher(state.get("trial"), identity):
+            log(f"warning: {path} was trained from another teacher checkpoint (same trial): starting this trial from scratch")
+            return fresh
         raise UserError(f"{path.parent} holds a different run (other settings): use another --out, or delete that folder")
     best = state["best"]
     best_path = path.with_name("best.pt")
@@ -402,6 +405,14 @@ def _resume(path: Path, identity: str, model, optimizer, scheduler, log) -> dict
         save_best(best_path, model, state["model"], state["classes"], record, best["epoch"])
     log(f"resuming from {path} after epoch {state['epoch']}")
     return {"epoch": state["epoch"], "history": state["history"], "best": best}
+
+
+def _same_trial_other_teacher(saved: str | None, identity: str) -> bool:
+    """Whether a resume state's identity is this trial's with another teacher checkpoint (re-trained or replaced since)."""
+    try:
+        return json.loads(saved)["trial"] == json.loads(identity)["trial"]
+    except (TypeError, ValueError, KeyError):
+        return False
 
 
 def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, extra, epoch, history, best) -> None:

@@ -80,8 +80,9 @@ def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
         except Busy:
             return Outcome(trial.key, "busy")
         outcomes = {}
+        teacher = trial_dir(ctx.out_dir, trial.teacher_key) / "best.pt" if trial.teacher_key else None
         for m, folder in zip(members, folders):
-            previous = _finished_result(folder / METRICS_FILE, m.key)
+            previous = _finished_result(folder / METRICS_FILE, m.key, teacher if m.config.teacher_id else None)
             if previous is not None:
                 outcomes[m.key] = Outcome(m.key, "done", previous, recovered=True)
         todo = [(m, f) for m, f in zip(members, folders) if m.key not in outcomes]
@@ -174,14 +175,33 @@ def crashed(folders: list[Path], failed) -> dict[str, Outcome]:
     return failed(f"{type(err).__name__}: {one_line(err)} (traceback in {folders[0] / 'error.log'})")
 
 
-def _finished_result(path: Path, key: str) -> dict | None:
+def _finished_result(path: Path, key: str, teacher: Path | None) -> dict | None:
+    """The finished result at ``path`` if it is this trial's and was distilled from the teacher checkpoint there now.
+
+    A student's key names its teacher by trial key; the checkpoint's content digest, recorded in the
+    result, tells a teacher re-trained or replaced in its folder since: then the student trains again.
+    """
     if not path.exists():
         return None
     try:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return result if result.get("key") == key else None
+    if result.get("key") != key:
+        return None
+    if teacher is not None and (result.get("teacher") or {}).get("digest") != _digest(teacher):
+        return None
+    return result
+
+
+def _digest(path: Path) -> str | None:
+    """A checkpoint's content digest as kdbench.engine.trial records it, or None if it cannot be read."""
+    from kdbench.digest import file_sha256
+
+    try:
+        return f"sha256:{file_sha256(path)}"
+    except OSError:
+        return None
 
 
 def _logger(folder: Path):
