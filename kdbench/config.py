@@ -89,10 +89,11 @@ class TrialConfig:
 
     The key (:meth:`key`) covers :meth:`identity`: method, data (and the fingerprint of its
     files), recipe (a ``pretrained`` state-dict file by its content digest, not its path), loss,
-    seed, teacher identity, device type and its precision, packed or single training, plus the
-    results and loss-code versions.  Not in the key: the teacher checkpoint's path (its content is
-    ``teacher_id``), ``trust_teacher``, ``allow_chance_teacher``, the recipe's ``eval_batch_size``,
-    and everything outside this class (output folder, workers, threads).
+    seed, teacher identity, device type and its precision, packed or single training, the method's
+    own loss version where it has one, plus the results and loss-code versions.  Not in the key: the
+    teacher checkpoint's path (its content is ``teacher_id``), ``trust_teacher``,
+    ``allow_chance_teacher``, the recipe's ``eval_batch_size``, and everything outside this class
+    (output folder, workers, threads).
     """
 
     method: str
@@ -121,6 +122,9 @@ class TrialConfig:
             d["loss"]["params"] = dict(params)
         d["device"] = device_type(self.device)
         d["precision"] = PRECISION[d["device"]]
+        version = method_loss_version(self.method)
+        if version:  # a method whose loss formula changed since it was added; absent for every other method, as before
+            d["method_loss_version"] = version
         return d
 
     def key(self) -> str:
@@ -158,6 +162,14 @@ def _file_digest(path: str, *stat) -> str:
     Any write to a file changes its ``ctime``, which no user tool can set back, so a changed file is hashed anew.
     """
     return file_sha256(path)
+
+
+def method_loss_version(name: str) -> str:
+    """``Method.loss_version`` of the registered method ``name`` ("" for none, or for an unknown name)."""
+    from kdbench.methods import METHODS  # here: kdbench.methods imports this module
+
+    cls = METHODS.get(name)
+    return cls.loss_version if cls is not None else ""
 
 
 T = TypeVar("T")

@@ -17,7 +17,9 @@ roughly the same magnitude as ``T`` changes, and it is reduced with ``batchmean`
 sample (``reduction="mean"`` would also divide by ``C``: a classic KD bug).
 
 Bump :data:`LOSS_VERSION` whenever a formula here changes: it is part of every
-sweep trial's key, so stored results from an older formula are never reused.
+sweep trial's key, so stored results from an older formula are never reused.  A method
+module with its own loss (kdbench.methods: dkd, dist, lskd) has its own ``loss_version``
+instead, keying only its trials.
 
 torch is imported inside the functions that compute: planning a sweep (trial keys, weight
 checks) reads this module without loading torch (kdbench.machine says why).

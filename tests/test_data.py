@@ -48,6 +48,29 @@ def test_missing_dataset_message_names_where_it_looked(tmp_path):
         locate_dataset(get_spec("eurosat"), tmp_path, download=False)
 
 
+EUROSAT_MIRROR = "https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip"
+
+
+def test_eurosat_downloads_from_torchvisions_mirror_and_checks_the_md5(tmp_path, monkeypatch):
+    # madm.dfki.de serves an expired certificate (phelber/EuroSAT#10); torchvision's mirror has the same MD5
+    import io
+    import urllib.request
+
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append(url)
+        return io.BytesIO(b"not the EuroSAT archive")
+
+    monkeypatch.delenv("KDBENCH_NO_DOWNLOAD", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    spec = get_spec("eurosat")
+    assert (spec.url, spec.md5) == (EUROSAT_MIRROR, "c8fa014336c82ac7804f0398fcb19387")
+    with pytest.raises(UserError, match="EuroSAT.zip has MD5 .*, expected c8fa014336c82ac7804f0398fcb19387"):
+        locate_dataset(spec, tmp_path)
+    assert asked == [EUROSAT_MIRROR] and (tmp_path / "eurosat" / "EuroSAT.zip").is_file()
+
+
 def test_imagefolder_and_unknown_dataset(tmp_path):
     make_image_folder(tmp_path / "aid", classes=2, per_class=3)
     spec = get_spec(f"imagefolder:{tmp_path / 'aid'}")

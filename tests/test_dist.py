@@ -52,6 +52,41 @@ def test_batch_of_one_has_a_constant_intra_class_term():
     assert torch.allclose(inter, 16.0 * (1 - pearson(y_s[0], y_t[0])), rtol=1e-10)
 
 
+def test_a_constant_student_row_has_a_steep_gradient_unless_the_teacher_row_is_constant_too():
+    # Pearson's rho of a constant vector is undefined; the cosine's eps (1e-8) makes d_p = 1 there, flat only
+    # where the teacher's vector is constant as well
+    torch.manual_seed(4)
+    b, c, beta, tau, eps = 4, 10, 2.0, 4.0, 1e-8
+    t = 3 * torch.randn(b, c, dtype=torch.float64)
+    s = torch.randn(b, c, dtype=torch.float64)
+    s[1] = 0.7  # image 1: equal logits, a uniform student prediction
+    s.requires_grad_()
+    loss, terms = dist_loss(s, t, beta=beta, gamma=0.0, temperature=tau)
+    y_s, y_t = torch.softmax(s / tau, 1), torch.softmax(t / tau, 1)
+    rows = [1.0 if i == 1 else 1 - pearson(y_s[i], y_t[i]) for i in range(b)]
+    assert torch.allclose(terms["inter"], tau**2 * sum(rows) / b, rtol=1e-10)  # d_p = 1 on the constant row
+    (grad,) = torch.autograd.grad(loss, s)
+    # the gradient on that row: beta * tau^2 / B * softmax Jacobian (uniform: (I - 1/C) / (C tau)) of -v / (eps |v|)
+    v = y_t[1] - y_t[1].mean()
+    assert torch.allclose(grad[1], -beta * tau / (b * c * eps) * v / v.norm(), rtol=1e-6)
+    assert grad[1].abs().max() > 1e6 and grad[[0, 2, 3]].abs().max() < 10  # the other rows: ordinary gradients
+    # both rows constant, or only the teacher's: no gradient reaches the student row
+    for student_row in (0.7, None):
+        t_flat, s_other = t.clone(), s.detach().clone()
+        t_flat[1] = -1.5
+        if student_row is None:
+            s_other[1] = torch.randn(c, dtype=torch.float64)
+        s_other.requires_grad_()
+        loss, terms = dist_loss(s_other, t_flat, beta=beta, gamma=0.0, temperature=tau)
+        (grad,) = torch.autograd.grad(loss, s_other)
+        assert torch.equal(grad[1], torch.zeros(c, dtype=torch.float64)) and grad.abs().max() < 10
+    # a student that predicts the same for every image: every class column is constant, L_intra is just as steep
+    same = torch.randn(1, c, dtype=torch.float64).repeat(b, 1).requires_grad_()
+    loss, _ = dist_loss(same, t, beta=0.0, gamma=1.0, temperature=tau)
+    (grad,) = torch.autograd.grad(loss, same)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 1e5
+
+
 def test_large_logits_stay_finite_with_finite_gradients():
     s = (1e4 * torch.randn(6, 10)).requires_grad_()
     loss, _ = dist_loss(s, 1e4 * torch.randn(6, 10), beta=2.0, gamma=2.0, temperature=4.0)

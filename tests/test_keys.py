@@ -246,3 +246,20 @@ def test_a_method_with_its_own_hyperparameters_is_keyed_by_them_and_not_by_the_p
     identity = dataclasses.replace(BASE, method="dkd", loss=dkd.effective_loss(LossConfig())).identity()
     assert identity["loss"]["params"] == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
     assert "params" not in BASE.identity()["loss"]  # the paper's methods: as before method-owned hyperparameters
+
+
+def test_a_method_loss_version_keys_that_method_only(monkeypatch):
+    """LSKD's formula changed (unbiased deviation, issue 21): its own ``loss_version`` moves its keys, no other method's."""
+    from kdbench.methods import METHODS, get_method
+
+    def config(method: str) -> TrialConfig:
+        return dataclasses.replace(BASE, method=method, loss=get_method(method).effective_loss(LossConfig()))
+
+    lskd = config("lskd")
+    assert lskd.identity()["method_loss_version"] == METHODS["lskd"].loss_version == "2"
+    assert lskd.key() == "8c44115578399012"
+    assert not any("method_loss_version" in config(m).identity() for m in METHODS if m != "lskd")
+    others = {m: config(m).key() for m in METHODS if m != "lskd"}
+    monkeypatch.setattr(METHODS["lskd"], "loss_version", "3")
+    assert lskd.key() != "8c44115578399012"
+    assert {m: config(m).key() for m in others} == others

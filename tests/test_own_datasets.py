@@ -233,3 +233,57 @@ def test_a_store_written_before_display_names_gets_the_column(tmp_path):
     Store(tmp_path / "store.sqlite").close()
     db = sqlite3.connect(tmp_path / "store.sqlite")
     assert "dataset_name" in {r[1] for r in db.execute("PRAGMA table_info(trials)")}
+
+
+# --- the ablation file's description under --set overrides -----------------------------------------
+QUICK_DESCRIPTION = "All three datasets and five methods at 32 px on 60 images per class, ResNet-18 teacher, one seed."
+
+
+def test_a_sweep_with_overrides_quotes_the_files_description_as_the_files(tmp_path, monkeypatch):
+    """``--set grid.datasets=[imagefolder:...]`` on quick.toml: its description (EuroSAT, UC Merced, RSSCN7) is not
+    presented as this sweep's; the report names the file and the overrides.  A synthetic store: no training."""
+    import test_report
+
+    from kdbench.sweep.ablation import load_ablation
+
+    folder = make_image_folder(tmp_path / "Mine", classes=3, per_class=4, size=16)
+    dataset = f"imagefolder:{folder}"
+    monkeypatch.setitem(test_report.CLASSES, dataset, ["class0", "class1", "class2"])
+    overrides = [f"grid.datasets=['{dataset}']", "run.device='cpu'"]
+    ablation, _, raw = load_ablation("quick", overrides)
+    assert ablation.overrides == tuple(overrides) and raw["overrides"] == overrides  # the store keeps raw
+    (tmp_path / "out").mkdir()
+    test_report.store_and_report(tmp_path / "out", raw)
+    md = (tmp_path / "out" / "report.md").read_text()
+    intro = md[: md.index("## What ran")]
+    marked = (
+        "Description of quick.toml, written for its own settings; this sweep overrode grid.datasets, run.device "
+        f"(What ran lists what ran): “{QUICK_DESCRIPTION}”"
+    )
+    assert markdown(marked) in intro and intro.count(QUICK_DESCRIPTION[:20]) == 1
+    what_ran = "Ablation quick from ablations/quick.toml, with --set overriding grid.datasets, run.device (the values"
+    assert markdown(what_ran) in md and md.count(markdown(str(folder))) == 1 and "imagefolder:" not in md
+
+
+def test_the_description_is_shown_as_it_is_without_overrides_or_when_overridden():
+    from types import SimpleNamespace
+
+    from kdbench.report.content import description
+    from kdbench.sweep.ablation import load_ablation
+
+    def shown(overrides: list[str]) -> str:
+        ablation, path, _ = load_ablation("quick", overrides)
+        return description(SimpleNamespace(ablation=ablation, sweep={"ablation_path": str(path)}))
+
+    assert shown([]) == QUICK_DESCRIPTION
+    assert shown(["description='My own sets at 16 px.'", "data.resolution=16"]) == "My own sets at 16 px."
+    assert shown(["grid.seeds=[0,1,2]"]).startswith("Description of quick.toml, written for its own settings; this sweep")
+
+
+def test_overrides_is_no_key_of_an_ablation_file(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\noverrides = ["grid.seeds=[1]"]\n')
+    from kdbench.sweep.ablation import load_ablation
+
+    with pytest.raises(UserError, match="overrides is not an ablation key: it records the --set options"):
+        load_ablation(str(path))

@@ -24,19 +24,19 @@ def _accuracies(monkeypatch):
 
 
 def test_table_1_and_findings_list_every_method_at_its_default_point(tmp_path):
-    raw = apply_overrides(load_raw(resolve_path("methods")), [*SHRINK, "grid.dkd.beta=[2.0,8.0]"])
+    raw = apply_overrides(load_raw(resolve_path("methods")), [*SHRINK, "grid.dkd.beta=[2.0,6.0]"])
     table = store_and_report(tmp_path, raw)
     assert table["method"].tolist() == list(METHODS)  # all seven students and the teacher, in registry order
-    assert table["n"].eq(2).all() and table["planned"].eq(2).all()  # dkd's beta = 2 trials are not its default
+    assert table["n"].eq(2).all() and table["planned"].eq(2).all()  # dkd's beta = 2 trials are not its default (6, methods.toml)
     md = (tmp_path / "report.md").read_text()
     students = [get_method(m).label for m in METHODS if m not in ("teacher", "baseline")]
     findings = md[md.index("Findings") :].split("\n\n")[1]
     assert all(label in findings for label in students)
-    assert "DKD: alpha 1, beta 8, temperature 4; DIST: beta 2, gamma 2, temperature 4" in md
-    assert "DKD grid: beta ∈ {2, 8}." in md
+    assert "DKD: alpha 1, beta 6, temperature 4; DIST: beta 2, gamma 2, temperature 4" in md
+    assert "DKD grid: beta ∈ {2, 6}." in md
     trials = pd.read_csv(tmp_path / "tables" / "trials.csv")
     dkd = trials[trials["method"] == "dkd"]
-    assert sorted(dkd["settings"]) == ["alpha 1, beta 2, temperature 4"] * 2 + ["alpha 1, beta 8, temperature 4"] * 2
+    assert sorted(dkd["settings"]) == ["alpha 1, beta 2, temperature 4"] * 2 + ["alpha 1, beta 6, temperature 4"] * 2
     assert dkd["default"].tolist().count(True) == 2
 
 

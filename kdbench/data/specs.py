@@ -50,7 +50,9 @@ BUILTIN_DATASETS: dict[str, DatasetSpec] = {
             name="eurosat",
             num_classes=10,
             title="EuroSAT RGB (Helber et al., 2019)",
-            url="https://madm.dfki.de/files/sentinel/EuroSAT.zip",
+            # torchvision's mirror (pytorch/vision#8563; torchvision/datasets/eurosat.py): the same archive, same MD5,
+            # as the authors' madm.dfki.de/files/sentinel/EuroSAT.zip, whose TLS certificate expired (phelber/EuroSAT#10)
+            url="https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip",
             md5="c8fa014336c82ac7804f0398fcb19387",
             archive_layouts=("2750", "EuroSAT/2750", "EuroSAT_RGB"),
         ),

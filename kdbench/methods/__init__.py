@@ -89,6 +89,9 @@ class Method:
     uses_kl: ClassVar[bool] = False
     uses_cos: ClassVar[bool] = False
     params: ClassVar[type[Params] | None] = None  # own hyperparameters (see the module docstring)
+    # Bump when this method's own loss formula changes (not kdbench.losses, whose LOSS_VERSION keys every
+    # trial): part of its trials' keys where not empty (TrialConfig.identity), so no other method's key moves.
+    loss_version: ClassVar[str] = ""
 
     @property
     def needs_teacher(self) -> bool:

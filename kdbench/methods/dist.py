@@ -15,8 +15,19 @@ def pearson_distance(u: torch.Tensor, v: torch.Tensor, dim: int) -> torch.Tensor
     """``d_p(u, v) = 1 - rho(u, v)`` along ``dim``, with Pearson's ``rho`` the cosine of the mean-centred vectors.
 
     ``rho`` is invariant to positive affine maps ``a * u + b`` (``a > 0``) of either argument, the
-    property the paper builds on.  A constant vector has no correlation: ``rho = 0`` there (the
-    cosine's ``eps`` guards the zero norm), so ``d_p = 1`` with a zero gradient.
+    property the paper builds on.  ``rho`` of a constant vector is undefined; the cosine's ``eps``
+    (``F.cosine_similarity``: ``u.v / (max(|u|, eps) * max(|v|, eps))`` after centring) makes it 0, so
+    ``d_p = 1``, but the gradient is zero only where the *other* vector is constant too:
+
+    * ``v`` constant (a constant teacher row or column, or both constant): no gradient reaches ``u``;
+    * only ``u`` constant: the gradient with respect to ``u`` is ``-(v - mean(v)) / (eps * |v - mean(v)|)``,
+      of size ``1 / eps = 1e8``, pointing toward the teacher's relation.  The limit of
+      ``rho`` depends on the direction in which ``u`` leaves the constant, and ``eps`` turns that jump
+      into a steep slope.  The authors' ``cosine_similarity`` (``a.b / (|a| |b| + eps)``) has the same
+      ``1 / eps`` slope, with ``v`` not normalised.
+
+    A student whose logits of an image are all equal (a uniform prediction, e.g. a zero-initialised
+    classifier) therefore gets a very large first gradient from ``L_inter`` (:func:`dist_loss`).
     """
     import torch.nn.functional as F  # here, not at the top: the registry loads without torch (kdbench.machine)
 
@@ -41,7 +52,12 @@ def dist_loss(
         L_intra = tau^2 / C * sum_j d_p(Y^s_:,j , Y^t_:,j)   (each class's relation among the images)
 
     ``d_p`` is :func:`pearson_distance`.  The intra-class term needs a batch of two or more: with a
-    batch of one every class column is constant and the term is ``tau^2`` with no gradient.
+    batch of one every class column is constant, the teacher's too, and the term is ``tau^2`` with no
+    gradient.  A constant *student* vector against a non-constant teacher's is no flat spot: a row of
+    equal logits (uniform ``Y^s_i,:``) gets the ``L_inter`` gradient ``-beta * tau / (B * C * eps)`` times
+    the teacher's centred prediction over its norm (:func:`pearson_distance`), about ``6e5 * beta`` at
+    ``tau = 4``, ``B = 64``, ``C = 10``; a class column the student predicts equally for every image of
+    the batch gets a gradient of the same ``1 / eps`` order from ``L_intra``.
     Since ``softmax`` ignores a constant added to a row of logits, so does the loss; scaling the
     logits changes the predictions (it is a change of temperature) and so the loss.
     """
@@ -54,8 +70,13 @@ def dist_loss(
 
 @dataclass(frozen=True)
 class DISTParams(Params):
-    """The paper's CIFAR-100 setting: ``beta = gamma = 2``, ``tau = 4`` (on ImageNet it uses 1, 1 and 1).
+    """The authors' CIFAR-100 setting: ``beta = gamma = 2``, ``tau = 4``; on ImageNet they use ``beta = gamma = 2``, ``tau = 1``.
 
+    Read in the authors' code (hunto/DIST_KD, whose classification code is hunto/image_classification_sota):
+    ``lib/models/losses/kd_loss.py`` builds ``DIST(beta=1, gamma=1, tau=1)`` for ``kd: dist`` (ImageNet,
+    ``configs/strategies/distill/resnet_dist.yaml`` and ``dist_b2.yaml``) and ``tau=4`` for ``kd: dist_t4``
+    (CIFAR-100, ``dist_cifar.yaml``), and every one of those configs multiplies the loss by
+    ``kd_loss_weight: 2``: so ``beta = gamma = 2`` in both, with the cross-entropy weight 1.
     The CIFAR setting is kdbench's default, as for DKD: land-use datasets are small and low-resolution.
     """
 

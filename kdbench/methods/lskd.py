@@ -11,19 +11,23 @@ from kdbench.methods import OwnParams, Params, register
 if TYPE_CHECKING:
     import torch
 
-VARIANCE_EPS = 1e-7  # keeps a constant logit vector (zero spread) finite, with a finite gradient
+STD_EPS = 1e-7  # added to the standard deviation, as in the authors' code: a constant logit vector maps to zeros
 
 
 def standardize(logits: torch.Tensor) -> torch.Tensor:
-    """The Z-score of each row: ``Z(z) = (z - mean(z)) / std(z)`` over the classes.
+    """The Z-score of each row over the classes, ``Z(z) = (z - mean(z)) / (std(z) + STD_EPS)``.
 
-    ``std`` is the population standard deviation, ``sqrt(mean((z - mean(z))^2))``, as the paper
-    writes it (1/K over the K classes; the paper's text and an unbiased ``1/(K-1)`` estimate
-    would differ by ``sqrt(K / (K-1))``, a constant factor of the temperature).  ``VARIANCE_EPS``
-    is added to the variance so that a constant row maps to zeros instead of 0/0.
+    ``std`` is the unbiased sample standard deviation, ``sqrt(sum((z - mean(z))^2) / (K - 1))`` over the
+    K classes (``torch.std``), and ``STD_EPS`` is added to it, not to the variance: the authors' code
+    (sunshangquan/logit-standardization-KD, ``mdistiller/distillers/KD.py``, ``normalize``) computes it
+    so, and their published numbers come from it (torchdistill's ``LogitStdKDLoss`` does the same).
+    Before ``LSKD.loss_version`` 2 kdbench divided by the population (1/K) deviation: on 7 to 30 classes
+    that is a factor ``sqrt(K / (K-1))`` on the effective temperature and 3 to 17 % on the loss.  A
+    constant row maps to zeros; its gradient is finite but of order ``1 / STD_EPS`` (the Z-score of a
+    nearly constant row depends on the direction it leaves the constant in, not on how far).
     """
     centred = logits - logits.mean(dim=1, keepdim=True)
-    return centred / (centred.pow(2).mean(dim=1, keepdim=True) + VARIANCE_EPS).sqrt()
+    return centred / (logits.std(dim=1, keepdim=True) + STD_EPS)
 
 
 def lskd_loss(
@@ -34,8 +38,8 @@ def lskd_loss(
     ``Z`` is :func:`standardize` and ``tau`` the base temperature: each logit vector gets its own
     effective temperature ``tau * std(z)``, so the student matches the teacher's logit relations,
     not their range.  The loss is unchanged when either logit vector is shifted or scaled by a
-    positive factor (up to ``VARIANCE_EPS``), and it is 0 when the student's logits are any such
-    map of the teacher's.  With two classes ``Z(z)`` is ``(1, -1)`` or ``(-1, 1)``: the loss only
+    positive factor (up to ``STD_EPS``), and it is 0 when the student's logits are any such
+    map of the teacher's.  With two classes ``Z(z)`` is ``±(1, -1) / sqrt(2)``: the loss only
     sees which class is ahead and has no gradient.  The KL is batchmean and ``tau^2``-scaled, as
     :func:`kdbench.losses.kl_term`.
     """
@@ -70,6 +74,7 @@ class LSKD(OwnParams):
     label = "KD (logit-std.)"
     rank = 70
     params = LSKDParams
+    loss_version = "2"  # 2: the authors' unbiased std + 1e-7 (:func:`standardize`); 1 (keyed as "") used the 1/K std
 
     def distill(self, student_logits, teacher_logits, targets, p: LSKDParams):
         return lskd_loss(student_logits, teacher_logits, weight=p.weight, temperature=p.temperature)

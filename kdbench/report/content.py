@@ -110,7 +110,7 @@ def report_blocks(data: ReportData, tables: dict[str, Table], figs: dict[str, Fi
     sweep = data.sweep
     blocks: list[Block] = [Heading(f"Knowledge-distillation benchmark: {sweep['name']}", 1)]
     if data.ablation.description:
-        blocks.append(Paragraph(data.ablation.description))
+        blocks.append(Paragraph(description(data)))
     blocks += [Heading("What ran"), Bullets(tuple(run_summary(data)))]
     blocks += [Heading("Findings"), Bullets(tuple(findings(tables["accuracy"], tables.get("claim"))))]
     blocks += [Heading("Notes"), Bullets(tuple(report_notes(data, tables["accuracy"])))]
@@ -128,6 +128,30 @@ def report_blocks(data: ReportData, tables: dict[str, Table], figs: dict[str, Fi
     blocks.append(TableBlock(incomplete) if len(incomplete.display) else Paragraph("None: every planned trial finished."))
     blocks += [Heading("Files"), Bullets(tuple(files_list(tables, figs)))]
     return blocks
+
+
+def overridden(ablation) -> list[str]:
+    """The keys the sweep's ``--set`` overrides changed, once each; their values are in What ran (dataset paths once)."""
+    return list(dict.fromkeys(o.partition("=")[0].strip() for o in ablation.overrides))
+
+
+def description(data: ReportData) -> str:
+    """The ablation's description; marked as the file's where ``--set`` overrides changed what ran.
+
+    A file's description speaks of its own settings (quick.toml: "All three datasets ..."), so a sweep with
+    overrides (other datasets, seeds, sizes) quotes it as the file's and points to What ran.  An overridden
+    ``description`` is the user's own and shown as it is.
+    """
+    ab = data.ablation
+    changed = overridden(ab)
+    if not changed or "description" in changed:
+        return ab.description
+    path = data.sweep["ablation_path"]
+    source = Path(path).name if path else "the ablation file"
+    return (
+        f"Description of {source}, written for its own settings; this sweep overrode {', '.join(changed)} "
+        f"(What ran lists what ran): “{ab.description}”"
+    )
 
 
 def _section(title: str, content: list[Table | Paragraph], figs: list[FigureBlock | None]) -> list[Block]:
@@ -151,7 +175,9 @@ def run_summary(data: ReportData) -> list[str]:
     classes = f", classes {', '.join(d.classes)}" if d.classes else ""
     versions = ", ".join(f"{k} {env[k]}" for k in ("kdbench", "python", "torch", "torchvision") if env.get(k))
     return [
-        f"Ablation {data.sweep['name']} from {data.sweep['ablation_path'] or 'an unnamed file'}.",
+        f"Ablation {data.sweep['name']} from {data.sweep['ablation_path'] or 'an unnamed file'}"
+        + (f", with --set overriding {', '.join(overridden(ab))} (the values that ran are below)" if ab.overrides else "")
+        + ".",
         _sweep_line(data),
         f"Teacher: {_recipe(ab.teacher)}{_teacher_seed(ab.teacher_seed)}.",
         f"Student: {_recipe(ab.student)}.",

@@ -108,6 +108,9 @@ class Ablation:
     # costs many student trials on a CPU); None: each student seed has its own teacher, trained with that seed
     teacher_seed: int | None = None
     methods: dict[str, MethodSettings] = field(default_factory=dict)  # from [methods.X] and [grid.X]; see the docstring
+    # The --set overrides applied to the file, as given: load_ablation records them (not a key of a file), so the
+    # report can say that ``description`` was written for the file's own settings, not for what ran
+    overrides: tuple[str, ...] = ()
 
     def points(self, name: str) -> list[LossConfig]:
         """The loss settings of every grid point of method ``name`` (before :func:`kdbench.methods.resolve`)."""
@@ -321,7 +324,15 @@ def check_grid(grid: Grid) -> None:
 
 
 def load_ablation(config: str | None, overrides: list[str] | None = None) -> tuple[Ablation, Path, dict]:
-    """Read, override and validate an ablation file; returns (ablation, path, raw mapping as used)."""
+    """Read, override and validate an ablation file; returns (ablation, path, raw mapping as used).
+
+    The raw mapping records the overrides under ``overrides`` (the results store keeps it; the report names them).
+    """
     path = resolve_path(config)
-    raw = apply_overrides(load_raw(path), overrides or [])
+    raw = load_raw(path)
+    if "overrides" in raw:
+        raise UserError(f"{path}: overrides is not an ablation key: it records the --set options a sweep was given")
+    raw = apply_overrides(raw, overrides or [])
+    if overrides:
+        raw["overrides"] = list(overrides)
     return parse_ablation(raw, str(path)), path, raw
