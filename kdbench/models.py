@@ -18,6 +18,7 @@ from torch import nn
 
 from kdbench import durable
 from kdbench.errors import UserError
+from kdbench.finite import check_finite_state
 
 CHECKPOINT_FORMAT = "kdbench-checkpoint-v1"
 
@@ -69,6 +70,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} holds no state dict (a mapping of parameter names to tensors): pass a torch state-dict file")
+    check_finite_state(obj, f"of the weights file {path}", "the weights are broken: pass another file")
     return obj
 
 
@@ -120,7 +122,10 @@ def save_checkpoint(path: Path, model: nn.Module, *, model_name: str, classes: l
 
 
 def load_model_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild a model from a kdbench checkpoint; returns ``(model, checkpoint)``."""
+    """Rebuild a model from a kdbench checkpoint; returns ``(model, checkpoint)``.
+
+    Weights or buffers holding NaN/inf are refused (NonFiniteError naming the tensor): never scored, never a teacher.
+    """
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
@@ -133,4 +138,7 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         raise UserError(
             f"{path}: weights do not fit {ckpt['model']} with {len(ckpt['classes'])} classes; the file is damaged"
         ) from err
+    epoch = f" (epoch {ckpt['epoch']})" if isinstance(ckpt.get("epoch"), int) else ""
+    hint = "its weights are broken: re-train it, or pass another checkpoint"
+    check_finite_state(ckpt["state_dict"], f"of checkpoint {path}{epoch}", hint)
     return model, ckpt

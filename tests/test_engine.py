@@ -168,17 +168,132 @@ def test_a_folder_of_another_run_is_refused(image_folder, tmp_path):
     assert_one_line_error(proc, "holds a different run")
 
 
-def test_nan_teacher_stops_the_student_with_a_clear_error(image_folder, tmp_path):
+def test_nan_teacher_stops_the_student_with_a_clear_error(image_folder, tmp_path, capsys):
     teacher = build_model("mobilenet_v2", 3)
-    with torch.no_grad():
-        teacher.classifier[-1].weight.fill_(float("nan"))
-    save_checkpoint(tmp_path / "nan.pt", teacher, model_name="mobilenet_v2", classes=["class0", "class1", "class2"])
-    args = ["--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "nan.pt"), "--resolution", "16"]
+    with torch.no_grad():  # finite weights whose logits overflow to inf: features of 1 (batch-norm shift) times 3e38
+        teacher.features[-1][1].bias.fill_(1.0)
+        teacher.classifier[-1].weight.fill_(3e38)
+    save_checkpoint(tmp_path / "inf.pt", teacher, model_name="mobilenet_v2", classes=["class0", "class1", "class2"])
+    args = ["--dataset", f"imagefolder:{image_folder}", "--teacher", str(tmp_path / "inf.pt"), "--resolution", "16"]
     # a checkpoint without provenance (foreign, or from an older kdbench) is refused unless trusted explicitly
     assert_one_line_error(run_cli("kdbench.train", *args, "--out", str(tmp_path / "kd")), "no provenance", "--trust-teacher")
     proc = run_cli("kdbench.train", *args, "--trust-teacher", "--epochs", "1", "--out", str(tmp_path / "kd"))
-    assert_one_line_error(proc, "NaN or infinite logits")
+    assert_one_line_error(proc, "NaN or infinite values in the logits of teacher", "inf.pt")
     assert not (tmp_path / "kd" / "metrics.json").exists()
+    # a teacher checkpoint holding a NaN weight is refused when loaded, naming the tensor
+    with torch.no_grad():
+        teacher.classifier[-1].weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", teacher, model_name="mobilenet_v2", classes=["class0", "class1", "class2"])
+    args[3] = str(tmp_path / "nan.pt")
+    proc = call_main(train_main, [*args, "--trust-teacher", "--epochs", "1", "--out", str(tmp_path / "kd2")], capsys)
+    assert_one_line_error(proc, "NaN or infinite values in classifier.1.weight of checkpoint", "nan.pt")
+    assert not (tmp_path / "kd2" / "last.pt").exists()
+
+
+def _poison_at(monkeypatch, spoil):
+    """Run trials whose models pass through ``spoil(model, stage)``: stage ``("trained", epoch)`` after each
+    epoch's training (epoch from 1), ``("eval", epoch)`` on each evaluation forward (epoch 0: final scoring),
+    whose output it returns."""
+    from kdbench.engine import trial as trial_engine
+
+    stage = {"epoch": 0}
+    real_epoch, real_build, real_result, real_load = (
+        trial_engine.train_one_epoch,
+        trial_engine.build_model,
+        trial_engine.build_result,
+        trial_engine.load_model_checkpoint,
+    )
+
+    def hook(model, inputs, output):
+        return output if model.training else spoil(output, ("eval", stage["epoch"]))
+
+    def train_one_epoch(model, *args, epoch, **kwargs):
+        stats = real_epoch(model, *args, epoch=epoch, **kwargs)
+        stage["epoch"] = epoch + 1
+        spoil(model, ("trained", epoch + 1))
+        return stats
+
+    def build_model(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        model.register_forward_hook(hook)
+        return model
+
+    def build_result(*args, **kwargs):
+        stage["epoch"] = 0
+        return real_result(*args, **kwargs)
+
+    def load_model_checkpoint(path):
+        model, ckpt = real_load(path)
+        model.register_forward_hook(hook)
+        return model, ckpt
+
+    monkeypatch.setattr(trial_engine, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(trial_engine, "build_model", build_model)
+    monkeypatch.setattr(trial_engine, "build_result", build_result)
+    monkeypatch.setattr(trial_engine, "load_model_checkpoint", load_model_checkpoint)
+
+
+def _epoch_of(path):
+    return torch.load(path, weights_only=True)["epoch"]
+
+
+def test_nan_validation_logits_fail_the_epoch_and_never_become_best(image_folder, tmp_path, monkeypatch):
+    """Logits that are NaN at evaluation only (all predicted class 0) stop the trial at that epoch, before any save."""
+    from kdbench.errors import NonFiniteError
+
+    _poison_at(monkeypatch, lambda out, stage: out * float("nan") if stage == ("eval", 2) else out)
+    with pytest.raises(NonFiniteError) as err:
+        run_trial(tiny_trial(image_folder, method="baseline", epochs=3), tmp_path / "r", progress=False, log=lambda m: None)
+    assert str(err.value).startswith("NaN or infinite values in validation logits at epoch 2 (")
+    assert "\n" not in str(err.value)
+    assert _epoch_of(tmp_path / "r" / "last.pt") == 1 and _epoch_of(tmp_path / "r" / "best.pt") == 1
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_nan_test_logits_are_never_scored(image_folder, tmp_path, monkeypatch):
+    from kdbench.errors import NonFiniteError
+
+    calls = []
+
+    def second_final_forward(out, stage):  # final scoring: best weights' validation, then their test split
+        calls.append(stage)
+        return out * float("nan") if calls.count(("eval", 0)) == 2 and stage == ("eval", 0) else out
+
+    _poison_at(monkeypatch, second_final_forward)
+    with pytest.raises(
+        NonFiniteError, match=r"^NaN or infinite values in test logits of the best-on-validation weights \(epoch \d\)"
+    ):
+        run_trial(tiny_trial(image_folder, method="baseline", epochs=1), tmp_path / "r", progress=False, log=lambda m: None)
+    assert not (tmp_path / "r" / "metrics.json").exists() and not (tmp_path / "r" / "test_logits.pt").exists()
+
+
+def test_infinite_batch_norm_statistics_fail_the_epoch_and_the_resume(image_folder, tmp_path, monkeypatch):
+    """A running_var that went inf in epoch 2's training: the trial fails naming it, and last.pt/best.pt stay epoch 1's."""
+    from kdbench.errors import NonFiniteError
+
+    name = "features.3.conv.1.1.running_var"
+
+    def spoil(model, stage):
+        if stage == ("trained", 2):
+            model.get_buffer(name)[:3] = float("inf")
+        return model
+
+    cfg = tiny_trial(image_folder, method="baseline", epochs=3)
+    with monkeypatch.context() as mp, pytest.raises(NonFiniteError) as err:
+        _poison_at(mp, spoil)
+        run_trial(cfg, tmp_path / "r", progress=False, log=lambda m: None)
+    assert str(err.value) == (
+        f"NaN or infinite values in {name} of the model after training epoch 2: "
+        "lower the learning rate or check the teacher and data"
+    )
+    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and torch.isfinite(state["state_dict"][name]).all()
+    assert _epoch_of(tmp_path / "r" / "best.pt") == 1 and not (tmp_path / "r" / "metrics.json").exists()
+    # a resume state holding an infinite buffer (written by a kdbench without this check) is refused, not resumed
+    state["state_dict"][name][0] = float("inf")
+    torch.save(state, tmp_path / "r" / "last.pt")
+    with pytest.raises(NonFiniteError, match=rf"^NaN or infinite values in {name} of the resume state .*last.pt \(epoch 1\)"):
+        run_trial(cfg, tmp_path / "r", progress=False, log=lambda m: None)
 
 
 def test_exploding_or_non_finite_loss_fails_the_trial(image_folder, tmp_path, monkeypatch):
@@ -304,6 +419,23 @@ def test_cached_teacher_equals_the_online_teacher_on_augmented_batches(tmp_path)
         3,
     )
     assert torch.equal(apply_views(images[:1], torch.tensor([5]))[0], torch.rot90(images[0].flip(-1), 1, dims=(-2, -1)))
+
+
+def test_a_logit_cache_on_disk_holding_nan_is_refused(tmp_path):
+    from kdbench.data.decode import load_images
+    from kdbench.data.index import scan_folder
+    from kdbench.errors import NonFiniteError
+
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=2, size=16)
+    images, _ = load_images(folder, scan_folder(folder).paths, 16)
+    teacher, aug, cpu = build_model("mobilenet_v2", 3).eval(), AUGMENTATIONS["d4"], torch.device("cpu")
+    path = tmp_path / "logits.pt"
+    cached_teacher(teacher, path, images, aug, batch_size=4, device=cpu, source="t")
+    stored = torch.load(path, weights_only=True)
+    stored["logits"][2, 5, 1] = float("nan")
+    torch.save(stored, path)
+    with pytest.raises(NonFiniteError, match=r"^NaN or infinite values in the teacher logit cache .*logits.pt \(1 of 6 images\)"):
+        cached_teacher(teacher, path, images, aug, batch_size=4, device=cpu, source="t")
 
 
 def test_continuous_augmentation_falls_back_to_the_online_teacher(image_folder, tmp_path):

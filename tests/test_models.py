@@ -77,3 +77,22 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
         load_model_checkpoint(tmp_path / "plain.pt")
     with pytest.raises(UserError, match="does not exist"):
         models.load_checkpoint_file(tmp_path / "nope.pt")
+
+
+def test_checkpoints_and_weight_files_holding_nan_or_inf_are_refused_naming_the_tensor(tmp_path):
+    from kdbench.errors import NonFiniteError
+
+    model = build_model("resnet18", 3)
+    with torch.no_grad():
+        model.layer2[0].bn1.running_var[1] = float("inf")
+        model.fc.weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "best.pt", model, model_name="resnet18", classes=["a", "b", "c"], extra={"epoch": 4})
+    with pytest.raises(NonFiniteError) as err:
+        load_model_checkpoint(tmp_path / "best.pt")
+    assert str(err.value) == (
+        f"NaN or infinite values in layer2.0.bn1.running_var (and 1 more tensor) of checkpoint {tmp_path / 'best.pt'} "
+        "(epoch 4): its weights are broken: re-train it, or pass another checkpoint"
+    )
+    torch.save(model.state_dict(), tmp_path / "pretrained.pth")
+    with pytest.raises(NonFiniteError, match=r"^NaN or infinite values in layer2.0.bn1.running_var .* of the weights file"):
+        build_model("resnet18", 10, pretrained=str(tmp_path / "pretrained.pth"))

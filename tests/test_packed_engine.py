@@ -255,7 +255,9 @@ def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(s
     lines = []
     three = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)
     two = run_packed_trials(healthy, [tmp_path / "two" / c.method for c in healthy], progress=False, log=QUIET)
-    assert isinstance(three[1], packed_engine.MemberFailed) and "non-finite loss" in str(three[1])
+    # its first step makes its (finite) weights so large that its epoch-1 validation logits are NaN (before: its best.pt)
+    assert isinstance(three[1], packed_engine.MemberFailed)
+    assert str(three[1]).startswith("NaN or infinite values in validation logits at epoch 1 ")
     assert any(line.startswith("dropping kd_kl") for line in lines)
     assert not (tmp_path / "three" / "kd_kl" / "metrics.json").exists()
 
@@ -271,6 +273,71 @@ def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(s
     again = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)
     assert isinstance(again[1], packed_engine.MemberFailed) and again[0]["best"] == three[0]["best"]
     assert any("resuming pack" in line for line in lines) and not any(line.startswith("dropping") for line in lines)
+
+
+def test_a_member_with_non_finite_weights_or_logits_fails_alone_and_the_others_match_a_pack_without_it(
+    setup, tmp_path, monkeypatch
+):
+    """A member whose batch-norm statistics go inf in training, or whose best weights give NaN logits at final
+    scoring, is dropped with one line naming the tensor and epoch; the others equal the pack without it."""
+    folder, teacher = setup
+    healthy = [_cfg(folder, "baseline", teacher=teacher), _cfg(folder, "kd_cos", loss=KD_LOSSES["kd_cos"], teacher=teacher)]
+    cfgs = [healthy[0], _cfg(folder, "kd_kl", loss=KD_LOSSES["kd_kl"], teacher=teacher), healthy[1]]
+    two = run_packed_trials(healthy, [tmp_path / "two" / c.method for c in healthy], progress=False, log=QUIET)
+    name = "features.3.conv.1.1.running_var"
+    real_epoch, real_load = packed_engine.train_pack_epoch, trial_engine.load_model_checkpoint
+
+    def inf_in_training(packed, members, *args, epoch, **kwargs):  # kd_kl's slice of the packed buffer, after epoch 2
+        stats = real_epoch(packed, members, *args, epoch=epoch, **kwargs)
+        kd_kl = [i for i, m in enumerate(members) if m.label.split()[0] == "kd_kl"]
+        if epoch == 1 and kd_kl:
+            packed.get_buffer(name).unflatten(0, (len(members), -1))[kd_kl[0]].fill_(float("inf"))
+        return stats
+
+    def nan_when_scored(path):  # kd_kl's best.pt, reloaded for final scoring, gives NaN logits
+        model, ckpt = real_load(path)
+        if path.parent.name == "kd_kl":
+            model.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+        return model, ckpt
+
+    def timeless(history):
+        return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
+
+    cases = {
+        "training": (
+            lambda mp: mp.setattr(packed_engine, "train_pack_epoch", inf_in_training),
+            f"NaN or infinite values in {name} of the model after training epoch 2: "
+            "lower the learning rate or check the teacher and data",
+        ),
+        "scoring": (
+            lambda mp: mp.setattr(trial_engine, "load_model_checkpoint", nan_when_scored),
+            "NaN or infinite values in validation logits of the best-on-validation weights (epoch ",
+        ),
+    }
+    for case, (patch, message) in cases.items():
+        lines = []
+        dirs = [tmp_path / case / c.method for c in cfgs]
+        with monkeypatch.context() as mp:
+            patch(mp)
+            three = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
+        assert isinstance(three[1], packed_engine.MemberFailed) and str(three[1]).startswith(message), str(three[1])
+        assert "\n" not in str(three[1]) and not (dirs[1] / "metrics.json").exists()
+        assert any(line.startswith("dropping kd_kl") for line in lines)
+        for a, b in zip((three[0], three[2]), two):  # exactly the pack of the healthy two
+            assert timeless(a["history"]) == timeless(b["history"])
+            assert a["best"] == b["best"] and a["last"] == b["last"]
+            assert a["pack"]["dropped"] == [a["pack"]["members"][1]]
+    # a pack resume state whose kd_cos slice holds inf (saved by a kdbench without this check): kd_cos fails alone
+    dirs = [tmp_path / "two" / c.method for c in healthy]
+    state = torch.load(dirs[0] / "pack.pt", weights_only=True)
+    state["state_dict"][name].unflatten(0, (2, -1))[1, 0] = float("inf")
+    torch.save(state, dirs[0] / "pack.pt")
+    lines = []
+    resumed = run_packed_trials(healthy, dirs, progress=False, log=lines.append)
+    assert isinstance(resumed[1], packed_engine.MemberFailed) and not isinstance(resumed[0], Exception)
+    expected = f"NaN or infinite values in {name} of the pack resume state {dirs[0] / 'pack.pt'} (epoch 2)"
+    assert str(resumed[1]).startswith(expected), str(resumed[1])
+    assert any(line.startswith("dropping kd_cos") for line in lines) and len(resumed[0]["history"]) == 2
 
 
 def test_a_pack_killed_between_its_state_and_a_best_checkpoint_repairs_it_on_resume(setup, tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from kdbench.data.presets import Augmentation, normalize
 from kdbench.engine.metrics import confusion_matrix, summarize
 from kdbench.engine.runtime import autocast, full_precision, memory_format
 from kdbench.errors import NonFiniteError
+from kdbench.finite import check_finite_logits
 from kdbench.methods import Method
 
 
@@ -263,14 +264,21 @@ def evaluate(
     *,
     batch_size: int,
     device: torch.device,
+    what: str = "logits",
 ) -> dict:
-    """Metrics of ``model`` on un-augmented ``images`` plus the mean cross-entropy (``loss``)."""
-    return logit_metrics(predict(model, images, batch_size=batch_size, device=device), labels, classes)
+    """Metrics of ``model`` on un-augmented ``images`` plus the mean cross-entropy (``loss``); see :func:`predict`."""
+    return logit_metrics(predict(model, images, batch_size=batch_size, device=device, what=what), labels, classes)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device) -> torch.Tensor:
-    """``[N, C]`` logits of ``model`` (eval mode, fp32 or the default dtype) on un-augmented uint8 ``images``, on the CPU."""
+def predict(
+    model: nn.Module, images: torch.Tensor, *, batch_size: int, device: torch.device, what: str = "logits"
+) -> torch.Tensor:
+    """``[N, C]`` logits of ``model`` (eval mode; fp32, or the default dtype) on un-augmented uint8 ``images``, on the CPU.
+
+    A NaN or infinite logit raises a NonFiniteError naming ``what`` (e.g. ``validation logits at epoch 3``):
+    it would still have an arg-max, so a broken model would be scored as if it predicted class 0.
+    """
     model.eval()
     fmt = memory_format(device)
     chunks = []
@@ -278,7 +286,9 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int, device: 
         x = normalize(images[lo : lo + batch_size].to(device)).contiguous(memory_format=fmt)
         with autocast(device):
             chunks.append(full_precision(model(x)).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+    logits = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    check_finite_logits(logits, what)
+    return logits
 
 
 def logit_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:

@@ -39,8 +39,11 @@ A member whose loss becomes NaN/inf is dropped: it fails alone with its reason, 
 the others restart from epoch 0 as a pack without it, so their results are exactly
 those of that smaller pack (the epochs trained before the failure are spent again;
 continuing the larger pack with the dead member's gradients zeroed would not be
-exact: its dropout masks and grouped-convolution batching differ).  ``pack.pt``
-records the dropped members, so a killed run resumes without them.
+exact: its dropout masks and grouped-convolution batching differ).  So is a member whose
+weights or buffers hold NaN/inf after an epoch (or in ``pack.pt`` on resume), or whose
+validation or test logits do (:mod:`kdbench.finite`): such weights are never saved,
+selected as its best, or scored.  ``pack.pt`` records the dropped members, so a killed run
+resumes without them.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,6 +87,7 @@ from kdbench.engine.trial import (
     with_fingerprint,
 )
 from kdbench.errors import NonFiniteError, one_line
+from kdbench.finite import check_finite_state
 from kdbench.methods import get_method
 from kdbench.models import build_model
 from kdbench.packing import PackedMobileNetV2
@@ -163,12 +168,18 @@ def run_packed_trials(
         data.write_manifest(m.out / "manifest.csv")
     state_path = members[0].out / PACK_STATE_FILE
     dropped = _dropped_before(state_path, members)  # members a killed run of this pack had already dropped
+    scored: dict[str, dict] = {}
     while alive := [m for m in members if m.identity not in dropped]:
         packed = init_pack([m.cfg for m in alive], len(data.classes)).to(device, memory_format=memory_format(device))
         for m in alive:
             m.history, m.best = [], None
         try:
             _train(packed, alive, teacher, splits, cfgs[0], progress, log, state_path, dropped)
+            results = _each_member(
+                alive,
+                [partial(_member_result, m, splits, teacher_info if m.loss.method.needs_teacher else None, t0) for m in alive],
+            )
+            scored = {m.identity: result for m, result in zip(alive, results)}
             break
         except MembersNonFinite as err:
             for i, reason in err.reasons.items():
@@ -182,7 +193,7 @@ def run_packed_trials(
         if m.identity in dropped:
             results.append(MemberFailed(dropped[m.identity]))
             continue
-        result = _member_result(m, splits, teacher_info if m.loss.method.needs_teacher else None, t0) | {"pack": pack}
+        result = scored[m.identity] | {"pack": pack}
         if dropped:
             result["pack"] = pack | {"dropped": [x.cfg.key() for x in members if x.identity in dropped]}
         atomic_write_json(m.out / METRICS_FILE, result)
@@ -196,7 +207,24 @@ def run_packed_trials(
 
 
 class MemberFailed(NonFiniteError):
-    """The result of a pack member dropped because its loss became non-finite (the others trained on without it)."""
+    """The result of a pack member dropped because its loss, weights or logits became non-finite (the others went on)."""
+
+
+def _each_member(members: Sequence[_Member], calls: Sequence[Callable[[], object]]) -> list:
+    """``calls[i]()`` for each member ``i``, in order; members whose call raised a NonFiniteError fail, after all ran.
+
+    Raises MembersNonFinite (each failed member's index and one-line reason): the pack drops them and restarts without them.
+    """
+    done, reasons = [], {}
+    for i, call in enumerate(calls):
+        try:
+            done.append(call())
+        except NonFiniteError as err:
+            reasons[i] = one_line(err)
+    if reasons:
+        where = "; ".join(f"{i} {members[i].loss.label}: {reason}" for i, reason in reasons.items())
+        raise MembersNonFinite(f"non-finite values in packed member(s) {where}", reasons)
+    return done
 
 
 class _Splits:
@@ -245,10 +273,16 @@ def _train(
             progress=progress,
         )
         _load_members(packed, members)
-        for m, s in zip(members, stats):
-            check_loss_growth(m.history[0]["train_loss"] if m.history else s.loss, s.loss, epoch + 1, m.loss.label)
+        where = f"of the model after training epoch {epoch + 1}"  # checked before it is validated or saved
+        _each_member(members, [partial(check_finite_state, m.model, where) for m in members])
+        first = [m.history[0]["train_loss"] if m.history else s.loss for m, s in zip(members, stats)]
+        _each_member(
+            members, [partial(check_loss_growth, f, s.loss, epoch + 1, m.loss.label) for f, m, s in zip(first, members, stats)]
+        )  # an exploding member fails alone, like a non-finite one
         lr = optimizer.param_groups[0]["lr"]
-        improved = [_record_epoch(m, epoch + 1, s, lr, splits, recipe.eval_batch_size) for m, s in zip(members, stats)]
+        improved = _each_member(
+            members, [partial(_record_epoch, m, epoch + 1, s, lr, splits, recipe.eval_batch_size) for m, s in zip(members, stats)]
+        )
         # the pack state first, then best.pt: a kill between them is repaired on resume (see _resume)
         _save_state(state_path, members, packed, optimizer, scheduler, epoch + 1, dropped)
         for m, better in zip(members, improved):
@@ -264,7 +298,8 @@ def _train(
 
 def _record_epoch(m: _Member, epoch: int, stats: EpochStats, lr: float, splits: _Splits, eval_batch_size: int) -> bool:
     """Validate member ``m`` (its model holds this epoch's weights), append its history row; True if it improved."""
-    val = evaluate(m.model, *splits["val"], splits.data.classes, batch_size=eval_batch_size, device=splits.device)
+    what = f"validation logits at epoch {epoch}"
+    val = evaluate(m.model, *splits["val"], splits.data.classes, batch_size=eval_batch_size, device=splits.device, what=what)
     m.history.append(history_row(epoch, stats, val, lr))
     if m.best is None or val["accuracy"] > m.best["val_accuracy"]:
         m.best = {"epoch": epoch, "val_accuracy": val["accuracy"]}
@@ -362,12 +397,15 @@ def _resume(path: Path, members: Sequence[_Member], packed: nn.Module, optimizer
                 return 0
             repair.append(m)
     packed.load_state_dict(state["state_dict"])
+    _load_members(packed, members)
+    where = f"of the pack resume state {path} (epoch {state['epoch']})"
+    hint = f"it cannot be resumed (an older kdbench saved it unchecked): delete {path} to train this pack anew"
+    _each_member(members, [partial(check_finite_state, m.model, where, hint) for m in members])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     for m, history, best in zip(members, state["history"], state["best"]):
         m.history, m.best = history, best
     if repair:
-        _load_members(packed, members)
         for m in repair:
             log(f"repairing {m.out / 'best.pt'} from {path} (epoch {m.best['epoch']})")
             _save_best(m)

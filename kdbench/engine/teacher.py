@@ -20,7 +20,7 @@ from kdbench.data.presets import Augmentation, apply_view, normalize
 from kdbench.digest import json_digest
 from kdbench.durable import atomic_torch_save, file_lock
 from kdbench.engine.runtime import autocast, full_precision, memory_format
-from kdbench.errors import NonFiniteError
+from kdbench.finite import check_finite_logits
 
 
 class OnlineTeacher:
@@ -52,10 +52,9 @@ class CachedTeacher:
 
 
 def check_finite_teacher(logits: torch.Tensor, source: str) -> None:
-    if not torch.isfinite(logits).all():
-        raise NonFiniteError(
-            f"teacher {source} produced NaN or infinite logits: the teacher is broken; re-train it or pass another checkpoint"
-        )
+    check_finite_logits(
+        logits, f"the logits of teacher {source}", "the teacher is broken; re-train it or pass another checkpoint"
+    )
 
 
 def cache_path(
@@ -131,4 +130,8 @@ def _load(path: Path, n: int, v: int) -> torch.Tensor | None:
         logits = torch.load(path, map_location="cpu", weights_only=True)["logits"]
     except Exception:  # a damaged cache is rebuilt, never trusted
         return None
-    return logits if logits.shape[:2] == (n, v) else None
+    if logits.shape[:2] != (n, v):
+        return None
+    # a cache is only written finite (build_logit_cache): NaN/inf on disk is a damaged or foreign file, never used
+    check_finite_logits(logits, f"the teacher logit cache {path}", "delete it to rebuild it from the teacher")
+    return logits

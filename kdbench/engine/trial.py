@@ -19,7 +19,11 @@ epoch's.  An unreadable ``last.pt`` restarts the trial from scratch, with a warn
 
 A run fails (UserError) when its loss becomes NaN/inf or explodes (an epoch's mean over
 100x the first epoch's), and a teacher fails when its validation accuracy is not
-significantly above chance (see :func:`kdbench.engine.metrics.chance_test`).
+significantly above chance (see :func:`kdbench.engine.metrics.chance_test`).  A NaN/inf
+in the model's weights or buffers after an epoch's training, in its validation or test
+logits, or in a checkpoint it loads (teacher, ``best.pt``, ``last.pt``) fails it too
+(NonFiniteError, naming the tensor and the epoch; :mod:`kdbench.finite`): such
+weights are never saved, selected as the best, or scored.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from kdbench.engine.metrics import chance_test
 from kdbench.engine.runtime import environment, memory_format, resolve_device
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError, one_line
+from kdbench.finite import check_finite_state
 from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
 from kdbench.models import (
@@ -136,8 +141,10 @@ def run_trial(
             desc=f"{cfg.method} {display_name(cfg.data.dataset)} epoch {epoch + 1}/{recipe.epochs}",
             progress=progress,
         )
+        check_finite_state(model, f"of the model after training epoch {epoch + 1}")  # before it is validated or saved
         check_loss_growth(history[0]["train_loss"] if history else stats.loss, stats.loss, epoch + 1)
-        val = evaluate(model, *sets["val"], data.classes, batch_size=recipe.eval_batch_size, device=device)
+        what = f"validation logits at epoch {epoch + 1}"
+        val = evaluate(model, *sets["val"], data.classes, batch_size=recipe.eval_batch_size, device=device, what=what)
         history.append(history_row(epoch + 1, stats, val, optimizer.param_groups[0]["lr"]))
         log(
             f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f} train acc {stats.accuracy:.4f} "
@@ -247,20 +254,22 @@ def build_result(
 
     The test metrics carry the per-image ``predictions`` (class indices, in the order of ``test_targets``), so
     the report can pair two trials image by image; the best checkpoint's test logits are saved beside it
-    (:data:`TEST_LOGITS_FILE`).
+    (:data:`TEST_LOGITS_FILE`).  NaN/inf logits (or weights in ``best_checkpoint``) raise a NonFiniteError.
     """
     batch_size = cfg.recipe.eval_batch_size
     test_images, test_labels = sets["test"]
 
-    def split_metrics(model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
-        val = evaluate(model, *sets["val"], data.classes, batch_size=batch_size, device=device)
-        logits = predict(model, test_images, batch_size=batch_size, device=device)
+    def split_metrics(model: torch.nn.Module, weights: str) -> tuple[dict, torch.Tensor]:
+        what = f"validation logits of {weights}"
+        val = evaluate(model, *sets["val"], data.classes, batch_size=batch_size, device=device, what=what)
+        logits = predict(model, test_images, batch_size=batch_size, device=device, what=f"test logits of {weights}")
         test = logit_metrics(logits, test_labels, data.classes) | {"predictions": logits.argmax(1).tolist()}
         return {"val": val, "test": test}, logits
 
     best_model, _ = load_model_checkpoint(best_checkpoint)
-    best, best_logits = split_metrics(best_model.to(device, memory_format=memory_format(device)))
-    last, _ = split_metrics(last_model)
+    best_weights = f"the best-on-validation weights (epoch {best_epoch})"
+    best, best_logits = split_metrics(best_model.to(device, memory_format=memory_format(device)), best_weights)
+    last, _ = split_metrics(last_model, f"the last-epoch weights (epoch {cfg.recipe.epochs})")
     atomic_torch_save({"logits": best_logits, "targets": test_labels.cpu()}, best_checkpoint.parent / TEST_LOGITS_FILE)
     val_labels = sets["val"][1].cpu()
     majority = float(torch.bincount(val_labels, minlength=len(data.classes)).max()) / max(len(val_labels), 1)
@@ -390,6 +399,11 @@ def _resume(path: Path, identity: str, model, optimizer, scheduler, log) -> dict
             log(f"warning: {path} was trained from another teacher checkpoint (same trial): starting this trial from scratch")
             return fresh
         raise UserError(f"{path.parent} holds a different run (other settings): use another --out, or delete that folder")
+    check_finite_state(
+        state["state_dict"],
+        f"of the resume state {path} (epoch {state['epoch']})",
+        f"it cannot be resumed (an older kdbench saved it unchecked): delete {path.parent} to train this trial anew",
+    )
     best = state["best"]
     best_path = path.with_name("best.pt")
     repair = best is not None and not best_is_current(best_path, identity, best["epoch"])
