@@ -275,10 +275,11 @@ def _train(
         _load_members(packed, members)
         where = f"of the model after training epoch {epoch + 1}"  # checked before it is validated or saved
         _each_member(members, [partial(check_finite_state, m.model, where) for m in members])
-        first = [m.history[0]["train_loss"] if m.history else s.loss for m, s in zip(members, stats)]
-        _each_member(
-            members, [partial(check_loss_growth, f, s.loss, epoch + 1, m.loss.label) for f, m, s in zip(first, members, stats)]
-        )  # an exploding member fails alone, like a non-finite one
+        growth = [
+            partial(check_loss_growth, m.history[0]["train_loss"] if m.history else s.loss, s.loss, epoch + 1, m.loss.label)
+            for m, s in zip(members, stats)
+        ]
+        _each_member(members, growth)  # an exploding member fails alone, like a non-finite one
         lr = optimizer.param_groups[0]["lr"]
         improved = _each_member(
             members, [partial(_record_epoch, m, epoch + 1, s, lr, splits, recipe.eval_batch_size) for m, s in zip(members, stats)]
