@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_one_line_error, call_main
 
 from kdbench.errors import UserError
+from kdbench.records import to_json
 from kdbench.report import build_report
 from kdbench.report.__main__ import main
 from kdbench.report.stats import paired_difference, summarize
@@ -197,6 +199,11 @@ def bench_json() -> dict:
     return {"benchmarks": entries}
 
 
+def resolved(raw: dict) -> str:
+    """The store's record of ``raw`` as the sweep resolves it (kdbench.sweep.runner)."""
+    return to_json(parse_ablation(raw, raw["name"]))
+
+
 def is_failed(trial) -> bool:
     c = trial.config
     return c.data.dataset == "rsscn7" and c.method == "kd_cos" and c.seed == 0 and c.loss.gamma == 1.0
@@ -217,7 +224,7 @@ def report(tmp_path_factory, trials) -> Path:
     """A sweep folder with the synthetic store and bench.json, and its report built once."""
     out = tmp_path_factory.mktemp("sweep")
     store = Store(out / STORE_FILE)
-    sweep_id = store.begin_sweep(RAW["name"], "ablations/synthetic.toml", RAW, trials, ENVIRONMENT)
+    sweep_id = store.begin_sweep(RAW["name"], "ablations/synthetic.toml", RAW, resolved(RAW), trials, ENVIRONMENT)
     for trial in filter(is_run, trials):
         if is_failed(trial):
             store.record_failed(trial.key, FAILED_ERROR)
@@ -319,7 +326,7 @@ def store_and_report(out: Path, raw: dict) -> pd.DataFrame:
     """Every trial of ``raw``'s plan done with the synthetic results, the report built; its Table 1 CSV."""
     planned = plan_trials(parse_ablation(raw, raw["name"]))
     store = Store(out / STORE_FILE)
-    sweep_id = store.begin_sweep(raw["name"], f"ablations/{raw['name']}.toml", raw, planned, ENVIRONMENT)
+    sweep_id = store.begin_sweep(raw["name"], f"ablations/{raw['name']}.toml", raw, resolved(raw), planned, ENVIRONMENT)
     for trial in planned:
         store.record_done(trial.key, result(trial), complexity(trial))
     store.finish_sweep(sweep_id, {"total": len(planned), "done": len(planned), "failed": 0, "already": 0, "wall_s": 1.0})
@@ -444,7 +451,7 @@ def test_rebuild_is_byte_identical(report, tmp_path):
 def test_store_without_results(tmp_path, trials):
     """A sweep that planned trials but finished none: every cell is — and every trial is listed as missing."""
     store = Store(tmp_path / STORE_FILE)
-    store.begin_sweep(RAW["name"], "ablations/synthetic.toml", RAW, trials, ENVIRONMENT)
+    store.begin_sweep(RAW["name"], "ablations/synthetic.toml", RAW, resolved(RAW), trials, ENVIRONMENT)
     store.close()
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "stale.png").write_bytes(b"old")
@@ -462,3 +469,46 @@ def test_cli_errors_in_one_line(tmp_path, capsys):
     Store(tmp_path / STORE_FILE).close()
     with pytest.raises(UserError, match="records no sweep"):
         build_report(tmp_path)
+
+
+def test_a_report_rebuilt_from_a_store_ignores_todays_planning_rules(report, tmp_path, monkeypatch):
+    """What planning decided is read from the store: changed labels, resolution, default point and axes change nothing."""
+    import shutil
+
+    import kdbench.methods
+    import kdbench.sweep.ablation
+
+    shutil.copy(report / STORE_FILE, tmp_path / STORE_FILE)
+    shutil.copy(report / "bench.json", tmp_path / "bench.json")
+    for cls in kdbench.methods.METHODS.values():
+        monkeypatch.setattr(cls, "label", f"renamed {cls.name}")
+        monkeypatch.setattr(cls, "rank", -cls.rank)
+    monkeypatch.setattr(kdbench.methods.Method, "sweep_axes", lambda self, loss: ())
+    monkeypatch.setattr(kdbench.methods, "resolve", lambda method, loss: (method, loss))
+    monkeypatch.setattr(kdbench.sweep.ablation.Ablation, "default_loss", lambda self, name: None)
+    monkeypatch.setattr(kdbench.sweep.ablation, "parse_ablation", lambda raw, source: pytest.fail("the report re-planned"))
+    build_report(tmp_path)
+    tables = sorted(p.relative_to(report) for p in (report / "tables").glob("*.csv"))
+    assert tables and all((tmp_path / t).read_bytes() == (report / t).read_bytes() for t in tables)
+    assert (tmp_path / "report.md").read_text() == (report / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("sql", "needle"),
+    [
+        ("UPDATE sweep_trials SET plan = NULL", "written by a kdbench older than its plan records"),
+        ("UPDATE sweeps SET resolved = NULL", "written by a kdbench older than its plan records"),
+        ("UPDATE sweep_trials SET plan = replace(plan, 'kdbench-plan-v1', 'kdbench-plan-v9')", "another kdbench version"),
+    ],
+)
+def test_a_store_of_another_format_is_refused_in_one_line(report, tmp_path, capsys, sql, needle):
+    import shutil
+    import sqlite3
+
+    shutil.copy(report / STORE_FILE, tmp_path / STORE_FILE)
+    db = sqlite3.connect(tmp_path / STORE_FILE)
+    db.execute(sql)
+    db.commit()
+    db.close()
+    proc = call_main(main, [str(tmp_path)], capsys)
+    assert_one_line_error(proc, needle)

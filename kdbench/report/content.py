@@ -7,7 +7,6 @@ from pathlib import Path
 
 from kdbench.config import Recipe
 from kdbench.data.specs import get_spec
-from kdbench.methods import get_method
 from kdbench.report import figures
 from kdbench.report.document import Block, Bullets, FigureBlock, Heading, Paragraph, TableBlock
 from kdbench.report.load import BENCH_FILE, ReportData
@@ -186,7 +185,7 @@ def run_summary(data: ReportData) -> list[str]:
         f"methods: {', '.join(g.methods)}.",
         *(f"{label} hyperparameters ([methods] default point): {settings}." for label, settings in own_defaults(data)),
         *(
-            f"{get_method(m).label} grid: "
+            f"{data.label(m)} grid: "
             + ", ".join(f"{name} ∈ {_values(values)}" for name, values in ab.methods[m].axes if len(values) > 1)
             + "."
             for m in g.methods

@@ -19,11 +19,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from kdbench.methods import METHODS, get_method  # noqa: E402
 from kdbench.report.load import ReportData  # noqa: E402
 from kdbench.report.tables import PAPER_BEST_ACCURACY, PAPER_LABEL, swept  # noqa: E402
 
-PALETTE = dict(zip((get_method(m).label for m in METHODS), sns.color_palette("colorblind", len(METHODS))))
 WIDTH = 7.0  # inches: the text width of an A4 page
 DPI = 200
 ACCURACY_LABEL = "Test accuracy (%)"
@@ -40,8 +38,19 @@ def save(fig: plt.Figure, folder: Path, stem: str) -> None:
 
 
 def labels(data: ReportData) -> list[str]:
-    """The ablation's method labels in registry order (the hue order of every figure)."""
-    return [get_method(m).label for m in METHODS if m in data.ablation.grid.methods]
+    """The ablation's method labels in rank order (the hue order of every figure)."""
+    return [data.label(m) for m in data.methods]
+
+
+def palette(data: ReportData) -> dict[str, str]:
+    """A colour per method label: the colour-blind palette in the order of the methods' ranks."""
+    ranked = sorted({(p.rank, p.label) for p in data.plans.values()} | {(g.rank, g.label) for g in _grid_points(data)})
+    colours = sns.color_palette("colorblind", max(len(ranked), 1))
+    return {label: colours[i] for i, (_, label) in enumerate(ranked)}
+
+
+def _grid_points(data: ReportData) -> list:
+    return [g for p in data.plans.values() for g in p.grid_points]
 
 
 def _default_done(data: ReportData) -> pd.DataFrame:
@@ -86,7 +95,7 @@ def accuracy_figure(data: ReportData) -> plt.Figure | None:
             "hue_order": hue,
             "ax": ax,
         }
-        sns.barplot(**common, palette=PALETTE, errorbar="sd", capsize=0.15, err_kws={"linewidth": 1})
+        sns.barplot(**common, palette=palette(data), errorbar="sd", capsize=0.15, err_kws={"linewidth": 1})
         sns.stripplot(**common, dodge=True, palette=dict.fromkeys(hue, "black"), size=3, jitter=False, legend=False)
         ax.axhline(
             PAPER_BEST_ACCURACY,
@@ -123,7 +132,7 @@ def temperature_figure(data: ReportData) -> plt.Figure | None:
                 x="temperature",
                 y="best_acc",
                 hue="label",
-                palette=PALETTE,
+                palette=palette(data),
                 hue_order=labels(data),
                 errorbar="sd",
                 marker="o",
@@ -131,7 +140,7 @@ def temperature_figure(data: ReportData) -> plt.Figure | None:
                 legend=False,
             )
             for label, group in references[references["dataset"] == dataset].groupby("label"):
-                ax.axhline(group["best_acc"].mean(), color=PALETTE[label], linestyle="--", linewidth=1)
+                ax.axhline(group["best_acc"].mean(), color=palette(data)[label], linestyle="--", linewidth=1)
             ax.set(
                 title=plain(dataset),
                 xlabel="Temperature T",
@@ -145,8 +154,9 @@ def temperature_figure(data: ReportData) -> plt.Figure | None:
 
 def _method_legend(fig: plt.Figure, data: ReportData) -> None:
     """One legend entry per method: its colour, a square for the teacher and a circle for students."""
-    markers = {get_method(m).label: "s" if get_method(m).role == "teacher" else "o" for m in METHODS}
-    handles = [plt.Line2D([], [], color=PALETTE[name], marker=markers[name]) for name in labels(data)]
+    markers = {p.label: "s" if p.role == "teacher" else "o" for p in data.plans.values()}
+    colours = palette(data)
+    handles = [plt.Line2D([], [], color=colours[name], marker=markers[name]) for name in labels(data)]
     _legend_below(fig, handles, labels(data))
 
 
@@ -160,7 +170,7 @@ def _log_axis(ax: plt.Axes) -> None:
 
 def weights_figure(data: ReportData) -> plt.Figure | None:
     """Heatmaps of mean accuracy over (KL weight β, cosine weight γ) for methods that use both, one per dataset."""
-    methods = [m for m in METHODS if m in data.ablation.grid.methods and {"beta", "gamma"} <= set(data.sweep_axes(m))]
+    methods = [m for m in data.methods if {"beta", "gamma"} <= set(data.sweep_axes(m))]
     trials = swept(data, ("beta", "gamma"))
     trials = trials[(trials["status"] == "done") & trials["method"].isin(methods)]
     if trials.empty:
@@ -172,10 +182,10 @@ def weights_figure(data: ReportData) -> plt.Figure | None:
                 subset = trials[(trials["method"] == method) & (trials["dataset"] == dataset)]
                 grid = subset.pivot_table(index="beta", columns="gamma", values="best_acc", aggfunc="mean")
                 if grid.empty:
-                    _empty(ax, f"{get_method(method).label}, {dataset}")
+                    _empty(ax, f"{data.label(method)}, {dataset}")
                     continue
                 sns.heatmap(grid, annot=True, fmt=".1f", cmap="viridis", ax=ax, cbar_kws={"label": ACCURACY_LABEL})
-                ax.set(title=plain(f"{get_method(method).label}, {dataset}"), xlabel="Cosine weight γ", ylabel="KL weight β")
+                ax.set(title=plain(f"{data.label(method)}, {dataset}"), xlabel="Cosine weight γ", ylabel="KL weight β")
         fig.tight_layout()
     return fig
 
@@ -203,7 +213,7 @@ def curves_figure(data: ReportData) -> plt.Figure | None:
                 y="val",
                 hue="label",
                 hue_order=labels(data),
-                palette=PALETTE,
+                palette=palette(data),
                 errorbar="sd",
                 ax=ax,
                 legend=False,
@@ -241,7 +251,7 @@ def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
         ax.set(
             xlabel="Predicted class",
             ylabel="True class",
-            title=plain(f"{get_method(method).label} on {dataset}\nbest-val ckpt, {len(trials)} seed(s) summed"),
+            title=plain(f"{data.label(method)} on {dataset}\nbest-val ckpt, {len(trials)} seed(s) summed"),
         )
         ax.tick_params(axis="x", labelrotation=90)
         ax.tick_params(axis="y", labelrotation=0)
@@ -276,7 +286,7 @@ def cost_figure(data: ReportData, latency: dict[str, float]) -> plt.Figure | Non
                         p.mean,
                         yerr=0 if np.isnan(p.std) else p.std,
                         fmt="o" if p.role == "student" else "s",
-                        color=PALETTE[p.label],
+                        color=palette(data)[p.label],
                         capsize=2,
                         markersize=5,
                     )
@@ -298,8 +308,8 @@ def _cost_points(data: ReportData) -> pd.DataFrame:
             {
                 "dataset": dataset,
                 "method": method,
-                "label": get_method(method).label,
-                "role": get_method(method).role,
+                "label": data.label(method),
+                "role": data.plan(method).role,
                 "model": info["model"],
                 "gflops": info["flops"] / 1e9,
                 "mean": group["best_acc"].mean(),

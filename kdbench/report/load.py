@@ -1,11 +1,11 @@
 """Read the latest sweep of a results store into one tidy trial table.
 
 Every trial the latest sweep planned is one row, done or not, so later stages can
-mark what is missing.  Accuracies and macro metrics become percentages.  A trial is
-*default* when its loss settings are the ablation's default point (``[loss]``
-temperature, beta and gamma, and ``[methods.<method>]`` for a method with its own
-hyperparameters) passed through the method's ``effective_loss`` (so the baseline,
-which ignores them, is always default).
+mark what is missing.  Accuracies and macro metrics become percentages.  What planning
+decided is read as the store recorded it, never decided again: the ablation as it was
+resolved, and each trial's :class:`~kdbench.records.TrialPlan` (its method's label and
+order, the settings it varies by, whether it is the ablation's default point).  A store
+written before kdbench recorded them is refused in one line.
 Datasets are shown by their display names
 (:func:`kdbench.data.specs.dataset_names`): the ``dataset`` column holds the display
 name, ``source`` the grid's dataset string.
@@ -21,11 +21,10 @@ import numpy as np
 import pandas as pd
 
 from kdbench.bench_summary import load_benchmark_json
-from kdbench.config import LossConfig
 from kdbench.data.specs import DatasetName, dataset_names
 from kdbench.errors import UserError
-from kdbench.methods import METHODS, get_method
-from kdbench.sweep.ablation import Ablation, parse_ablation
+from kdbench.records import TrialPlan, from_json
+from kdbench.sweep.ablation import Ablation
 from kdbench.sweep.store import STORE_FILE, Store
 
 BENCH_FILE = "bench.json"
@@ -38,9 +37,10 @@ class ReportData:
     """Everything the report shows, read once from the output folder."""
 
     sweep: dict  # Store.latest_sweep()
-    ablation: Ablation
+    ablation: Ablation  # as the sweep resolved it (the store's sweeps.resolved)
     trials: pd.DataFrame  # one row per planned trial, see :func:`trial_frame`
     bench: pd.DataFrame | None  # kdbench.bench_summary.load_benchmark_json, None without bench.json
+    plans: dict[str, TrialPlan]  # by trial key, as the sweep planned them
 
     @property
     def names(self) -> dict[str, DatasetName]:
@@ -64,10 +64,30 @@ class ReportData:
     def seeds(self) -> list[int]:
         return list(self.ablation.grid.seeds)
 
+    def plan(self, method: str) -> TrialPlan:
+        """The plan of one of ``method``'s trials (label, rank, role, axes are the method's, the same for each)."""
+        return next(p for p in self.plans.values() if p.method == method)
+
     def sweep_axes(self, method: str) -> tuple[str, ...]:
         """The grid axes (``temperature``, ``beta``, ``gamma``) along which ``method`` was swept."""
-        loss = self.ablation.loss
-        return get_method(method).sweep_axes(LossConfig(alpha=loss.alpha, cosine_on=loss.cosine_on))
+        return self.plan(method).axes
+
+    def label(self, method: str) -> str:
+        """How the report names ``method``: its plan's label, or a grid point's where it has no trial of its own."""
+        grid = (g for p in self.plans.values() for g in p.grid_points)
+        return next((p.label for p in self.plans.values() if p.method == method), None) or next(
+            (g.label for g in grid if g.method == method), method
+        )
+
+    @property
+    def methods(self) -> list[str]:
+        """The ablation's methods that have planned trials, in the order of every table and figure (their rank).
+
+        A method only planned as another's grid point (``kd_cos`` for ``kd_kl_cos`` at ``beta = 0``) or only as
+        its students' teacher is not one of them.
+        """
+        ranked = {p.method: p.rank for p in self.plans.values() if p.method in self.ablation.grid.methods}
+        return sorted(ranked, key=ranked.get)
 
 
 def test_correct(result: dict, checkpoint: str = "best") -> np.ndarray:
@@ -88,27 +108,36 @@ def load_report_data(out_dir: Path) -> ReportData:
         rows = store.rows(sweep["keys"])
     finally:
         store.close()
-    ablation = parse_ablation(sweep["ablation"], sweep["ablation_path"] or sweep["name"])
+    if sweep["resolved"] is None or None in sweep["plans"].values():
+        raise UserError(
+            f"the results store {path} was written by a kdbench older than its plan records (no resolved ablation or "
+            "trial plans): rebuild its report with that kdbench, or rerun the sweep with this one (finished trials "
+            "are found by key where keys did not change)"
+        )
+    ablation = from_json(Ablation, sweep["resolved"], f"the ablation recorded in {path}")
+    plans = {key: from_json(TrialPlan, text, f"the plan of trial {key} in {path}") for key, text in sweep["plans"].items()}
     bench_path = out_dir / BENCH_FILE
     bench = load_benchmark_json(bench_path) if bench_path.is_file() else None
-    return ReportData(sweep, ablation, trial_frame(rows, ablation), bench)
+    return ReportData(sweep, ablation, trial_frame(rows, ablation, plans), bench, plans)
 
 
-def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
+def trial_frame(rows: list[dict], ablation: Ablation, plans: dict[str, TrialPlan]) -> pd.DataFrame:
     """One row per trial, ordered by dataset (grid order), method (registry order), loss settings and seed.
 
     Columns: the store's identity columns (key, role, dataset, method, model, seed,
     temperature, beta, gamma, params, teacher_key, status, error, flags) with ``dataset`` the
     display name, ``source`` (the dataset string of the grid), ``label`` (the
     method's report name), ``settings`` (the loss settings the method varies by, as
-    text: :meth:`kdbench.methods.Method.describe`), ``default`` (see the module docstring), ``best_<m>`` and
+    text), ``default`` (the ablation's default point), all three as planned
+    (:class:`~kdbench.records.TrialPlan`), ``best_<m>`` and
     ``last_<m>`` for m in acc, precision, recall, f1 (percent of the test split; NaN
     unless done), ``best_epoch``, ``last_epoch``, and the decoded ``result`` and
     ``complexity`` dicts.
     """
     names = {d: n.display for d, n in dataset_names(ablation.grid.datasets).items()}
     records = [
-        _record(row, ablation) | {"dataset": names.get(row["dataset"], row["dataset"]), "source": row["dataset"]} for row in rows
+        _record(row, plans[row["key"]]) | {"dataset": names.get(row["dataset"], row["dataset"]), "source": row["dataset"]}
+        for row in rows
     ]
     columns = [
         "key",
@@ -136,27 +165,23 @@ def trial_frame(rows: list[dict], ablation: Ablation) -> pd.DataFrame:
         "finished_at",
     ]
     frame = pd.DataFrame(records, columns=columns)
-    order = {"dataset": list(names.values()), "method": list(METHODS)}
-    rank = {col: frame[col].map({v: i for i, v in enumerate(values)}) for col, values in order.items()}
-    frame = frame.assign(_d=rank["dataset"], _m=rank["method"])
+    frame = frame.assign(
+        _d=frame["dataset"].map({v: i for i, v in enumerate(names.values())}), _m=[plans[k].rank for k in frame["key"]]
+    )
     frame = frame.sort_values(["_d", "_m", *LOSS_AXES, "settings", "seed"], ignore_index=True)
     return frame.drop(columns=["_d", "_m"])
 
 
-def _record(row: dict, ablation: Ablation) -> dict:
-    method, default = get_method(row["method"]), ablation.default_loss(row["method"])
-    loss = LossConfig(**{axis: row[axis] for axis in (*LOSS_AXES, "alpha")}, params=tuple(row["params"].items()))
+def _record(row: dict, plan: TrialPlan) -> dict:
     record = {
         **{
             k: row[k]
             for k in ("key", "role", "dataset", "method", "model", "seed", *LOSS_AXES, "params", "teacher_key", "status", "error")
         },
-        "label": method.label,
-        "settings": method.describe(loss),
+        "label": plan.label,
+        "settings": plan.settings,
         "flags": tuple(row["flags"] or ()),
-        "default": all(math.isclose(row[axis], getattr(default, axis)) for axis in LOSS_AXES)
-        and row["params"].keys() == dict(default.params).keys()
-        and all(math.isclose(v, row["params"][k]) for k, v in default.params),
+        "default": plan.default,
         "result": row["result"],
         "complexity": row["complexity"],
         "started_at": row.get("started_at"),

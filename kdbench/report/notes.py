@@ -5,7 +5,6 @@ from __future__ import annotations
 import pandas as pd
 
 from kdbench.errors import one_line
-from kdbench.methods import get_method
 from kdbench.report.load import ReportData
 from kdbench.report.tables import CLAIM_METHOD, PAPER, PAPER_BEST_ACCURACY, PAPER_LABEL, Table, claim_verdict
 
@@ -50,7 +49,9 @@ def findings(accuracy: Table, claim: Table | None) -> list[str]:
         lines.append(f"{dataset}: {head} ({_differences(judged)}).")
         lines += _teacher_gap(dataset, group)
         if claim is not None:
-            lines += _claim(dataset, claim.data[claim.data["dataset"] == dataset])
+            claimant = group.loc[group["method"] == CLAIM_METHOD, "label"]
+            name = claimant.iloc[0] if len(claimant) else CLAIM_METHOD
+            lines += _claim(dataset, claim.data[claim.data["dataset"] == dataset], name)
     return lines
 
 
@@ -78,7 +79,7 @@ def _teacher_gap(dataset: str, group: pd.DataFrame) -> list[str]:
     ]
 
 
-def _claim(dataset: str, rows: pd.DataFrame) -> list[str]:
+def _claim(dataset: str, rows: pd.DataFrame, claimant: str) -> list[str]:
     rows = rows[rows["verdict"].isin(_VERDICT_PROSE)]
     if rows.empty:
         return []
@@ -86,7 +87,7 @@ def _claim(dataset: str, rows: pd.DataFrame) -> list[str]:
     verdict = claim_verdict(rows)
     against = ", ".join(label)
     return [
-        f"{dataset}: the paper's claim ({_CLAIM_LABEL} beats {against}) {_CLAIM_PROSE[verdict]} here: "
+        f"{dataset}: the paper's claim ({claimant} beats {against}) {_CLAIM_PROSE[verdict]} here: "
         f"{_differences(rows.assign(label='vs ' + label))}."
     ]
 
@@ -101,7 +102,6 @@ _CLAIM_PROSE = {
     "contradicted": "is contradicted (a significant loss)",
     "not shown": "is not shown (no significant gain over every method)",
 }
-_CLAIM_LABEL = get_method(CLAIM_METHOD).label
 
 
 def _unfinished(data: ReportData) -> list[str]:

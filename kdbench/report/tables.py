@@ -6,8 +6,6 @@ differences are percentage points (pp).  Cells without a finished trial are ``â€
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -16,9 +14,8 @@ import pandas as pd
 
 from kdbench.bench_summary import BENCH_COMMAND, speedups
 from kdbench.errors import UserError
-from kdbench.methods import METHODS, get_method, resolve
 from kdbench.profile import FLOP_CONVENTION, compression
-from kdbench.report.load import BENCH_FILE, LOSS_AXES, ReportData, test_correct
+from kdbench.report.load import BENCH_FILE, ReportData, test_correct
 from kdbench.report.stats import (
     BOOTSTRAP_RESAMPLES,
     CONFIDENCE,
@@ -29,7 +26,6 @@ from kdbench.report.stats import (
     summarize,
     verdict,
 )
-from kdbench.sweep.ablation import GRID_AXES
 
 PAPER = "arXiv 2606.14886"
 PAPER_BEST_ACCURACY = 99.04  # percent, the paper's best reported test accuracy; not a result of this code
@@ -160,15 +156,16 @@ def _boot(row) -> Difference:
 def own_defaults(data: ReportData) -> list[tuple[str, str]]:
     """(label, default-point text) of each method of the ablation that has its own hyperparameters ([methods.<name>])."""
     return [
-        (get_method(m).label, get_method(m).describe(data.ablation.default_loss(m)))
+        (plan.label, plan.settings)
         for m in _methods(data)
-        if get_method(m).params is not None
+        for plan in [next((p for p in data.plans.values() if p.method == m and p.default), data.plan(m))]
+        if plan.own_params
     ]
 
 
 def _methods(data: ReportData) -> list[str]:
-    """The ablation's methods in registry order."""
-    return [m for m in METHODS if m in data.ablation.grid.methods]
+    """The ablation's methods in the order of every table (:attr:`ReportData.methods`)."""
+    return data.methods
 
 
 def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str, shared_teacher: bool) -> dict:
@@ -176,13 +173,13 @@ def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str, shared_teache
     done = planned[planned["status"] == "done"]
     best, last = summarize(list(done["best_acc"])), summarize(list(done["last_acc"]))
     baseline = _done(trials, dataset, "baseline")
-    paired = _every_seed(done, baseline) if shared_teacher and get_method(method).role == "teacher" else done
+    paired = _every_seed(done, baseline) if shared_teacher and planned["role"].eq("teacher").any() else done
     comparison = compare(paired, baseline)
     return {
         "dataset": dataset,
         "method": method,
-        "label": get_method(method).label,
-        "role": get_method(method).role,
+        "label": planned["label"].iloc[0] if len(planned) else method,
+        "role": planned["role"].iloc[0] if len(planned) else "student",
         "n": best.n,
         "planned": len(planned),
         "best_mean": best.mean,
@@ -265,18 +262,18 @@ CLAIM_METHOD = "kd_kl_cos"  # the paper's method; its claim: it beats the baseli
 
 def claim_table(data: ReportData) -> Table | None:
     """Table 1b: the paper's method against every other student method of the ablation, paired by seed and test image."""
-    methods = [m for m in _methods(data) if get_method(m).role == "student" and m != CLAIM_METHOD]
+    methods = [m for m in _methods(data) if data.plan(m).role == "student" and m != CLAIM_METHOD]
     if CLAIM_METHOD not in data.ablation.grid.methods or not methods:
         return None
     trials = data.trials[data.trials["default"]]
     rows = [
-        {"dataset": dataset, "method": m, "label": get_method(m).label}
+        {"dataset": dataset, "method": m, "label": data.label(m)}
         | compare(_done(trials, dataset, CLAIM_METHOD), _done(trials, dataset, m))
         for dataset in data.datasets
         for m in methods
     ]
     frame = pd.DataFrame(rows)
-    ci, name = f"{CONFIDENCE:.0%}", get_method(CLAIM_METHOD).label
+    ci, name = f"{CONFIDENCE:.0%}", data.label(CLAIM_METHOD)
     display = pd.DataFrame(
         {
             "Dataset": frame["dataset"],
@@ -444,28 +441,25 @@ def _bench_model_notes(data: ReportData) -> list[str]:
 def swept(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
     """The trials at every grid point of the methods swept along any of ``axes``, every other axis at its default.
 
-    Rows are labelled with the grid's method and point, also where the point's trial is another method's
-    (:func:`kdbench.methods.resolve`: ``kd_kl_cos`` at ``beta = 0`` is the ``kd_cos`` trial), so a
-    figure over the grid shows the whole grid.
+    Rows are labelled with the grid's method and point, as planning recorded them
+    (:attr:`kdbench.records.TrialPlan.grid_points`), also where the point's trial is another method's
+    (``kd_kl_cos`` at ``beta = 0`` is the ``kd_cos`` trial), so a figure over the grid shows the whole grid.
     """
-    trials, grid = data.trials, data.ablation.grid
-    default = data.ablation.loss.default_point()
-    keep = []
-    for name in _methods(data):
-        method_axes = data.sweep_axes(name)
-        if not set(axes) & set(method_axes):
-            continue
-        options = [getattr(grid, GRID_AXES[a]) if a in axes else [getattr(default, a)] for a in method_axes]
-        for values in itertools.product(*options):
-            point = dict(zip(method_axes, values))
-            real, loss = resolve(get_method(name), dataclasses.replace(default, **point))
-            rows = trials["method"] == real.name
-            for axis in LOSS_AXES:
-                rows &= np.isclose(trials[axis].astype(float), getattr(loss, axis))
-            keep.append(trials[rows].assign(method=name, label=get_method(name).label, **point))
-    if not keep:
+    trials, default = data.trials, data.ablation.loss
+    rows = []
+    for position, key in enumerate(trials["key"]):
+        for where in data.plans[key].grid_points:
+            point = dict(where.point)
+            off_slice = [a for a in where.axes if a not in axes and not math.isclose(point[a], getattr(default, a))]
+            if set(axes) & set(where.axes) and not off_slice:
+                row = trials.iloc[position].copy()
+                row["method"], row["label"] = where.method, where.label
+                for axis in where.axes:
+                    row[axis] = point[axis]
+                rows.append((where.rank, tuple(point[a] for a in where.axes), position, row))
+    if not rows:
         return trials.iloc[0:0]
-    frame = pd.concat(keep, ignore_index=True)
+    frame = pd.DataFrame([row for *_, row in sorted(rows, key=lambda r: r[:3])]).reset_index(drop=True)
     rank = frame["dataset"].map({d: i for i, d in enumerate(data.datasets)})
     return frame.assign(_d=rank).sort_values(["_d"], kind="stable", ignore_index=True).drop(columns="_d")
 
@@ -485,7 +479,7 @@ def grid_summary(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
             {
                 "dataset": dataset,
                 "method": method,
-                "label": get_method(method).label,
+                "label": group["label"].iloc[0],
                 **dict(zip(axes, values)),
                 "mean": s.mean,
                 "std": s.std,

@@ -4,29 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kdbench.config import DataConfig, LossConfig, TrialConfig, device_type
 from kdbench.engine.pack_rules import packable
 from kdbench.errors import UserError
-from kdbench.methods import get_method, resolve
+from kdbench.methods import Method, get_method, resolve
+from kdbench.records import GridPoint, TrialPlan
 from kdbench.sweep.ablation import Ablation
 
 
 @dataclass(frozen=True)
 class PlannedTrial:
     """One trial, or a pack of student trials trained together (``members``; the pack's own
-    ``config`` is its first member's, and ``key`` names the pack, not a store row)."""
+    ``config`` is its first member's, and ``key`` names the pack, not a store row).
+
+    ``plan`` is what planning decided about the trial (role, method, settings, default point); the
+    store records it and the report reads it from there.  A pack has none (its members do).
+    """
 
     key: str
     config: TrialConfig
     teacher_key: str | None = None
     members: tuple[PlannedTrial, ...] = ()
+    plan: TrialPlan | None = None
 
     @property
     def role(self) -> str:
-        return get_method(self.config.method).role
+        return self.plan.role if self.plan is not None else self.members[0].role
 
     @property
     def trials(self) -> tuple[PlannedTrial, ...]:
@@ -54,6 +61,8 @@ def plan_trials(
     """
     grid = ablation.grid
     methods = [get_method(m) for m in grid.methods]
+    teacher_method = get_method("teacher")
+    base = LossConfig(alpha=ablation.loss.alpha, cosine_on=ablation.loss.cosine_on)
     device = device_type(ablation.run.device)
     trials: dict[str, PlannedTrial] = {}
     for dataset, seed in itertools.product(grid.datasets, grid.seeds):
@@ -63,7 +72,7 @@ def plan_trials(
             method="teacher",
             data=data,
             recipe=ablation.teacher,
-            loss=get_method("teacher").effective_loss(LossConfig()),
+            loss=teacher_method.effective_loss(LossConfig()),
             seed=seed if ablation.teacher_seed is None else ablation.teacher_seed,
             device=device,
             dataset_fingerprint=data_id,
@@ -71,7 +80,8 @@ def plan_trials(
         )
         teacher_key = teacher.key()
         if any(m.role == "teacher" or m.needs_teacher for m in methods):
-            trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher))
+            teacher_plan = _resolution(teacher_method, teacher.loss, (), ablation)
+            trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher, plan=teacher_plan))
         for method in methods:
             if method.role == "teacher":
                 continue
@@ -92,8 +102,46 @@ def plan_trials(
                 )
                 cfg = dataclasses.replace(cfg, packed=pack > 1 and packable(cfg))
                 key = cfg.key()
-                trials.setdefault(key, PlannedTrial(key, cfg, teacher_key if real.needs_teacher else None))
+                axes = method.sweep_axes(base)
+                values = tuple((a, getattr(point, a)) for a in axes) + point.params
+                where = GridPoint(method.name, method.label, method.rank, axes, values)
+                if key in trials:  # another grid point of the same trial: the plan lists both
+                    known = trials[key].plan
+                    if where not in known.grid_points:
+                        plan = dataclasses.replace(known, grid_points=(*known.grid_points, where))
+                        trials[key] = dataclasses.replace(trials[key], plan=plan)
+                    continue
+                plan = _resolution(real, loss, (where,), ablation)
+                trials[key] = PlannedTrial(key, cfg, teacher_key if real.needs_teacher else None, plan=plan)
     ordered = sorted(trials.values(), key=lambda t: t.role != "teacher")
     if not ordered:
         raise UserError("the ablation expands to no trials: add methods or datasets to [grid]")
     return ordered
+
+
+def _resolution(method: Method, loss: LossConfig, grid_points: tuple[GridPoint, ...], ablation: Ablation) -> TrialPlan:
+    """What the report needs to know of a trial, decided here once: :class:`kdbench.records.TrialPlan`.
+
+    ``loss`` is the trial's effective loss; it is the default point when it equals the effective loss of
+    the ablation's default point for this method (``[loss]`` and ``[methods.<name>]``).
+    """
+    default = ablation.default_loss(method.name)
+    shared = (("temperature", loss.temperature), ("beta", loss.beta), ("gamma", loss.gamma))
+    own = dict(loss.params)
+    is_default = (
+        all(math.isclose(v, getattr(default, k)) for k, v in shared)
+        and own.keys() == dict(default.params).keys()
+        and all(math.isclose(v, own[k]) for k, v in default.params)
+    )
+    base = LossConfig(alpha=ablation.loss.alpha, cosine_on=ablation.loss.cosine_on)
+    return TrialPlan(
+        role=method.role,
+        method=method.name,
+        label=method.label,
+        rank=method.rank,
+        own_params=method.params is not None,
+        settings=method.describe(loss),
+        axes=tuple(method.sweep_axes(base)),
+        default=is_default,
+        grid_points=grid_points,
+    )

@@ -12,6 +12,7 @@ from kdbench.config import device_type
 from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.specs import dataset_names, get_spec
 from kdbench.machine import environment
+from kdbench.records import to_json
 from kdbench.sweep.ablation import Ablation
 from kdbench.sweep.executors import Executor
 from kdbench.sweep.packs import pack_trials
@@ -42,7 +43,7 @@ def run_sweep(
     t0 = time.time()
     store = Store(out_dir / STORE_FILE)
     env = environment(device_type(ablation.run.device), ctx.threads)  # each trial's result records its own, too
-    sweep_id = store.begin_sweep(ablation.name, str(ablation_path), raw, trials, env)
+    sweep_id = store.begin_sweep(ablation.name, str(ablation_path), raw, to_json(ablation), trials, env)
     by_key = {t.key: t for t in trials}
     names = {d: n.display for d, n in dataset_names(ablation.grid.datasets).items()}
     done = {t.key for t in trials if store.status(t.key) == "done"}

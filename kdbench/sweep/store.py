@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kdbench.data.specs import dataset_names
 from kdbench.durable import file_lock
+from kdbench.records import to_json
 from kdbench.sweep.plan import PlannedTrial
 
 STORE_FILE = "store.sqlite"
@@ -56,6 +57,7 @@ CREATE TABLE IF NOT EXISTS sweeps (
     name TEXT NOT NULL,
     ablation_path TEXT,
     ablation TEXT NOT NULL,
+    resolved TEXT,
     started_at REAL NOT NULL,
     finished_at REAL,
     summary TEXT,
@@ -64,6 +66,7 @@ CREATE TABLE IF NOT EXISTS sweeps (
 CREATE TABLE IF NOT EXISTS sweep_trials (
     sweep_id INTEGER NOT NULL,
     key TEXT NOT NULL,
+    plan TEXT,
     PRIMARY KEY (sweep_id, key)
 );
 """
@@ -88,6 +91,9 @@ class Store:
                 for column in ("dataset_name", "notes", "params"):  # columns a store of an older kdbench lacks
                     if column not in columns:
                         db.execute(f"ALTER TABLE trials ADD COLUMN {column} TEXT")
+                for table, column in (("sweeps", "resolved"), ("sweep_trials", "plan")):
+                    if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} TEXT")
 
     @contextmanager
     def transaction(self):
@@ -104,13 +110,17 @@ class Store:
         self.db.close()
 
     # --- sweeps -----------------------------------------------------------------------------------
-    def begin_sweep(self, name: str, ablation_path: str, ablation: dict, trials: list[PlannedTrial], environment: dict) -> int:
+    def begin_sweep(
+        self, name: str, ablation_path: str, ablation: dict, resolved: str, trials: list[PlannedTrial], environment: dict
+    ) -> int:
+        """Record a sweep: its ablation file as given (``ablation``) and as planned (``resolved``, JSON of the
+        :class:`~kdbench.sweep.ablation.Ablation`), and each planned trial with its :class:`~kdbench.records.TrialPlan`."""
         now = time.time()
         names = dataset_names(list(dict.fromkeys(t.config.data.dataset for t in trials)))  # grid order
         with self.transaction() as db:
             cur = db.execute(
-                "INSERT INTO sweeps (name, ablation_path, ablation, started_at, environment) VALUES (?, ?, ?, ?, ?)",
-                (name, ablation_path, json.dumps(ablation, sort_keys=True), now, json.dumps(environment)),
+                "INSERT INTO sweeps (name, ablation_path, ablation, resolved, started_at, environment) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, ablation_path, json.dumps(ablation, sort_keys=True), resolved, now, json.dumps(environment)),
             )
             sweep_id = cur.lastrowid
             for t in trials:
@@ -137,7 +147,10 @@ class Store:
                 )
                 # the display name depends on the sweep's other datasets: the latest sweep's name wins
                 db.execute("UPDATE trials SET dataset_name = ? WHERE key = ?", (names[c.data.dataset].display, t.key))
-                db.execute("INSERT OR IGNORE INTO sweep_trials (sweep_id, key) VALUES (?, ?)", (sweep_id, t.key))
+                db.execute(
+                    "INSERT OR IGNORE INTO sweep_trials (sweep_id, key, plan) VALUES (?, ?, ?)",
+                    (sweep_id, t.key, to_json(t.plan)),
+                )
         return sweep_id
 
     def finish_sweep(self, sweep_id: int, summary: dict) -> None:
@@ -242,7 +255,9 @@ class Store:
         if row is None:
             return None
         d = dict(row)
-        d["keys"] = [r["key"] for r in self.db.execute("SELECT key FROM sweep_trials WHERE sweep_id = ?", (d["id"],))]
+        planned = self.db.execute("SELECT key, plan FROM sweep_trials WHERE sweep_id = ?", (d["id"],)).fetchall()
+        d["keys"] = [r["key"] for r in planned]
+        d["plans"] = {r["key"]: r["plan"] for r in planned}  # TrialPlan JSON; NULL in a store of an older kdbench
         for col in ("ablation", "summary", "environment"):
             d[col] = json.loads(d[col]) if d[col] else None
         return d

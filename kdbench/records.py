@@ -1,0 +1,133 @@
+"""Typed records that cross layers as JSON: what planning decided about a trial, read back as written.
+
+The sweep resolves each trial once (:mod:`kdbench.sweep.plan`): its role, method, the settings it
+varies by, whether it is the ablation's default point.  The store keeps that resolution
+(:class:`TrialPlan`, and the resolved ablation) beside the trial, and the report reads it from
+there: a change to a planning rule never changes the report of a store made before it.
+
+:func:`to_json` / :func:`from_json` turn frozen dataclasses (nested dataclasses, tuples, dicts,
+optional and plain values) into JSON and back by their type hints, checking types only: no
+defaults are filled in and no rule is applied, so a value comes back exactly as it was stored.
+Torch-free and numpy-free: the sweep driver and the report use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kdbench.errors import UserError
+
+T = TypeVar("T")
+
+PLAN_FORMAT = "kdbench-plan-v1"
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """A point of an ablation's grid that planning resolved to a trial: the grid's method and its settings.
+
+    ``axes`` are that method's shared grid axes and ``point`` its ``(axis, value)`` there; one trial can
+    stand for several points (``kd_kl_cos`` at ``gamma = 0`` is the ``kd_kl`` trial of the same T and beta).
+    """
+
+    method: str
+    label: str
+    rank: int
+    axes: tuple[str, ...]
+    point: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What planning decided about one trial of one sweep (the store's ``sweep_trials.plan``).
+
+    ``method`` is the method the trial really is (a grid point with a zero soft-term weight is planned
+    as the method it reduces to), ``grid_points`` the grid points it was planned from, before that
+    resolution.  ``label``, ``rank`` (the order of tables and
+    figures) and ``own_params`` (a method with its own hyperparameters) are the method's;
+    ``settings`` is the text of the settings it varies by, ``axes`` the shared grid axes
+    (``temperature``, ``beta``, ``gamma``) its trials vary along in this ablation, and ``default``
+    says whether it is the ablation's default point (the trial Table 1 reports).
+    """
+
+    role: str  # "teacher" or "student"
+    method: str
+    label: str
+    rank: int
+    own_params: bool
+    settings: str
+    axes: tuple[str, ...]
+    default: bool
+    grid_points: tuple[GridPoint, ...] = ()
+    format: str = PLAN_FORMAT
+
+
+def to_json(record) -> str:
+    """A dataclass record as canonical JSON (sorted keys)."""
+    return json.dumps(dataclasses.asdict(record), sort_keys=True)
+
+
+def from_json(cls: type[T], text: str | dict, what: str) -> T:
+    """The ``cls`` record stored as ``text`` (JSON, or the decoded dict), exactly as written.
+
+    Raises:
+        UserError: the JSON does not fit ``cls`` (a store of another kdbench version): one line naming ``what``.
+    """
+    try:
+        data = json.loads(text) if isinstance(text, str) else text
+        fmt = getattr(cls, "__dataclass_fields__", {}).get("format")
+        if fmt is not None and data.get("format") != fmt.default:
+            raise ValueError(f"format {data.get('format')!r}, this kdbench reads {fmt.default!r}")
+        return _decode(cls, data)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserError(
+            f"{what} was written by another kdbench version ({err}): rebuild it with the kdbench that wrote it, "
+            "or rerun the sweep with this one"
+        ) from err
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _decode(hint: Any, value: Any) -> Any:
+    """``value`` (decoded JSON) as type ``hint``: dataclasses, tuples, dicts, ``X | None``, str, int, float, bool."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TypeError(f"{hint.__name__} must be an object, got {value!r}")
+        names = {f.name for f in dataclasses.fields(hint)}
+        unknown = set(value) - names
+        if unknown:
+            raise KeyError(f"unknown field {sorted(unknown)[0]} of {hint.__name__}")
+        hints = _hints(hint)
+        return hint(**{name: _decode(hints[name], v) for name, v in value.items()})
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(inner, value)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(args[0], v) for v in value)
+        if len(args) != len(value):
+            raise TypeError(f"expected {len(args)} items, got {value!r}")
+        return tuple(_decode(a, v) for a, v in zip(args, value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {value!r}")
+        return {k: _decode(args[1], v) for k, v in value.items()}
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise TypeError(f"expected {getattr(hint, '__name__', hint)}, got {value!r}")
