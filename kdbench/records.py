@@ -131,3 +131,87 @@ def _decode(hint: Any, value: Any) -> Any:
     if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         return value
     raise TypeError(f"expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+RESULT_FORMAT = "kdbench-result-v2"
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    """A model's metrics on one split (:func:`kdbench.engine.metrics.summarize` plus the mean cross-entropy).
+
+    Accuracies and macro scores are fractions in [0, 1]; ``confusion_matrix[i][j]`` counts images of class
+    ``i`` predicted ``j``; ``predictions`` (test split only) are the per-image class indices, in the order
+    of :attr:`TrialResult.test_targets`.
+    """
+
+    accuracy: float
+    macro_precision: float
+    macro_recall: float
+    macro_f1: float
+    per_class_accuracy: dict[str, float]
+    confusion_matrix: tuple[tuple[int, ...], ...]
+    n: int
+    loss: float
+    predictions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class WeightsResult:
+    """The metrics of one set of weights of a trial: the best-on-validation epoch's, or the last epoch's."""
+
+    epoch: int
+    val: SplitMetrics
+    test: SplitMetrics
+    test_logits_file: str | None = None  # the best weights' test logits, beside the checkpoint
+
+
+@dataclass(frozen=True)
+class ChanceTest:
+    """:func:`kdbench.engine.metrics.chance_test` of the best validation accuracy, and whether a chance-level teacher was allowed."""
+
+    accuracy: float
+    n: int
+    chance: float
+    p_value: float
+    alpha: float
+    powered: bool
+    significant: bool
+    at_chance: bool
+    allowed: bool
+
+
+@dataclass(frozen=True)
+class Timings:
+    total_s: float  # wall time of the runner call (a whole pack's for a pack member)
+    train_s: float  # the epochs' summed training time (kept across a resume)
+    train_images_per_s: float
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """A finished trial, from the engine (``metrics.json``) through the store to the report.
+
+    ``config`` is the trial's identity (:meth:`kdbench.config.TrialConfig.identity`), ``history`` one
+    dict per epoch (training loss, accuracy and loss terms, validation metrics, LR, speed), ``data``
+    the dataset folder, split counts and skipped files, ``teacher`` the record of the teacher it
+    distilled from (None for a teacher or a baseline), ``pack`` the pack it trained in (None alone).
+    """
+
+    key: str
+    loss_version: str
+    results_version: str
+    config: dict[str, Any]
+    effective_loss: dict[str, Any]
+    classes: tuple[str, ...]
+    data: dict[str, Any]
+    teacher: dict[str, Any] | None
+    test_targets: tuple[int, ...]
+    best: WeightsResult
+    last: WeightsResult
+    chance: ChanceTest
+    history: tuple[dict[str, float], ...]
+    timings: Timings
+    environment: dict[str, Any]
+    pack: dict[str, Any] | None = None
+    format: str = RESULT_FORMAT
