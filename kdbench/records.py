@@ -168,7 +168,7 @@ class WeightsResult:
 
 @dataclass(frozen=True)
 class ChanceTest:
-    """:func:`kdbench.engine.metrics.chance_test` of the best validation accuracy, and whether a chance-level teacher was allowed."""
+    """:func:`kdbench.engine.metrics.chance_test` of the best validation accuracy; ``allowed``: a chance-level teacher kept."""
 
     accuracy: float
     n: int
