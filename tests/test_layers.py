@@ -34,7 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sweep", ("kdbench.sweep",)),
     ("report", ("kdbench.report", "kdbench.bench_summary")),
     # command lines that drive several layers (a sweep ends with its report); nothing imports them
-    ("entry points", ("kdbench.train", "kdbench.sweep.__main__", "kdbench.report.__main__")),
+    ("entry points", ("kdbench.cli", "kdbench.train", "kdbench.sweep.__main__", "kdbench.report.__main__")),
 )
 
 # Modules the sweep driver, ``--help`` and ``--dry-run`` load: no heavy library at their top level, nor in
@@ -66,6 +66,7 @@ TORCH_FREE = (
     "kdbench.sweep.worker",
     "kdbench.sweep.__main__",
     "kdbench.train",
+    "kdbench.cli",
 )
 HEAVY = ("torch", "torchvision", "fvcore", "numpy", "PIL", "pandas", "scipy", "matplotlib", "seaborn")
 
