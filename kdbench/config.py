@@ -1,8 +1,14 @@
-"""Typed configuration: validated once at load, then passed around as frozen dataclasses.
+"""Typed configuration of a trial: validated once at load, then passed around as frozen dataclasses.
 
 Configs come from TOML ablation files (``ablations/*.toml``) or command-line flags.
 :func:`from_dict` builds a dataclass from a mapping, naming the bad key in a
 one-line :class:`~kdbench.errors.UserError` for unknown keys and wrong types.
+
+A trial's settings: :class:`~kdbench.data.config.DataConfig` (defined in the data layer, which knows
+datasets), :class:`Recipe`, :class:`~kdbench.losses.LossConfig` (defined with the losses, which check
+it), all three importable from here, and :class:`TrialConfig`, whose key holds the results version of
+the engine, the losses' version and the method's own.  So this module sits in the engine's layer
+(tests/test_layers.py): above data, models, losses and methods, below the sweep.  No torch.
 """
 
 from __future__ import annotations
@@ -16,27 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kdbench import engine, losses
+from kdbench.data.config import DataConfig
 from kdbench.digest import file_sha256, json_digest
 from kdbench.errors import UserError
+from kdbench.losses import LossConfig
 from kdbench.machine import gpu_visible
+from kdbench.methods import METHODS
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Which images a trial sees and how they are prepared."""
-
-    dataset: str = "eurosat"
-    resolution: int = 64
-    images_per_class: int | None = None  # seeded subset per class for quick runs
-    classes: tuple[str, ...] = ()  # class subset; empty = all
-    val_fraction: float | None = None  # None: the dataset's default
-    test_fraction: float | None = None
-    split_seed: int = 0
-    augment: str = "d4"
-    skip_bad_images: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,20 +49,6 @@ class Recipe:
     schedule: str = "cosine"
     warmup_epochs: int = 1  # linear LR warm-up; from-scratch training at high LR diverges without it
     eval_batch_size: int = 256  # a run setting: evaluation in eval mode is per image, so it is not part of the key
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Weights of ``alpha * CE + beta * T^2 * KL + gamma * (1 - cos)`` (see kdbench.losses), and
-    ``params``: the ``(name, value)`` hyperparameters of a method that owns them (see kdbench.methods;
-    empty for the paper's methods, whose keys therefore never changed)."""
-
-    alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 1.0
-    temperature: float = 4.0
-    cosine_on: str = "logits"
-    params: tuple[tuple[str, float], ...] = ()
 
 
 # How a trial computes on each device type (kdbench.engine.runtime.autocast): part of its key.
@@ -128,10 +109,8 @@ class TrialConfig:
         return d
 
     def key(self) -> str:
-        from kdbench.engine import RESULTS_VERSION
-        from kdbench.losses import LOSS_VERSION
-
-        return json_digest({"trial": self.identity(), "results_version": RESULTS_VERSION, "loss_version": LOSS_VERSION})
+        versions = {"results_version": engine.RESULTS_VERSION, "loss_version": losses.LOSS_VERSION}
+        return json_digest({"trial": self.identity(), **versions})
 
 
 PRETRAINED_NAMES = ("", "none", "imagenet")  # any other ``pretrained`` value is a state-dict file
@@ -166,8 +145,6 @@ def _file_digest(path: str, *stat) -> str:
 
 def method_loss_version(name: str) -> str:
     """``Method.loss_version`` of the registered method ``name`` ("" for none, or for an unknown name)."""
-    from kdbench.methods import METHODS  # here: kdbench.methods imports this module
-
     cls = METHODS.get(name)
     return cls.loss_version if cls is not None else ""
 
@@ -217,7 +194,6 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
 
 # (name, low, high, high included and low excluded): lr in (0, 10], momentum (AdamW beta1) and weight decay in [0, 1).
 RECIPE_RANGES = (("lr", 0.0, 10.0, True), ("momentum", 0.0, 1.0, False), ("weight_decay", 0.0, 1.0, False))
-MIN_TRAIN_FRACTION = 0.1  # val_fraction + test_fraction <= 0.9
 
 
 # torchvision classifiers that every supported torchvision (>= 0.19) has: a recipe naming one is checked
@@ -233,7 +209,7 @@ COMMON_MODELS = frozenset(
 def check_recipe(recipe: Recipe, where: str) -> None:
     """Range checks that types alone do not catch."""
     if recipe.model not in COMMON_MODELS:
-        from kdbench.models import check_model_name  # any other name: torchvision's registry
+        from kdbench.models import check_model_name  # any other name: torchvision's registry (imports torch)
 
         check_model_name(recipe.model)
     for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -251,39 +227,3 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         raise UserError(f"{where}.optimizer must be one of {', '.join(OPTIMIZERS)}, got {recipe.optimizer!r}")
     if recipe.schedule not in SCHEDULES:
         raise UserError(f"{where}.schedule must be one of {', '.join(SCHEDULES)}, got {recipe.schedule!r}")
-
-
-def check_loss(loss: LossConfig, where: str, hint: str = "") -> None:
-    """:func:`kdbench.losses.check_weights` on a config, as a one-line UserError: ``where`` + the problem + ``hint``."""
-    from kdbench.losses import check_weights
-
-    try:
-        check_weights(loss.alpha, loss.beta, loss.gamma, loss.temperature, loss.cosine_on)
-    except ValueError as err:
-        raise UserError(f"{where}{err}{hint}") from err
-
-
-def check_data(data: DataConfig, where: str) -> None:
-    from kdbench.data.presets import AUGMENTATIONS
-    from kdbench.data.specs import get_spec
-
-    spec = get_spec(data.dataset)
-    if data.resolution < 16:
-        raise UserError(f"{where}.resolution must be >= 16 pixels, got {data.resolution}")
-    if data.augment not in AUGMENTATIONS:
-        raise UserError(f"{where}.augment must be one of {', '.join(AUGMENTATIONS)}, got {data.augment!r}")
-    if data.images_per_class is not None and data.images_per_class < 3:
-        raise UserError(f"{where}.images_per_class must be >= 3 (one image each for train, val and test)")
-    for name in ("val_fraction", "test_fraction"):
-        value = getattr(data, name)
-        if value is not None and not 0 < value < 1:
-            raise UserError(
-                f"{where}.{name} must be in (0, 1), got {value}: model selection needs a val split, results a test split"
-            )
-    val = spec.val_fraction if data.val_fraction is None else data.val_fraction
-    test = spec.test_fraction if data.test_fraction is None else data.test_fraction
-    if val + test > 1 - MIN_TRAIN_FRACTION + 1e-9:
-        raise UserError(
-            f"{where}: val_fraction + test_fraction is {val + test:g}; at most {1 - MIN_TRAIN_FRACTION:g} "
-            "leaves images to train on: lower them"
-        )

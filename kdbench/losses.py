@@ -28,13 +28,30 @@ checks) reads this module without loading torch (kdbench.machine says why).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
+
+from kdbench.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
 LOSS_VERSION = "1"
 COSINE_ON = ("logits", "probs")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of ``alpha * CE + beta * T^2 * KL + gamma * (1 - cos)`` (:func:`distillation_loss`), and
+    ``params``: the ``(name, value)`` hyperparameters of a method that owns them (see kdbench.methods;
+    empty for the paper's methods, whose keys therefore never changed)."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    temperature: float = 4.0
+    cosine_on: str = "logits"
+    params: tuple[tuple[str, float], ...] = ()
 
 
 class LossTerms(NamedTuple):
@@ -184,6 +201,14 @@ def check_weights(alpha: float, beta: float, gamma: float, temperature: float, c
     _check_temperature(temperature)
     if cosine_on not in COSINE_ON:
         raise ValueError(f"cosine_on must be one of {COSINE_ON}, got {cosine_on!r}")
+
+
+def check_loss(loss: LossConfig, where: str, hint: str = "") -> None:
+    """:func:`check_weights` on a config, as a one-line UserError: ``where`` + the problem + ``hint``."""
+    try:
+        check_weights(loss.alpha, loss.beta, loss.gamma, loss.temperature, loss.cosine_on)
+    except ValueError as err:
+        raise UserError(f"{where}{err}{hint}") from err
 
 
 def check_weight(name: str, value: float) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_data, check_recipe
+from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_recipe
+from kdbench.data.config import check_data
 from kdbench.errors import UserError, cli_main, log_errors_to
 from kdbench.methods import METHODS, get_method
 

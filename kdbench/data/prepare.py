@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kdbench.config import DataConfig
+from kdbench.data.config import DataConfig
 from kdbench.data.decode import load_images
 from kdbench.data.index import ImageIndex, content_digests, stratified_split, write_manifest
 from kdbench.data.select import select_images

@@ -1,11 +1,11 @@
-"""Which images a :class:`~kdbench.config.DataConfig` selects, and their fingerprint (no decoding, no torch)."""
+"""Which images a :class:`~kdbench.data.config.DataConfig` selects, and their fingerprint (no decoding, no torch)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from kdbench.config import DataConfig
+from kdbench.data.config import DataConfig
 from kdbench.data.index import ImageIndex, content_digests, limit_per_class, scan_folder
 from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.specs import get_spec

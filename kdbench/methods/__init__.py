@@ -8,7 +8,7 @@ subclass decorated with :func:`register`; nothing else branches on method names.
 Hyperparameters come in two kinds:
 
 * the paper's methods (``kd_kl``, ``kd_cos``, ``kd_kl_cos``) use the shared fields ``temperature``,
-  ``beta`` and ``gamma`` of :class:`~kdbench.config.LossConfig` (ablation axes ``grid.temperatures``,
+  ``beta`` and ``gamma`` of :class:`~kdbench.losses.LossConfig` (ablation axes ``grid.temperatures``,
   ``grid.kl_weights``, ``grid.cos_weights``; default point in ``[loss]``);
 * any other distilling method owns its hyperparameters: a frozen :class:`Params` dataclass with the
   published defaults (class attribute ``params``), carried in ``LossConfig.params`` and so in its
@@ -28,8 +28,8 @@ import pkgutil
 from typing import TYPE_CHECKING, ClassVar
 
 from kdbench import losses
-from kdbench.config import LossConfig, check_loss
 from kdbench.errors import UserError
+from kdbench.losses import LossConfig, check_loss
 
 if TYPE_CHECKING:
     import torch

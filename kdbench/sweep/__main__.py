@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log_errors_to(out_dir)
 
-    from kdbench.sweep.executors import make_executor
     from kdbench.sweep.runner import check_datasets, run_sweep
     from kdbench.sweep.worker import SweepContext
 
@@ -92,6 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     reported = args.no_report or write_report(out_dir)
     print(f"trials: {counts['total']} total, {counts['done']} done, {counts['failed']} failed, {counts['already']} already done")
     return 1 if counts["failed"] or not reported else 0
+
+
+def make_executor(name: str, workers: int, ray_address: str | None = None):
+    """The executor ``--executor`` names: ``local`` processes or a ``ray`` cluster (imported only then)."""
+    if name == "local":
+        from kdbench.sweep.executors import LocalExecutor
+
+        return LocalExecutor(workers)
+    if name == "ray":
+        from kdbench.sweep.ray_executor import RayExecutor
+
+        return RayExecutor(address=ray_address, workers=workers)
+    raise UserError(f"unknown executor {name!r}: use local or ray")
 
 
 def plan(ablation, pack: int, root: str | None):

@@ -30,9 +30,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdbench.config import DataConfig, LossConfig, Recipe, check_data, check_recipe, from_dict
+from kdbench.config import DataConfig, LossConfig, Recipe, check_recipe, from_dict
+from kdbench.data.config import check_data
 from kdbench.data.specs import dataset_names
 from kdbench.errors import UserError
+from kdbench.methods import get_method, resolve
 
 # The shipped ablation files are package data (kdbench/ablations/, also reached as ./ablations in a
 # checkout), so a regular `pip install` finds them from any folder.
@@ -114,8 +116,6 @@ class Ablation:
 
     def points(self, name: str) -> list[LossConfig]:
         """The loss settings of every grid point of method ``name`` (before :func:`kdbench.methods.resolve`)."""
-        from kdbench.methods import get_method
-
         method = get_method(name)
         base = LossConfig(alpha=self.loss.alpha, cosine_on=self.loss.cosine_on)
         if name in self.methods:
@@ -126,8 +126,6 @@ class Ablation:
 
     def default_loss(self, name: str) -> LossConfig:
         """The effective loss of method ``name``'s default trial (``[loss]`` and ``[methods.<name>]``)."""
-        from kdbench.methods import get_method
-
         point = self.loss.default_point()
         if name in self.methods:
             point = dataclasses.replace(point, params=self.methods[name].default)
@@ -214,8 +212,6 @@ GRID_AXES = {"temperature": "temperatures", "beta": "kl_weights", "gamma": "cos_
 
 def default_point(loss: LossSettings, grid: Grid, source: str) -> LossSettings:
     """``loss`` with its default point checked against the grid and filled in where an axis has one value."""
-    from kdbench.methods import get_method, resolve
-
     values = {}
     for name, axis in GRID_AXES.items():
         given, options = getattr(loss, name), getattr(grid, axis)
@@ -257,8 +253,6 @@ def _method_tables(raw: dict) -> tuple[dict, dict, dict]:
 
 def method_settings(fixed: dict, axes: dict, grid: Grid, source: str) -> dict[str, MethodSettings]:
     """The own hyperparameters of every method of the grid that has them, checked against the method's ``Params``."""
-    from kdbench.methods import get_method
-
     for table, names in (("methods", fixed), ("grid", axes)):
         for name in names:
             if get_method(name).params is None:
@@ -307,8 +301,6 @@ def _axes_type(params: type) -> type:
 
 
 def check_grid(grid: Grid) -> None:
-    from kdbench.methods import get_method
-
     for f in dataclasses.fields(grid):
         if not getattr(grid, f.name):
             raise UserError(f"grid.{f.name} is empty: the grid has no trials; give it at least one value")

@@ -4,7 +4,8 @@ An executor has one method, ``run(trials, ctx, on_start, on_outcome)``: it runs 
 trial it is given (teachers before the students that need them; a student whose
 teacher failed is failed without running) and calls ``on_outcome`` in the driver's
 process as each finishes.  ``local`` runs them in this process (``--workers 1``)
-or in a pool of processes; ``ray`` (kdbench.sweep.ray_executor) on a Ray cluster.
+or in a pool of processes; ``ray`` (kdbench.sweep.ray_executor, built on this module) on a Ray
+cluster.  The sweep's command line (kdbench.sweep.__main__) picks one.
 
 Besides ``done`` and ``failed``, ``on_outcome`` may get ``busy`` (another process holds
 the trial's lock: the driver revisits it at the end) and ``retry`` (a note: the
@@ -200,13 +201,3 @@ def _dead_workers_trials(pool: ProcessPoolExecutor, out_dir: str, in_flight: lis
             if p.exitcode not in (None, 0, -signal.SIGTERM):
                 keys.add(key)
     return keys & set(in_flight) if keys & set(in_flight) else set(in_flight)
-
-
-def make_executor(name: str, workers: int, ray_address: str | None = None) -> Executor:
-    if name == "local":
-        return LocalExecutor(workers)
-    if name == "ray":
-        from kdbench.sweep.ray_executor import RayExecutor
-
-        return RayExecutor(address=ray_address, workers=workers)
-    raise UserError(f"unknown executor {name!r}: use local or ray")
