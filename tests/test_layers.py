@@ -21,8 +21,9 @@ PACKAGE = REPO / "kdbench"
 # name and the modules under it; the longest name wins, so ``kdbench.sweep.__main__`` is an entry point,
 # not a sweep module; ``kdbench`` itself (the package's ``__init__``, ``__version__``) claims only itself.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # shared helpers: one-line errors, digests, atomic writes and locks, the machine, NaN/inf checks
+    # shared helpers: one-line errors, digests, atomic writes and locks, the machine, NaN/inf checks, typed records
     ("helpers", ("kdbench", "kdbench.errors", "kdbench.digest", "kdbench.durable", "kdbench.machine", "kdbench.finite")),
+    ("records", ("kdbench.records",)),
     ("data", ("kdbench.data",)),  # with DataConfig and its checks (kdbench.data.config)
     ("models", ("kdbench.models", "kdbench.packing")),
     ("losses", ("kdbench.losses",)),  # with LossConfig and its checks
@@ -45,6 +46,7 @@ TORCH_FREE = (
     "kdbench.digest",
     "kdbench.durable",
     "kdbench.machine",
+    "kdbench.records",
     "kdbench.data.config",
     "kdbench.data.index",
     "kdbench.data.locate",
