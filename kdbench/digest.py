@@ -37,7 +37,7 @@ def file_sha256(path: str | os.PathLike, n: int = DIGITS) -> str:
 def file_digests(root: str | os.PathLike, rel_files: Iterable[str]) -> list[str]:
     """:func:`file_sha256` of each file below ``root``: what an image cache or a fingerprint is keyed by.
 
-    Reading every byte (about 1.4 s for all 27,000 EuroSAT images on a 2-core VM, BENCHMARKS.md)
+    Reading every byte (about 1.5 s for all 27,000 EuroSAT images on a 2-core VM, 5 s from a cold disk: BENCHMARKS.md)
     is what makes a file overwritten in place, at the same size and even with its modification
     time restored, a different image to every cache.
     """
