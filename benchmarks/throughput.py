@@ -35,7 +35,7 @@ from kdbench.engine.loop import train_one_epoch
 from kdbench.engine.packed import MemberLoss, train_pack_epoch
 from kdbench.engine.runtime import autocast, memory_format, resolve_device
 from kdbench.engine.teacher import CachedTeacher
-from kdbench.methods import get_method
+from kdbench.methods import Outputs, get_method
 from kdbench.models import build_model
 from kdbench.packing import PackedMobileNetV2
 
@@ -106,7 +106,9 @@ def plain_step(bench: Bench, model, optimizer, teacher=None) -> None:
             teacher_logits = teacher(x).float()
     with autocast(bench.device):
         logits = model(x).float()
-    loss = F.cross_entropy(logits, y) if teacher is None else KD.loss(logits, teacher_logits, y, LossConfig())[0]
+    loss = (
+        F.cross_entropy(logits, y) if teacher is None else KD.loss(Outputs(logits), Outputs(teacher_logits), y, LossConfig())[0]
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -5,7 +5,7 @@ import torch
 
 from kdbench.config import LossConfig
 from kdbench.errors import UserError
-from kdbench.methods import get_method
+from kdbench.methods import Outputs, get_method
 from kdbench.methods.dist import dist_loss, pearson_distance
 
 
@@ -123,7 +123,7 @@ def test_method_defaults_and_errors():
     cfg = dist.effective_loss(LossConfig())
     assert cfg.params == (("beta", 2.0), ("gamma", 2.0), ("temperature", 4.0))
     s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
-    total, terms = dist.loss(s, t, y, cfg)
+    total, terms = dist.loss(Outputs(s), Outputs(t), y, cfg)
     assert set(terms) == {"ce", "inter", "intra"}
     assert torch.allclose(total, terms["ce"] + 2.0 * terms["inter"] + 2.0 * terms["intra"])
     with pytest.raises(UserError, match="dist.temperature must be > 0"):

@@ -6,7 +6,7 @@ import torch
 from kdbench.config import LossConfig
 from kdbench.errors import UserError
 from kdbench.losses import kl_term
-from kdbench.methods import get_method
+from kdbench.methods import Outputs, get_method
 from kdbench.methods.dkd import decoupled_terms, dkd_loss
 
 
@@ -88,7 +88,7 @@ def test_method_uses_its_own_hyperparameters_and_the_shared_ce_weight():
         alpha=1.0, beta=0.0, gamma=0.0, temperature=1.0, params=(("alpha", 1.0), ("beta", 2.0), ("temperature", 4.0))
     )
     s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
-    total, terms = dkd.loss(s, t, y, cfg)
+    total, terms = dkd.loss(Outputs(s), Outputs(t), y, cfg)
     assert set(terms) == {"ce", "tckd", "nckd"}
     assert torch.allclose(total, terms["ce"] + terms["tckd"] + 2.0 * terms["nckd"])
     assert dkd.needs_teacher and dkd.sweep_axes(cfg) == ()

@@ -15,7 +15,7 @@ import torch
 
 from kdbench.config import LossConfig
 from kdbench.errors import UserError
-from kdbench.methods import get_method
+from kdbench.methods import Outputs, get_method
 from kdbench.methods.lskd import lskd_loss, standardize
 
 
@@ -119,7 +119,7 @@ def test_method_defaults_and_errors():
     cfg = lskd.effective_loss(LossConfig())
     assert cfg.params == (("weight", 9.0), ("temperature", 2.0))
     s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
-    total, terms = lskd.loss(s, t, y, cfg)
+    total, terms = lskd.loss(Outputs(s), Outputs(t), y, cfg)
     assert set(terms) == {"ce", "kl"} and torch.allclose(total, terms["ce"] + 9.0 * terms["kl"])
     with pytest.raises(UserError, match="lskd.temperature must be > 0"):
         lskd.check(LossConfig(params=(("temperature", 0.0),)), "")

@@ -19,7 +19,7 @@ from kdbench.engine.metrics import confusion_matrix, summarize
 from kdbench.engine.runtime import autocast, full_precision, memory_format
 from kdbench.errors import NonFiniteError
 from kdbench.finite import check_finite_logits
-from kdbench.methods import Method
+from kdbench.methods import Method, Outputs
 
 
 @dataclass
@@ -74,7 +74,7 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0)
 
 
 class MemberLoss(NamedTuple):
-    """One model's loss in an epoch: ``method.loss(logits, teacher_logits, y, cfg)``; ``label`` names it in errors."""
+    """One model's loss in an epoch: ``method.loss(student outputs, teacher outputs, y, cfg)``; ``label`` names it in errors."""
 
     label: str
     method: Method
@@ -175,7 +175,8 @@ def _member_losses(
     """Each member's loss; its batch means (``loss``, ``correct`` fraction, ``term_*``) flat on the device, and their names."""
     losses, scalars, layout = [], [], []
     for i, m in enumerate(members):
-        loss, terms = m.method.loss(logits[i], teacher_logits if m.method.needs_teacher else None, y, m.cfg)
+        teacher = Outputs(teacher_logits) if m.method.needs_teacher else None
+        loss, terms = m.method.loss(Outputs(logits[i]), teacher, y, m.cfg)
         losses.append(loss)
         present = {f"term_{k}": v.detach() for k, v in terms.items() if v is not None}
         layout.append(["loss", "correct", *present])

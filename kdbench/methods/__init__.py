@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 import pkgutil
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from kdbench import losses
@@ -35,6 +37,20 @@ if TYPE_CHECKING:
     import torch
 
 METHODS: dict[str, type[Method]] = {}
+
+# What a method can ask of the teacher (and gets of the student alike), besides nothing at all:
+# "logits" ``[B, C]``; "embedding" ``[B, D]``, the input of the model's last linear layer (the
+# penultimate features of every torchvision classifier), which only the online teacher provides.
+NEEDS = ("logits", "embedding")
+PLUGINS_ENV = "KDBENCH_METHODS"  # more method modules to register, comma-separated (importable module names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What a model produced for one batch: its ``logits`` ``[B, C]`` and the ``features`` a method needs, by name."""
+
+    logits: torch.Tensor
+    features: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -89,13 +105,23 @@ class Method:
     uses_kl: ClassVar[bool] = False
     uses_cos: ClassVar[bool] = False
     params: ClassVar[type[Params] | None] = None  # own hyperparameters (see the module docstring)
+    # What it needs from the teacher (:data:`NEEDS`); the student's outputs carry the same.  None: logits
+    # where the loss has a soft term (the paper's methods), nothing otherwise.
+    needs: ClassVar[frozenset[str] | None] = None
     # Bump when this method's own loss formula changes (not kdbench.losses, whose LOSS_VERSION keys every
     # trial): part of its trials' keys where not empty (TrialConfig.identity), so no other method's key moves.
     loss_version: ClassVar[str] = ""
 
     @property
+    def needs_from_teacher(self) -> frozenset[str]:
+        """What the engine must provide of the teacher (and of the student) for :meth:`loss`."""
+        if self.needs is not None:
+            return self.needs
+        return frozenset({"logits"}) if self.uses_kl or self.uses_cos else frozenset()
+
+    @property
     def needs_teacher(self) -> bool:
-        return self.uses_kl or self.uses_cos
+        return bool(self.needs_from_teacher)
 
     def sweep_axes(self, loss: LossConfig) -> tuple[str, ...]:
         """The shared grid axes (``temperature``, ``beta``, ``gamma``) that change this method's result."""
@@ -129,12 +155,16 @@ class Method:
         return f"T {loss.temperature:g}, β {loss.beta:g}, γ {loss.gamma:g}"
 
     def loss(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor, cfg: LossConfig
+        self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor, cfg: LossConfig
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        """The training loss and its unweighted terms by name; ``cfg`` is already :meth:`effective_loss`."""
+        """The training loss and its unweighted terms by name; ``cfg`` is already :meth:`effective_loss`.
+
+        ``student`` and ``teacher`` hold what :attr:`needs_from_teacher` asks for (``teacher`` is None
+        for a method that needs nothing of it).
+        """
         terms = losses.loss_terms(
-            student_logits,
-            teacher_logits,
+            student.logits,
+            teacher.logits if teacher is not None else None,
             targets,
             alpha=cfg.alpha,
             beta=cfg.beta,
@@ -159,9 +189,7 @@ class OwnParams(Method):
     shared ``temperature``, ``beta`` and ``gamma`` do not apply (canonical 1, 0, 0 in its key).
     """
 
-    @property
-    def needs_teacher(self) -> bool:
-        return True
+    needs = frozenset({"logits"})
 
     def sweep_axes(self, loss: LossConfig) -> tuple[str, ...]:
         return ()
@@ -188,21 +216,21 @@ class OwnParams(Method):
         return ", ".join(f"{name} {value:g}" for name, value in self.own(loss).pairs())
 
     def loss(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor, cfg: LossConfig
+        self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor, cfg: LossConfig
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-        if teacher_logits is None:
-            raise ValueError(f"{self.name} distils from a teacher: it needs teacher logits")
-        losses.check_logits(student_logits, teacher_logits, targets)
-        total, terms = self.distill(student_logits, teacher_logits, targets, self.own(cfg))
-        ce = losses.cross_entropy_term(student_logits, targets) if cfg.alpha > 0 else None
+        if teacher is None:
+            raise ValueError(f"{self.name} distils from a teacher: it needs the teacher's outputs")
+        losses.check_logits(student.logits, teacher.logits, targets)
+        total, terms = self.distill(student, teacher, targets, self.own(cfg))
+        ce = losses.cross_entropy_term(student.logits, targets) if cfg.alpha > 0 else None
         if ce is not None:
             total = cfg.alpha * ce + total
         return total, {"ce": ce, **terms}
 
     def distill(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, p: Params
+        self, student: Outputs, teacher: Outputs, targets: torch.Tensor, p: Params
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted distillation loss and its unweighted terms by name."""
+        """The weighted distillation loss and its unweighted terms by name, from what :attr:`needs` asked for."""
         raise NotImplementedError
 
 
@@ -229,9 +257,19 @@ def resolve(method: Method, loss: LossConfig) -> tuple[Method, LossConfig]:
 
 
 def _discover() -> None:
-    """Import every module of this package (each registers its method), then order the registry by rank."""
+    """Import every module of this package and those named in ``$KDBENCH_METHODS`` (each registers its
+    method), then order the registry by rank.
+
+    ``KDBENCH_METHODS=mylab.fitnet,mylab.crd`` adds methods that live outside kdbench; the sweep's workers
+    inherit the variable.  A module that cannot be imported is a one-line error.
+    """
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise UserError(f"{PLUGINS_ENV} names {name}, which cannot be imported ({err}): fix the name or PYTHONPATH") from err
     ordered = sorted(METHODS.values(), key=lambda cls: cls.rank)
     METHODS.clear()
     METHODS.update((cls.name, cls) for cls in ordered)

@@ -96,5 +96,5 @@ class DIST(OwnParams):
     rank = 60
     params = DISTParams
 
-    def distill(self, student_logits, teacher_logits, targets, p: DISTParams):
-        return dist_loss(student_logits, teacher_logits, beta=p.beta, gamma=p.gamma, temperature=p.temperature)
+    def distill(self, student, teacher, targets, p: DISTParams):
+        return dist_loss(student.logits, teacher.logits, beta=p.beta, gamma=p.gamma, temperature=p.temperature)

@@ -101,5 +101,5 @@ class DKD(OwnParams):
     rank = 50
     params = DKDParams
 
-    def distill(self, student_logits, teacher_logits, targets, p: DKDParams):
-        return dkd_loss(student_logits, teacher_logits, targets, alpha=p.alpha, beta=p.beta, temperature=p.temperature)
+    def distill(self, student, teacher, targets, p: DKDParams):
+        return dkd_loss(student.logits, teacher.logits, targets, alpha=p.alpha, beta=p.beta, temperature=p.temperature)

@@ -76,5 +76,5 @@ class LSKD(OwnParams):
     params = LSKDParams
     loss_version = "2"  # 2: the authors' unbiased std + 1e-7 (:func:`standardize`); 1 (keyed as "") used the 1/K std
 
-    def distill(self, student_logits, teacher_logits, targets, p: LSKDParams):
-        return lskd_loss(student_logits, teacher_logits, weight=p.weight, temperature=p.temperature)
+    def distill(self, student, teacher, targets, p: LSKDParams):
+        return lskd_loss(student.logits, teacher.logits, weight=p.weight, temperature=p.temperature)
