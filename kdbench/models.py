@@ -129,7 +129,7 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     ckpt = load_checkpoint_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
-            f"{path} is not a kdbench checkpoint (no '{CHECKPOINT_FORMAT}' header): pass best.pt or last.pt from a kdbench run"
+            f"{path} is not a kdbench checkpoint (no '{CHECKPOINT_FORMAT}' header): pass a best.pt from a kdbench run"
         )
     model = build_model(ckpt["model"], num_classes=len(ckpt["classes"]))
     try:

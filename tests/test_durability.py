@@ -196,14 +196,14 @@ def test_disk_full_during_a_checkpoint_fails_the_trial_in_one_line_and_a_rerun_r
     real = durable.atomic_write
     writes = []
 
-    def full_on_second_last_pt(path, write):
-        if Path(path).name == "last.pt":
+    def full_on_second_state_pt(path, write):
+        if Path(path).name == "state.pt":
             writes.append(path)
             if len(writes) == 2:
                 return real(path, lambda f: (f.write(b"x" * 4096), _raise_enospc(path)))
         return real(path, write)
 
-    monkeypatch.setattr(durable, "atomic_write", full_on_second_last_pt)
+    monkeypatch.setattr(durable, "atomic_write", full_on_second_state_pt)
     args = ["--config", str(ablation), "--out", str(out), "--no-report", "--threads", "1"]
     code = sweep_main(args)
     printed = capsys.readouterr()
@@ -279,8 +279,8 @@ def test_a_trial_killed_at_any_write_resumes_to_the_uninterrupted_result(tmp_pat
 
     assert run(tmp_path / "full", "none").returncode == 0
     truth = comparable(json.loads((tmp_path / "full" / "metrics.json").read_text()))
-    # writes: last.pt (1), best.pt (2) of epoch 1, then last.pt (+ best.pt if it improved) of each later epoch, metrics.json
-    for kill_at in ("1:after", "2:mid", "4:after"):  # between last.pt and best.pt; best.pt half written; later epoch
+    # writes: state.pt (1), best.pt (2) of epoch 1, then state.pt (+ best.pt if it improved) of each later epoch, metrics.json
+    for kill_at in ("1:after", "2:mid", "4:after"):  # between state.pt and best.pt; best.pt half written; later epoch
         out = tmp_path / kill_at.replace(":", "-")
         killed = run(out, kill_at)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -303,7 +303,7 @@ def test_an_unreadable_resume_state_restarts_the_trial_with_a_warning(tmp_path):
     )
     truth = run_trial(cfg, tmp_path / "a", progress=False, log=lambda m: None)
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "b" / "state.pt").write_bytes(b"PK\x03\x04 truncated")
     lines = []
     result = run_trial(cfg, tmp_path / "b", progress=False, log=lines.append)
     assert any(line.startswith("warning: cannot read the resume state") and "from scratch" in line for line in lines)
@@ -326,7 +326,7 @@ def test_a_killed_pool_worker_is_replaced_and_its_trial_retried(tmp_path):
                 key = note.read_text().strip()
             except OSError:
                 continue
-            if key and (out / "trials" / key / "last.pt").exists():  # mid-trial: one epoch checkpointed
+            if key and (out / "trials" / key / "state.pt").exists():  # mid-trial: one epoch checkpointed
                 victim = (int(note.name), key)
                 break
         time.sleep(0.05)
@@ -360,7 +360,7 @@ def test_soak_a_sweep_killed_three_times_equals_an_uninterrupted_one(tmp_path):
             return False
         done = sum(r["status"] == "done" for r in rows)
         if moment == "first epoch":  # the teacher is mid-trial
-            return any((out / "trials" / r["key"] / "last.pt").exists() for r in rows if r["status"] == "running")
+            return any((out / "trials" / r["key"] / "state.pt").exists() for r in rows if r["status"] == "running")
         if moment == "teacher done":
             return done >= 1
         return done >= 2 and any(r["status"] == "running" for r in rows)  # the last student has started

@@ -49,7 +49,7 @@ def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
     )
     assert teacher.returncode == 0, teacher.stderr
     assert "best-on-val" in teacher.stdout and "last epoch" in teacher.stdout
-    for name in ("best.pt", "last.pt", "metrics.json", "manifest.csv"):
+    for name in ("best.pt", "state.pt", "metrics.json", "manifest.csv"):
         assert (tmp_path / "teacher" / name).exists()
     student = run_cli(
         "kdbench.train",
@@ -137,17 +137,90 @@ def test_same_seed_same_metrics_and_resume_after_interruption(image_folder, tmp_
     assert saved["logits"].argmax(1).tolist() == a["best"]["test"]["predictions"]
     assert a["best"]["test"] == b["best"]["test"] and a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
 
-    def crash_after_epoch_2(message):
-        if message.startswith("epoch 2/3"):
+    def crash_after_epoch_1(message):  # an epoch is logged once its resume state is written
+        if message.startswith("epoch 1/3"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_trial(cfg, tmp_path / "c", progress=False, log=crash_after_epoch_2)
+        run_trial(cfg, tmp_path / "c", progress=False, log=crash_after_epoch_1)
     lines = []
     c = run_trial(cfg, tmp_path / "c", progress=False, log=lines.append)
     assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
     assert [h["train_loss"] for h in c["history"]] == [h["train_loss"] for h in a["history"]]
     assert c["last"]["test"] == a["last"]["test"] and c["best"]["test"] == a["best"]["test"]
+
+
+# What run_trial gave for the trials of the test below (CPU, float64) before every trial trained with the one
+# runner (kdbench.engine.runner), by the code of commit 9a63183: its own run_trial and last.pt.
+BEFORE_THE_ONE_RUNNER = {
+    "teacher": {
+        "train_loss": [1.341747562900569, 0.3037430232290341],
+        "train_accuracy": [0.25, 0.84375],
+        "val_loss": [1.1944439699589238, 1.7962440773373392],
+        "lr": [0.01, 0.0],
+        "best_epoch": 1,
+        "test_loss": [1.1745345343509168, 1.7821906702212174],
+        "test_accuracy": [0.3333333333333333, 0.3333333333333333],
+    },
+    "student": {
+        "train_loss": [2.217474425951514, 4.208230469837197, 3.143818862711819],
+        "train_accuracy": [0.40625, 0.28125, 0.34375],
+        "val_loss": [1.2938725781084006, 1.144058605272635, 1.2212579637436425],
+        "lr": [0.01, 0.005, 0.0],
+        "term_kl": [0.4685225218835613, 1.0674076918168556, 1.1298974461895455],
+        "term_cos": [0.337810810756597, 0.19129260864226533, 0.3304713126903607],
+        "best_epoch": 1,
+        "test_loss": [1.293858256285446, 1.2205916533652226],
+        "test_accuracy": [0.3333333333333333, 0.3333333333333333],
+    },
+    "baseline": {
+        "train_loss": [1.22802529626843, 3.647214906831687],
+        "train_accuracy": [0.40625, 0.34375],
+        "val_loss": [1.0986258997131428, 1.1159446334177427],
+        "lr": [0.0075, 0.0],
+        "best_epoch": 1,
+        "test_loss": [1.0986259002247474, 1.115944633030125],
+        "test_accuracy": [0.3333333333333333, 0.3333333333333333],
+    },
+}
+
+
+def _pinned_numbers(result: dict) -> dict:
+    """A result's numbers in the shape of BEFORE_THE_ONE_RUNNER."""
+    history = result["history"]
+    names = [k for k in ("train_loss", "train_accuracy", "val_loss", "lr", "term_kl", "term_cos") if k in history[0]]
+    return {
+        **{k: [h[k] for h in history] for k in names},
+        "best_epoch": result["best"]["epoch"],
+        "test_loss": [result[w]["test"]["loss"] for w in ("best", "last")],
+        "test_accuracy": [result[w]["test"]["accuracy"] for w in ("best", "last")],
+    }
+
+
+def test_a_trial_alone_trains_as_it_did_before_the_one_runner(tmp_path, float64):
+    """A teacher, a KD student (teacher-logit cache) and an AdamW one-cycle baseline, each trained alone, give the
+    numbers the former single-trial runner gave: same init, batches, optimiser, schedule, checks and selection.
+
+    In float64 (the ``float64`` fixture), so that the CPU's kernels change them by far less than the tolerance; any
+    change to the training (an RNG draw, a step, the LR) changes them by orders of magnitude more.
+    """
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=16, size=16)
+    quiet = lambda m: None  # noqa: E731
+    run_trial(tiny_trial(folder, model="resnet18", epochs=2, lr=0.01), tmp_path / "t", progress=False, log=quiet)
+    teacher = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    kd = tiny_trial(folder, method="kd_kl_cos", seed=3, lr=0.01, teacher_checkpoint=str(tmp_path / "t" / "best.pt"))
+    student = run_trial(
+        dataclasses.replace(kd, loss=LossConfig(temperature=2.0, gamma=0.5)), tmp_path / "s", progress=False, log=quiet
+    )
+    base = tiny_trial(folder, method="baseline", epochs=2, seed=1, lr=0.01)
+    base = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, optimizer="adamw", schedule="onecycle"))
+    baseline = run_trial(base, tmp_path / "b", progress=False, log=quiet)
+    assert student["teacher"]["mode"] == "cache" and "pack" not in student
+    for name, result in (("teacher", teacher), ("student", student), ("baseline", baseline)):
+        got, pinned = _pinned_numbers(result), BEFORE_THE_ONE_RUNNER[name]
+        assert got.keys() == pinned.keys(), name
+        for k, v in pinned.items():
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-12), (name, k)
 
 
 def test_a_folder_of_another_run_is_refused(image_folder, tmp_path):
@@ -187,27 +260,28 @@ def test_nan_teacher_stops_the_student_with_a_clear_error(image_folder, tmp_path
     args[3] = str(tmp_path / "nan.pt")
     proc = call_main(train_main, [*args, "--trust-teacher", "--epochs", "1", "--out", str(tmp_path / "kd2")], capsys)
     assert_one_line_error(proc, "NaN or infinite values in classifier.1.weight of checkpoint", "nan.pt")
-    assert not (tmp_path / "kd2" / "last.pt").exists()
+    assert not (tmp_path / "kd2" / "state.pt").exists()
 
 
 def _poison_at(monkeypatch, spoil):
     """Run trials whose models pass through ``spoil(model, stage)``: stage ``("trained", epoch)`` after each
     epoch's training (epoch from 1), ``("eval", epoch)`` on each evaluation forward (epoch 0: final scoring),
     whose output it returns."""
+    from kdbench.engine import runner
     from kdbench.engine import trial as trial_engine
 
     stage = {"epoch": 0}
     real_epoch, real_build, real_result, real_load = (
-        trial_engine.train_one_epoch,
-        trial_engine.build_model,
-        trial_engine.build_result,
+        runner.train_members_epoch,
+        runner.build_model,
+        runner.build_result,
         trial_engine.load_model_checkpoint,
     )
 
     def hook(model, inputs, output):
         return output if model.training else spoil(output, ("eval", stage["epoch"]))
 
-    def train_one_epoch(model, *args, epoch, **kwargs):
+    def train_members_epoch(model, *args, epoch, **kwargs):
         stats = real_epoch(model, *args, epoch=epoch, **kwargs)
         stage["epoch"] = epoch + 1
         spoil(model, ("trained", epoch + 1))
@@ -227,10 +301,10 @@ def _poison_at(monkeypatch, spoil):
         model.register_forward_hook(hook)
         return model, ckpt
 
-    monkeypatch.setattr(trial_engine, "train_one_epoch", train_one_epoch)
-    monkeypatch.setattr(trial_engine, "build_model", build_model)
-    monkeypatch.setattr(trial_engine, "build_result", build_result)
-    monkeypatch.setattr(trial_engine, "load_model_checkpoint", load_model_checkpoint)
+    monkeypatch.setattr(runner, "train_members_epoch", train_members_epoch)
+    monkeypatch.setattr(runner, "build_model", build_model)
+    monkeypatch.setattr(runner, "build_result", build_result)
+    monkeypatch.setattr(trial_engine, "load_model_checkpoint", load_model_checkpoint)  # best.pt, scored by build_result
 
 
 def _epoch_of(path):
@@ -246,7 +320,7 @@ def test_nan_validation_logits_fail_the_epoch_and_never_become_best(image_folder
         run_trial(tiny_trial(image_folder, method="baseline", epochs=3), tmp_path / "r", progress=False, log=lambda m: None)
     assert str(err.value).startswith("NaN or infinite values in validation logits at epoch 2 (")
     assert "\n" not in str(err.value)
-    assert _epoch_of(tmp_path / "r" / "last.pt") == 1 and _epoch_of(tmp_path / "r" / "best.pt") == 1
+    assert _epoch_of(tmp_path / "r" / "state.pt") == 1 and _epoch_of(tmp_path / "r" / "best.pt") == 1
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
@@ -268,7 +342,7 @@ def test_nan_test_logits_are_never_scored(image_folder, tmp_path, monkeypatch):
 
 
 def test_infinite_batch_norm_statistics_fail_the_epoch_and_the_resume(image_folder, tmp_path, monkeypatch):
-    """A running_var that went inf in epoch 2's training: the trial fails naming it, and last.pt/best.pt stay epoch 1's."""
+    """A running_var that went inf in epoch 2's training: the trial fails naming it, and state.pt/best.pt stay epoch 1's."""
     from kdbench.errors import NonFiniteError
 
     name = "features.3.conv.1.1.running_var"
@@ -286,29 +360,28 @@ def test_infinite_batch_norm_statistics_fail_the_epoch_and_the_resume(image_fold
         f"NaN or infinite values in {name} of the model after training epoch 2: "
         "lower the learning rate or check the teacher and data"
     )
-    state = torch.load(tmp_path / "r" / "last.pt", weights_only=True)
+    state = torch.load(tmp_path / "r" / "state.pt", weights_only=True)
     assert state["epoch"] == 1 and torch.isfinite(state["state_dict"][name]).all()
     assert _epoch_of(tmp_path / "r" / "best.pt") == 1 and not (tmp_path / "r" / "metrics.json").exists()
     # a resume state holding an infinite buffer (written by a kdbench without this check) is refused, not resumed
     state["state_dict"][name][0] = float("inf")
-    torch.save(state, tmp_path / "r" / "last.pt")
-    with pytest.raises(NonFiniteError, match=rf"^NaN or infinite values in {name} of the resume state .*last.pt \(epoch 1\)"):
+    torch.save(state, tmp_path / "r" / "state.pt")
+    with pytest.raises(NonFiniteError, match=rf"^NaN or infinite values in {name} of the resume state .*state.pt \(epoch 1\)"):
         run_trial(cfg, tmp_path / "r", progress=False, log=lambda m: None)
 
 
 def test_exploding_or_non_finite_loss_fails_the_trial(image_folder, tmp_path, monkeypatch):
     """An epoch mean loss over 100x the first epoch's fails the run, as does a NaN/inf (overflowed) step loss."""
-    from kdbench.engine import loop
-    from kdbench.engine import trial as trial_engine
+    from kdbench.engine import loop, runner
     from kdbench.errors import NonFiniteError
 
-    real_epoch = trial_engine.train_one_epoch
+    real_epoch = runner.train_members_epoch
 
     def epoch_2_explodes(*args, epoch, **kwargs):
         stats = real_epoch(*args, epoch=epoch, **kwargs)
-        return dataclasses.replace(stats, loss=stats.loss * 1e3) if epoch == 1 else stats
+        return [dataclasses.replace(s, loss=s.loss * 1e3) for s in stats] if epoch == 1 else stats
 
-    monkeypatch.setattr(trial_engine, "train_one_epoch", epoch_2_explodes)
+    monkeypatch.setattr(runner, "train_members_epoch", epoch_2_explodes)
     with pytest.raises(NonFiniteError, match=r"exploded: epoch 2 mean loss .* over 100x epoch 1"):
         run_trial(tiny_trial(image_folder, method="baseline", epochs=2), tmp_path / "x", progress=False, log=lambda m: None)
     assert not (tmp_path / "x" / "metrics.json").exists()
@@ -504,7 +577,7 @@ def test_logit_cache_and_online_teacher_give_the_same_trial(image_folder, tmp_pa
 def test_a_student_of_a_replaced_teacher_checkpoint_trains_again(image_folder, tmp_path):
     """A student's key names its teacher by trial key in a sweep; the checkpoint's content decides reuse.
 
-    A finished result (metrics.json) or a resume state (last.pt) from another teacher checkpoint at
+    A finished result (metrics.json) or a resume state (state.pt) from another teacher checkpoint at
     the same path is never reused: the worker trains the student again, from scratch.
     """
     from kdbench.data.select import data_fingerprint

@@ -1,4 +1,5 @@
-"""Packed students (kdbench.engine.packed) against separate run_trial runs, on tiny synthetic data (CPU)."""
+"""Packed students (kdbench.engine.packed, trained by kdbench.engine.runner) against separate run_trial runs, on tiny
+synthetic data (CPU)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from conftest import make_image_folder
 from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.engine import packed as packed_engine
+from kdbench.engine import runner
 from kdbench.engine import trial as trial_engine
 from kdbench.engine.pack_rules import check_pack, compatible_key
-from kdbench.engine.packed import MemberLoss, init_pack, run_packed_trials, train_pack_epoch
+from kdbench.engine.packed import MemberLoss, init_pack, train_pack_epoch
+from kdbench.engine.runner import run_trials
 from kdbench.engine.trial import run_trial
 from kdbench.errors import NonFiniteError
 from kdbench.methods import get_method
@@ -73,16 +76,21 @@ def _cfg(folder, method, *, model="mobilenet_v2", epochs=2, loss=None, teacher=N
     )
 
 
+def run_packed_trials(cfgs, out_dirs, **kwargs):
+    """``cfgs`` trained as one pack (planned packed, as the sweep plans them)."""
+    return run_trials([dataclasses.replace(cfg, packed=True) for cfg in cfgs], out_dirs, **kwargs)
+
+
 def _no_dropout(monkeypatch) -> None:
     """Members without dropout (its masks differ between packed and separate models); init RNG use is unchanged."""
-    real = trial_engine.build_model
+    real = runner.build_model
 
     def build(name, num_classes, pretrained="none"):
         model = real(name, num_classes, pretrained)
         model.classifier[0].p = 0.0
         return model
 
-    monkeypatch.setattr(trial_engine, "build_model", build)
+    monkeypatch.setattr(runner, "build_model", build)
     monkeypatch.setattr(packed_engine, "build_model", build)
 
 
@@ -155,7 +163,7 @@ def test_pack_with_a_baseline_resumes_after_interruption_exactly(setup, tmp_path
     dirs = [tmp_path / "b" / c.method for c in cfgs]
     with pytest.raises(KeyboardInterrupt):
         run_packed_trials(cfgs, dirs, progress=False, log=crash_after_epoch_1)
-    assert (dirs[0] / "pack.pt").exists() and not (dirs[0] / "metrics.json").exists()
+    assert (dirs[0] / "state.pt").exists() and not (dirs[0] / "metrics.json").exists()
     lines = []
     resumed = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
     assert any(line.startswith("resuming pack") and "after epoch 1" in line for line in lines)
@@ -175,7 +183,7 @@ def test_pack_with_a_baseline_resumes_after_interruption_exactly(setup, tmp_path
     dirs = [tmp_path / "c" / c.method for c in cfgs]
     with pytest.raises(KeyboardInterrupt):
         run_packed_trials(cfgs, dirs, progress=False, log=crash_after_epoch_1)
-    (dirs[0] / "pack.pt").write_bytes((dirs[0] / "pack.pt").read_bytes()[:100])
+    (dirs[0] / "state.pt").write_bytes((dirs[0] / "state.pt").read_bytes()[:100])
     lines = []
     restarted = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
     assert any(line.startswith("warning: cannot read the pack resume state") for line in lines)
@@ -237,6 +245,17 @@ def test_incompatible_trials_are_refused(tmp_path, change, needle):
         run_packed_trials(cfgs, [tmp_path / "a", tmp_path / "b"], log=QUIET)
 
 
+def test_the_runner_takes_one_unpacked_trial_or_trials_planned_packed(tmp_path):
+    folder = tmp_path / "nowhere"  # refused before any data is read or folder made
+    kd_kl, kd_cos = _cfg(folder, "kd_kl", teacher="t.pt"), _cfg(folder, "kd_cos", teacher="t.pt")
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    with pytest.raises(ValueError, match="only trials planned packed"):
+        run_trials([kd_kl, kd_cos], dirs, log=QUIET)
+    with pytest.raises(ValueError, match="planned packed and unpacked"):
+        run_trials([dataclasses.replace(kd_kl, packed=True), kd_cos], dirs, log=QUIET)
+    assert not any(d.exists() for d in dirs)
+
+
 def test_compatible_key_ignores_method_and_loss_and_a_baselines_teacher(tmp_path):
     kd = [_cfg(tmp_path, m, loss=loss, teacher="t.pt") for m, loss in KD_LOSSES.items()]
     assert len({compatible_key(c) for c in kd}) == 1
@@ -256,7 +275,7 @@ def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(s
     three = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)
     two = run_packed_trials(healthy, [tmp_path / "two" / c.method for c in healthy], progress=False, log=QUIET)
     # its first step makes its (finite) weights so large that its epoch-1 validation logits are NaN (before: its best.pt)
-    assert isinstance(three[1], packed_engine.MemberFailed)
+    assert isinstance(three[1], runner.MemberFailed)
     assert str(three[1]).startswith("NaN or infinite values in validation logits at epoch 1 ")
     assert any(line.startswith("dropping kd_kl") for line in lines)
     assert not (tmp_path / "three" / "kd_kl" / "metrics.json").exists()
@@ -271,7 +290,7 @@ def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(s
     # a rerun of the pack (e.g. after a kill) drops it again from its state, without retraining
     lines.clear()
     again = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)
-    assert isinstance(again[1], packed_engine.MemberFailed) and again[0]["best"] == three[0]["best"]
+    assert isinstance(again[1], runner.MemberFailed) and again[0]["best"] == three[0]["best"]
     assert any("resuming pack" in line for line in lines) and not any(line.startswith("dropping") for line in lines)
 
 
@@ -285,7 +304,7 @@ def test_a_member_with_non_finite_weights_or_logits_fails_alone_and_the_others_m
     cfgs = [healthy[0], _cfg(folder, "kd_kl", loss=KD_LOSSES["kd_kl"], teacher=teacher), healthy[1]]
     two = run_packed_trials(healthy, [tmp_path / "two" / c.method for c in healthy], progress=False, log=QUIET)
     name = "features.3.conv.1.1.running_var"
-    real_epoch, real_load = packed_engine.train_pack_epoch, trial_engine.load_model_checkpoint
+    real_epoch, real_load = runner.train_members_epoch, trial_engine.load_model_checkpoint
 
     def inf_in_training(packed, members, *args, epoch, **kwargs):  # kd_kl's slice of the packed buffer, after epoch 2
         stats = real_epoch(packed, members, *args, epoch=epoch, **kwargs)
@@ -305,7 +324,7 @@ def test_a_member_with_non_finite_weights_or_logits_fails_alone_and_the_others_m
 
     cases = {
         "training": (
-            lambda mp: mp.setattr(packed_engine, "train_pack_epoch", inf_in_training),
+            lambda mp: mp.setattr(runner, "train_members_epoch", inf_in_training),
             f"NaN or infinite values in {name} of the model after training epoch 2: "
             "lower the learning rate or check the teacher and data",
         ),
@@ -320,7 +339,7 @@ def test_a_member_with_non_finite_weights_or_logits_fails_alone_and_the_others_m
         with monkeypatch.context() as mp:
             patch(mp)
             three = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
-        assert isinstance(three[1], packed_engine.MemberFailed) and str(three[1]).startswith(message), str(three[1])
+        assert isinstance(three[1], runner.MemberFailed) and str(three[1]).startswith(message), str(three[1])
         assert "\n" not in str(three[1]) and not (dirs[1] / "metrics.json").exists()
         assert any(line.startswith("dropping kd_kl") for line in lines)
         for a, b in zip((three[0], three[2]), two):  # exactly the pack of the healthy two
@@ -329,13 +348,13 @@ def test_a_member_with_non_finite_weights_or_logits_fails_alone_and_the_others_m
             assert a["pack"]["dropped"] == [a["pack"]["members"][1]]
     # a pack resume state whose kd_cos slice holds inf (saved by a kdbench without this check): kd_cos fails alone
     dirs = [tmp_path / "two" / c.method for c in healthy]
-    state = torch.load(dirs[0] / "pack.pt", weights_only=True)
+    state = torch.load(dirs[0] / "state.pt", weights_only=True)
     state["state_dict"][name].unflatten(0, (2, -1))[1, 0] = float("inf")
-    torch.save(state, dirs[0] / "pack.pt")
+    torch.save(state, dirs[0] / "state.pt")
     lines = []
     resumed = run_packed_trials(healthy, dirs, progress=False, log=lines.append)
-    assert isinstance(resumed[1], packed_engine.MemberFailed) and not isinstance(resumed[0], Exception)
-    expected = f"NaN or infinite values in {name} of the pack resume state {dirs[0] / 'pack.pt'} (epoch 2)"
+    assert isinstance(resumed[1], runner.MemberFailed) and not isinstance(resumed[0], Exception)
+    expected = f"NaN or infinite values in {name} of the pack resume state {dirs[0] / 'state.pt'} (epoch 2)"
     assert str(resumed[1]).startswith(expected), str(resumed[1])
     assert any(line.startswith("dropping kd_cos") for line in lines) and len(resumed[0]["history"]) == 2
 
@@ -344,17 +363,17 @@ def test_a_pack_killed_between_its_state_and_a_best_checkpoint_repairs_it_on_res
     folder, teacher = setup
     cfgs = [_cfg(folder, "baseline", teacher=teacher), _cfg(folder, "kd_cos", loss=KD_LOSSES["kd_cos"], teacher=teacher)]
     full = run_packed_trials(cfgs, [tmp_path / "a" / c.method for c in cfgs], progress=False, log=QUIET)
-    real = packed_engine.save_best
+    real = runner.save_best
 
-    def killed(*args, **kwargs):  # pack.pt of epoch 1 is on disk, no best.pt yet
+    def killed(*args, **kwargs):  # state.pt of epoch 1 is on disk, no best.pt yet
         raise KeyboardInterrupt
 
     dirs = [tmp_path / "b" / c.method for c in cfgs]
-    monkeypatch.setattr(packed_engine, "save_best", killed)
+    monkeypatch.setattr(runner, "save_best", killed)
     with pytest.raises(KeyboardInterrupt):
         run_packed_trials(cfgs, dirs, progress=False, log=QUIET)
-    assert (dirs[0] / "pack.pt").exists() and not (dirs[0] / "best.pt").exists()
-    monkeypatch.setattr(packed_engine, "save_best", real)
+    assert (dirs[0] / "state.pt").exists() and not (dirs[0] / "best.pt").exists()
+    monkeypatch.setattr(runner, "save_best", real)
     lines = []
     resumed = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
     assert any(line.startswith("repairing") for line in lines)

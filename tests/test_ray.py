@@ -123,7 +123,7 @@ def running_teacher_worker(out: Path):
     except (sqlite3.Error, StopIteration):  # the store is not there yet
         return None
     folder = out / "trials" / key
-    if not (folder / "last.pt").exists() or (folder / "metrics.json").exists():
+    if not (folder / "state.pt").exists() or (folder / "metrics.json").exists():
         return None
     title = f"ray::kdbench-trial-{key}"  # the task's name: Ray sets it as the worker's process title
     return next((pid for pid, args in processes() if args.strip() == title), None)

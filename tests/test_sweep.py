@@ -349,7 +349,7 @@ def test_sigkill_mid_trial_then_rerun_does_every_trial_exactly_once(tmp_path):
             rows = []
         if any(r["status"] == "done" for r in rows):
             running = [r for r in rows if r["status"] == "running"]
-            if running and (out / "trials" / running[0]["key"] / "last.pt").exists():
+            if running and (out / "trials" / running[0]["key"] / "state.pt").exists():
                 break
         time.sleep(0.2)
     else:

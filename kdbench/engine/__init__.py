@@ -1,4 +1,4 @@
-"""Engine: train and evaluate one trial (``run_trial``), with checkpoints and resume."""
+"""Engine: train and evaluate trials, alone or packed, with one runner (``runner.run_trials``), checkpoints and resume."""
 
 # Part of every trial key (with kdbench.losses.LOSS_VERSION): bump it whenever a change to the
 # training or evaluation code (loop, schedule, initialisation, batching, packing, data

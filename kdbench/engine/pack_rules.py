@@ -1,7 +1,7 @@
 """Which student trials can train as one packed network (:mod:`kdbench.engine.packed`).
 
 Rules on configs only, without torch: the sweep groups its trials into packs with them in the
-driver process (kdbench.sweep.packs), and the packed engine checks its input with them.
+driver process (kdbench.sweep.packs), and the runner (:mod:`kdbench.engine.runner`) checks a pack with them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def compatible_key(cfg: TrialConfig) -> tuple:
 
     ``(data, recipe, seed, device, teacher)`` with ``teacher = (teacher_checkpoint,
     teacher_id)`` for a method that distils, ``None`` for one that does not (the
-    baseline ignores any teacher, as in run_trial).  Trials with equal keys form a
+    baseline ignores any teacher, as when it trains alone).  Trials with equal keys form a
     valid pack; a baseline may also join a pack whose keys differ from its own
     only in the teacher (:func:`check_pack` accepts at most one teacher).
     """

@@ -1,29 +1,22 @@
-"""Run one trial end to end: data, model, (teacher), epochs, checkpoints, test metrics.
+"""One trial's files and records: its result, provenance, teacher source, ``best.pt`` (trained by :mod:`kdbench.engine.runner`).
 
-Files in the trial's output folder:
+Files in a trial's output folder:
 
 - ``manifest.csv``: every image used, with its class and split;
-- ``last.pt``: resume state after the last finished epoch (weights, optimiser, history);
-- ``best.pt``: the weights with the best validation accuracy (a kdbench checkpoint) and their
-  provenance: digests of the split manifest, dataset and recipe, and the training images'
-  paths, so a KD student can refuse a teacher that has seen its validation or test images;
+- ``best.pt``: the weights with the best validation accuracy (a kdbench checkpoint of the plain
+  torchvision model, a packed member's included) and their provenance: digests of the split
+  manifest, dataset and recipe, and the training images' paths, so a KD student can refuse a
+  teacher that has seen its validation or test images;
 - ``metrics.json``: the result: test metrics (with per-image predictions) of the
   best-on-validation and of the last-epoch weights, per-epoch history, timings, environment;
-- ``test_logits.pt``: the best-on-validation weights' logits on the test split, with the targets.
+- ``test_logits.pt``: the best-on-validation weights' logits on the test split, with the targets;
+- ``state.pt`` (in the first trial's folder of a run; :mod:`kdbench.engine.runner`): the resume
+  state after the last finished epoch.
 
-Rerunning the same trial into the same folder resumes after the last finished
-epoch; a folder holding a different trial (another config, dataset or teacher) is refused.
-Each epoch writes ``last.pt`` before ``best.pt`` (both atomic and fsynced): killed between
-the two, the resumed run rewrites ``best.pt`` from ``last.pt``, whose weights are that best
-epoch's.  An unreadable ``last.pt`` restarts the trial from scratch, with a warning in the log.
-
-A run fails (UserError) when its loss becomes NaN/inf or explodes (an epoch's mean over
-100x the first epoch's), and a teacher fails when its validation accuracy is not
-significantly above chance (see :func:`kdbench.engine.metrics.chance_test`).  A NaN/inf
-in the model's weights or buffers after an epoch's training, in its validation or test
-logits, or in a checkpoint it loads (teacher, ``best.pt``, ``last.pt``) fails it too
-(NonFiniteError, naming the tensor and the epoch; :mod:`kdbench.finite`): such
-weights are never saved, selected as the best, or scored.
+:func:`run_trial` trains one trial with the runner (which trains every trial, alone or packed),
+so rerunning it into the same folder resumes after the last finished epoch and a folder holding
+a different trial (another config, dataset or teacher) is refused; see the runner for resume
+and for the checks that fail a trial (NaN/inf, exploding loss, a teacher at chance level).
 """
 
 from __future__ import annotations
@@ -32,149 +25,40 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from kdbench.config import Recipe, TrialConfig
-from kdbench.data.prepare import PreparedData, prepare_data
+from kdbench.data.prepare import PreparedData
 from kdbench.data.presets import AUGMENTATIONS
-from kdbench.data.specs import display_name
 from kdbench.digest import file_sha256, json_digest
-from kdbench.durable import atomic_torch_save, atomic_write_json, remove_stale_temps
+from kdbench.durable import atomic_torch_save
 from kdbench.engine import RESULTS_VERSION
-from kdbench.engine.loop import (
-    EpochStats,
-    check_loss_growth,
-    evaluate,
-    logit_metrics,
-    lr_factor,
-    make_optimizer,
-    predict,
-    steps_per_epoch,
-    train_one_epoch,
-)
+from kdbench.engine.loop import EpochStats, evaluate, logit_metrics, lr_factor, predict, steps_per_epoch
 from kdbench.engine.metrics import chance_test
-from kdbench.engine.runtime import environment, memory_format, resolve_device
+from kdbench.engine.runtime import environment, memory_format
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
-from kdbench.errors import UserError, one_line
-from kdbench.finite import check_finite_state
+from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
 from kdbench.methods import get_method
-from kdbench.models import (
-    CHECKPOINT_FORMAT,
-    build_model,
-    load_model_checkpoint,
-    save_checkpoint,
-)
+from kdbench.models import load_model_checkpoint, save_checkpoint
 
 METRICS_FILE = "metrics.json"
 TEST_LOGITS_FILE = "test_logits.pt"  # the best-val checkpoint's logits on the test split
 PROVENANCE_FORMAT = "kdbench-provenance-v1"
 
 
-def run_trial(
-    cfg: TrialConfig,
-    out_dir: str | os.PathLike,
-    *,
-    data_root: str | os.PathLike | None = None,
-    download: bool = True,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Train and evaluate ``cfg`` in ``out_dir``; returns (and writes) the result dict.
+def run_trial(cfg: TrialConfig, out_dir: str | os.PathLike, **kwargs) -> dict:
+    """Train and evaluate the one trial ``cfg`` in ``out_dir`` with :func:`kdbench.engine.runner.run_trials` (same keywords).
 
-    ``cfg.dataset_fingerprint`` and, for a KD method, ``cfg.teacher_id`` are filled in when
-    None (the data's fingerprint, the teacher checkpoint's content digest); a fingerprint
-    that differs from the data's is refused.  The result's ``key`` is the settled config's.
+    Returns (and writes) its result; a pack of one (``cfg.packed``) whose member failed raises that MemberFailed.
     """
-    if cfg.packed:
-        raise ValueError("a packed trial trains with kdbench.engine.packed.run_packed_trials, not run_trial")
-    t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    method = get_method(cfg.method)
-    loss_cfg = method.effective_loss(cfg.loss)
-    recipe = cfg.recipe
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    from kdbench.engine.runner import run_trials  # the runner builds on this module
 
-    data = prepare_data(cfg.data, data_root, download=download)
-    cfg = with_fingerprint(cfg, data)
-    data.write_manifest(out / "manifest.csv")
-    train_idx, val_idx, test_idx = (data.indices(s) for s in ("train", "val", "test"))
-    images = data.images.to(device)
-    labels = data.labels.to(device)
-    train_images, train_labels = images[train_idx.to(device)], labels[train_idx.to(device)]
-    aug = AUGMENTATIONS[cfg.data.augment]
-
-    model = build_model(recipe.model, len(data.classes), recipe.pretrained).to(device, memory_format=memory_format(device))
-    teacher, teacher_info = teacher_source(cfg, method.needs_teacher, data, train_images, device, log)
-    if teacher_info is not None and cfg.teacher_id is None:
-        cfg = dataclasses.replace(cfg, teacher_id=teacher_info["id"])
-
-    optimizer = make_optimizer(model.parameters(), recipe)
-    scheduler = make_scheduler(optimizer, recipe, len(train_idx))
-
-    identity = resume_identity(cfg, teacher_info)
-    extra = {"trial": identity, "provenance": provenance(cfg, data, teacher_info)}
-    state = _resume(out / "last.pt", identity, model, optimizer, scheduler, log)
-    history, best = state["history"], state["best"]
-    sets = {s: (images[i.to(device)], labels[i.to(device)]) for s, i in (("val", val_idx), ("test", test_idx))}
-    for epoch in range(state["epoch"], recipe.epochs):
-        stats = train_one_epoch(
-            model,
-            method,
-            loss_cfg,
-            optimizer,
-            scheduler,
-            train_images,
-            train_labels,
-            aug,
-            teacher,
-            batch_size=recipe.batch_size,
-            seed=cfg.seed,
-            epoch=epoch,
-            device=device,
-            desc=f"{cfg.method} {display_name(cfg.data.dataset)} epoch {epoch + 1}/{recipe.epochs}",
-            progress=progress,
-        )
-        check_finite_state(model, f"of the model after training epoch {epoch + 1}")  # before it is validated or saved
-        check_loss_growth(history[0]["train_loss"] if history else stats.loss, stats.loss, epoch + 1)
-        what = f"validation logits at epoch {epoch + 1}"
-        val = evaluate(model, *sets["val"], data.classes, batch_size=recipe.eval_batch_size, device=device, what=what)
-        history.append(history_row(epoch + 1, stats, val, optimizer.param_groups[0]["lr"]))
-        log(
-            f"epoch {epoch + 1}/{recipe.epochs}: loss {stats.loss:.4f} train acc {stats.accuracy:.4f} "
-            f"val acc {val['accuracy']:.4f} ({stats.images_per_s:.0f} img/s)"
-        )
-        improved = best is None or val["accuracy"] > best["val_accuracy"]
-        if improved:
-            best = {"epoch": epoch + 1, "val_accuracy": val["accuracy"]}
-        # last.pt first: when it records this epoch as the best, its weights ARE the best weights, so a kill
-        # before best.pt is written is repaired on resume (_resume); a best.pt ahead of last.pt cannot happen
-        _save_resume_state(
-            out / "last.pt", model, optimizer, scheduler, recipe.model, data.classes, extra, epoch + 1, history, best
-        )
-        if improved:
-            save_best(out / "best.pt", model, recipe.model, data.classes, extra, epoch + 1)
-
-    result = build_result(cfg, data, teacher_info, model, out / "best.pt", best["epoch"], history, sets, t0, device)
-    if method.role == "teacher" and result["chance"]["at_chance"] and not cfg.allow_chance_teacher:
-        c = result["chance"]
-        raise UserError(
-            f"teacher at chance level: best validation accuracy {c['accuracy']:.3f} on {c['n']} images is not "
-            f"significantly above chance {c['chance']:.3f} (binomial p = {c['p_value']:.2g}): its students would learn "
-            "nothing from it; lower the learning rate, add warm-up or epochs, or check the data "
-            "(--allow-chance-teacher, run.allow_chance_teacher = true, keeps it for pipeline tests)"
-        )
-    atomic_write_json(out / METRICS_FILE, result)
-    log(
-        f"test accuracy: best-on-val (epoch {result['best']['epoch']}) {result['best']['test']['accuracy']:.4f}, "
-        f"last epoch ({recipe.epochs}) {result['last']['test']['accuracy']:.4f}"
-    )
+    (result,) = run_trials([cfg], [out_dir], **kwargs)
+    if isinstance(result, Exception):
+        raise result
     return result
 
 
@@ -363,85 +247,3 @@ def check_teacher_provenance(cfg: TrialConfig, path: Path, prov: dict | None, da
 def save_best(path: Path, model, model_name: str, classes: list[str], extra: dict, epoch: int) -> None:
     """``best.pt``: the weights of ``epoch`` with their record (``extra``: the trial identity, the provenance)."""
     save_checkpoint(path, model, model_name=model_name, classes=classes, extra={**extra, "epoch": epoch})
-
-
-def best_is_current(path: Path, identity: str, epoch: int) -> bool:
-    """Whether ``best.pt`` at ``path`` holds this trial's weights of ``epoch``."""
-    if not path.exists():
-        return False
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # truncated or corrupt: rewrite it
-        return False
-    return isinstance(ckpt, dict) and ckpt.get("trial") == identity and ckpt.get("epoch") == epoch
-
-
-def _resume(path: Path, identity: str, model, optimizer, scheduler, log) -> dict:
-    """Restore ``last.pt``; an unreadable one restarts the trial (with a warning), a foreign one is refused.
-
-    ``best.pt`` is made consistent with it: when last.pt's epoch is the best one and best.pt
-    is not of that epoch (killed between the two writes), best.pt is rewritten from last.pt.
-    """
-    fresh = {"epoch": 0, "history": [], "best": None}
-    if not path.exists():
-        return fresh
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        readable = isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and "optimizer" in state
-    except Exception as err:  # truncated, corrupt, not a torch file
-        readable, state = False, f"{type(err).__name__}: {one_line(err)}"
-    if not readable:
-        why = state if isinstance(state, str) else "not a kdbench resume checkpoint"
-        log(f"warning: cannot read the resume state {path} ({why[:200]}): starting this trial from scratch")
-        return fresh
-    if state.get("trial") != identity:
-        if _same_trial_other_teacher(state.get("trial"), identity):
-            log(f"warning: {path} was trained from another teacher checkpoint (same trial): starting this trial from scratch")
-            return fresh
-        raise UserError(f"{path.parent} holds a different run (other settings): use another --out, or delete that folder")
-    check_finite_state(
-        state["state_dict"],
-        f"of the resume state {path} (epoch {state['epoch']})",
-        f"it cannot be resumed (an older kdbench saved it unchecked): delete {path.parent} to train this trial anew",
-    )
-    best = state["best"]
-    best_path = path.with_name("best.pt")
-    repair = best is not None and not best_is_current(best_path, identity, best["epoch"])
-    if repair and best["epoch"] != state["epoch"]:
-        log(f"warning: {best_path} does not match {path}: starting this trial from scratch")
-        return fresh
-    model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if repair:
-        log(f"repairing {best_path} from {path} (epoch {best['epoch']})")
-        record = {"trial": identity, "provenance": state.get("provenance")}
-        save_best(best_path, model, state["model"], state["classes"], record, best["epoch"])
-    log(f"resuming from {path} after epoch {state['epoch']}")
-    return {"epoch": state["epoch"], "history": state["history"], "best": best}
-
-
-def _same_trial_other_teacher(saved: str | None, identity: str) -> bool:
-    """Whether a resume state's identity is this trial's with another teacher checkpoint (re-trained or replaced since)."""
-    try:
-        return json.loads(saved)["trial"] == json.loads(identity)["trial"]
-    except (TypeError, ValueError, KeyError):
-        return False
-
-
-def _save_resume_state(path, model, optimizer, scheduler, model_name, classes, extra, epoch, history, best) -> None:
-    """``last.pt``: best.pt's record (``extra``: the trial identity, the provenance) plus the optimiser, schedule and history."""
-    save_checkpoint(
-        path,
-        model,
-        model_name=model_name,
-        classes=classes,
-        extra={
-            **extra,
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "history": history,
-            "best": best,
-        },
-    )

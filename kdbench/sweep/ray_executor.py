@@ -3,8 +3,8 @@
 Each trial is one Ray task running :func:`kdbench.sweep.worker.execute_trial`; it
 asks for ``ctx.threads`` CPUs, and one GPU when the cluster has GPUs and the
 trial may use one.  A task whose worker process dies (killed, or its node lost) is
-retried up to ``MAX_RETRIES`` times, and since a trial resumes from its
-``last.pt`` in the shared output folder, a retried trial resumes where it stopped.
+retried up to ``MAX_RETRIES`` times, and since a trial resumes from its resume
+state (``state.pt``) in the shared output folder, a retried trial resumes where it stopped.
 Students wait for their teacher through a task dependency: the teacher task's
 result is an argument of theirs, so Ray starts them once it is done, and a student
 of a failed teacher fails without training.  The driver gathers results with

@@ -60,7 +60,7 @@ def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
     Each member's folder is locked for the whole run (``busy`` if another process holds
     one, unless ``ctx.wait_for_locks``); members whose ``metrics.json``
     is already there are returned as recovered, the rest train (resuming from their
-    checkpoints), singly with ``run_trial`` or together with ``run_packed_trials``.
+    state) in one call of :func:`kdbench.engine.runner.run_trials`: a trial alone, or a pack.
     A pack's outcome lists its members' outcomes in ``members``.  Each done trial carries its model's
     complexity, counted here so that the sweep driver never imports torch (kdbench.machine).
     """
@@ -104,8 +104,7 @@ def _train(
     """Run ``members`` (one trial, or a pack) in ``folders``; a failure fails them all, with one message."""
     import torch
 
-    from kdbench.engine.packed import MemberFailed, run_packed_trials
-    from kdbench.engine.trial import run_trial
+    from kdbench.engine.runner import MemberFailed, run_trials
 
     def failed(error: str) -> dict[str, Outcome]:
         return {m.key: Outcome(m.key, "failed", error=error, seconds=time.perf_counter() - t0) for m in members}
@@ -124,10 +123,7 @@ def _train(
 
     options = dict(data_root=ctx.data_root, download=ctx.download, progress=ctx.progress, log=log)
     try:
-        if not cfgs[0].packed:  # planned packed (kdbench.sweep.plan): a pack, even of one
-            results = [run_trial(cfgs[0], folders[0], **options)]
-        else:
-            results = run_packed_trials(cfgs, folders, **options)
+        results = run_trials(cfgs, folders, **options)  # planned packed (kdbench.sweep.plan): a pack, even of one
     except UserError as err:
         return failed(one_line(err))
     except torch.OutOfMemoryError:
