@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from kdbench.config import LossConfig, Recipe
 from kdbench.data.presets import Augmentation, normalize
+from kdbench.engine.features import FeatureTap
 from kdbench.engine.metrics import confusion_matrix, summarize
 from kdbench.engine.runtime import autocast, full_precision, memory_format
 from kdbench.errors import NonFiniteError
@@ -132,29 +133,32 @@ def train_members_epoch(
     start = time.perf_counter()
     bar = tqdm(total=steps * min(batch_size, n), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
     batches = epoch_batches(images, labels, aug, batch_size=batch_size, seed=seed, epoch=epoch, device=device)
-    for step, (positions, batch_views, x, y) in enumerate(batches):
-        with autocast(device):
-            logits = model(x)
-        logits = full_precision(logits) if stacked else full_precision(logits).unsqueeze(0)
-        teacher_logits = teacher(positions, batch_views, x) if teacher is not None else None
-        losses, scalars, layout = _member_losses(members, logits, teacher_logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        torch.stack(losses).sum().backward()
-        optimizer.step()
-        scheduler.step()
-        b = len(positions)
-        seen += b
-        sums = scalars * b if sums is None else sums + scalars * b
-        if (step + 1) % check_every == 0 or step + 1 == steps:
-            means = _member_means(sums / seen, layout)
-            _check_finite(members, means, epoch, step)
-            bar.update(seen - bar.n)
-            postfix = (
-                {"loss": f"{means[0]['loss']:.3f}", "acc": f"{means[0]['correct']:.3f}"}
-                if len(members) == 1
-                else {"k": len(members)}
-            )
-            bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}", **postfix)
+    needs = frozenset().union(*(m.method.needs_from_teacher for m in members))
+    with FeatureTap(model, needs) as tap:  # the student's features a member needs, from its own forward pass
+        for step, (positions, batch_views, x, y) in enumerate(batches):
+            with autocast(device):
+                logits = model(x)
+            logits = full_precision(logits) if stacked else full_precision(logits).unsqueeze(0)
+            features = {name: full_precision(v) for name, v in tap.take().items()}
+            teacher_out = teacher(positions, batch_views, x) if teacher is not None else None
+            losses, scalars, layout = _member_losses(members, logits, features, teacher_out, y)
+            optimizer.zero_grad(set_to_none=True)
+            torch.stack(losses).sum().backward()
+            optimizer.step()
+            scheduler.step()
+            b = len(positions)
+            seen += b
+            sums = scalars * b if sums is None else sums + scalars * b
+            if (step + 1) % check_every == 0 or step + 1 == steps:
+                means = _member_means(sums / seen, layout)
+                _check_finite(members, means, epoch, step)
+                bar.update(seen - bar.n)
+                postfix = (
+                    {"loss": f"{means[0]['loss']:.3f}", "acc": f"{means[0]['correct']:.3f}"}
+                    if len(members) == 1
+                    else {"k": len(members)}
+                )
+                bar.set_postfix(img_s=f"{seen / (time.perf_counter() - start):.0f}", **postfix)
     bar.close()
     seconds = time.perf_counter() - start
     return [
@@ -170,13 +174,20 @@ def train_members_epoch(
 
 
 def _member_losses(
-    members: Sequence[MemberLoss], logits: torch.Tensor, teacher_logits: torch.Tensor | None, y: torch.Tensor
+    members: Sequence[MemberLoss],
+    logits: torch.Tensor,
+    features: dict[str, torch.Tensor],
+    teacher: Outputs | None,
+    y: torch.Tensor,
 ) -> tuple[list[torch.Tensor], torch.Tensor, list[list[str]]]:
-    """Each member's loss; its batch means (``loss``, ``correct`` fraction, ``term_*``) flat on the device, and their names."""
+    """Each member's loss; its batch means (``loss``, ``correct`` fraction, ``term_*``) flat on the device, and their names.
+
+    ``features`` are the student's (one model: packed members need logits only, kdbench.engine.pack_rules).
+    """
     losses, scalars, layout = [], [], []
     for i, m in enumerate(members):
-        teacher = Outputs(teacher_logits) if m.method.needs_teacher else None
-        loss, terms = m.method.loss(Outputs(logits[i]), teacher, y, m.cfg)
+        student = Outputs(logits[i], features)
+        loss, terms = m.method.loss(student, teacher if m.method.needs_teacher else None, y, m.cfg)
         losses.append(loss)
         present = {f"term_{k}": v.detach() for k, v in terms.items() if v is not None}
         layout.append(["loss", "correct", *present])

@@ -57,5 +57,7 @@ def check_pack(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike
 
 
 def packable(cfg: TrialConfig) -> bool:
-    """A student trial the packed network can train (a MobileNetV2 student)."""
-    return get_method(cfg.method).role == "student" and cfg.recipe.model == PACK_MODEL
+    """A student trial the packed network can train: a MobileNetV2 student whose method needs no features
+    (one teacher lookup of logits serves the pack; the packed network gives no per-member embedding)."""
+    method = get_method(cfg.method)
+    return method.role == "student" and cfg.recipe.model == PACK_MODEL and method.needs_from_teacher <= {"logits"}

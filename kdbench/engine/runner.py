@@ -167,7 +167,8 @@ def run_trials(
     teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
     teacher, teacher_info = (None, None)
     if teacher_cfg is not None:
-        teacher, teacher_info = teacher_source(teacher_cfg, True, data, splits["train"][0], device, log)
+        needs = frozenset().union(*(get_method(cfg.method).needs_from_teacher for cfg in cfgs))
+        teacher, teacher_info = teacher_source(teacher_cfg, needs, data, splits["train"][0], device, log)
         cfgs = [
             dataclasses.replace(cfg, teacher_id=cfg.teacher_id or teacher_info["id"])
             if get_method(cfg.method).needs_teacher

@@ -19,36 +19,39 @@ from kdbench.data.decode import CACHE_FORMAT
 from kdbench.data.presets import Augmentation, apply_view, normalize
 from kdbench.digest import json_digest
 from kdbench.durable import atomic_torch_save, file_lock
+from kdbench.engine.features import FeatureTap
 from kdbench.engine.runtime import autocast, full_precision, memory_format
 from kdbench.finite import check_finite_logits
+from kdbench.methods import Outputs
 
 
 class OnlineTeacher:
-    """Runs the teacher on each augmented batch (any augmentation)."""
+    """Runs the teacher on each augmented batch (any augmentation); provides its logits and the features ``needs`` names."""
 
-    def __init__(self, model: nn.Module, source: str):
+    def __init__(self, model: nn.Module, source: str, needs: frozenset[str] = frozenset({"logits"})):
         self.model = model.eval()
         self.source = source
+        self.tap = FeatureTap(self.model, needs)
 
     @torch.no_grad()
-    def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> Outputs:
         with autocast(inputs.device):
             logits = full_precision(self.model(inputs))
         check_finite_teacher(logits, self.source)
-        return logits
+        return Outputs(logits, {name: full_precision(v) for name, v in self.tap.take().items()})
 
 
 class CachedTeacher:
-    """Looks the teacher's logits up by (position in the training split, view)."""
+    """Looks the teacher's logits up by (position in the training split, view); it holds no features."""
 
     def __init__(self, logits: torch.Tensor, views: tuple[int, ...]):
         self.logits = logits  # [N_train, V, C]
         self.view_slot = torch.full((8,), -1, dtype=torch.long)
         self.view_slot[list(views)] = torch.arange(len(views))
 
-    def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> Outputs:
         slots = self.view_slot[views.cpu()].to(self.logits.device)
-        return self.logits[train_positions.to(self.logits.device), slots]
+        return Outputs(self.logits[train_positions.to(self.logits.device), slots])
 
 
 def check_finite_teacher(logits: torch.Tensor, source: str) -> None:

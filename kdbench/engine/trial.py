@@ -184,9 +184,15 @@ def build_result(
     }
 
 
-def teacher_source(cfg: TrialConfig, needed: bool, data: PreparedData, train_images: torch.Tensor, device: torch.device, log):
-    """The teacher's logits source for a KD trial (cache where the augmentation allows), and a record of it."""
-    if not needed:
+def teacher_source(
+    cfg: TrialConfig, needs: frozenset[str], data: PreparedData, train_images: torch.Tensor, device: torch.device, log
+):
+    """The teacher's outputs for a KD trial, providing ``needs`` (:data:`kdbench.methods.NEEDS`), and a record of it.
+
+    The logit cache where the augmentation is a finite view group and logits are all that is needed;
+    the teacher online otherwise (the record says why).
+    """
+    if not needs:
         return None, None
     if not cfg.teacher_checkpoint:
         raise UserError(f"method {cfg.method} distils from a teacher: pass --teacher CHECKPOINT (a best.pt of a teacher run)")
@@ -204,13 +210,11 @@ def teacher_source(cfg: TrialConfig, needed: bool, data: PreparedData, train_ima
     aug = AUGMENTATIONS[cfg.data.augment]
     digest = f"sha256:{file_sha256(path)}"
     info = {"checkpoint": str(path), "model": ckpt["model"], "id": cfg.teacher_id or digest, "digest": digest, **record}
-    if not aug.cacheable:
-        log(f"augmentation {aug.name} is not a finite view group: running the teacher online")
-        return OnlineTeacher(model, str(path)), {
-            **info,
-            "mode": "online",
-            "why": f"augmentation {aug.name} is continuous",
-        }
+    features = sorted(needs - {"logits"})
+    if not aug.cacheable or features:
+        why = f"augmentation {aug.name} is continuous" if not aug.cacheable else f"the logit cache holds no {', '.join(features)}"
+        log(f"{why}: running the teacher online")
+        return OnlineTeacher(model, str(path), needs), {**info, "mode": "online", "why": why}
     cache = cache_path(path, digest, data.digests_of("train"), cfg.data.resolution, aug, device)
     t0 = time.perf_counter()
     teacher: CachedTeacher = cached_teacher(
