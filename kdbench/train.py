@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log_errors_to(args.out)
     cfg = config_from_args(args)
-    from kdbench.engine.trial import run_trial  # torch-heavy import after the arguments are checked
+    from kdbench.engine.runner import run_trial  # torch-heavy import after the arguments are checked
 
     result = run_trial(
         cfg,

@@ -235,7 +235,7 @@ from pathlib import Path
 import torch
 from kdbench import durable
 from kdbench.config import DataConfig, Recipe, TrialConfig
-from kdbench.engine.trial import run_trial
+from kdbench.engine.runner import run_trial
 
 torch.set_num_threads(1)
 folder, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -292,7 +292,7 @@ def test_a_trial_killed_at_any_write_resumes_to_the_uninterrupted_result(tmp_pat
 
 def test_an_unreadable_resume_state_restarts_the_trial_with_a_warning(tmp_path):
     from kdbench.config import DataConfig, Recipe, TrialConfig
-    from kdbench.engine.trial import run_trial
+    from kdbench.engine.runner import run_trial
 
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=8, size=16)
     cfg = TrialConfig(

@@ -13,8 +13,8 @@ from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
 from kdbench.data.decode import decode_image
 from kdbench.data.presets import AUGMENTATIONS, apply_views, normalize
 from kdbench.digest import file_sha256
+from kdbench.engine.runner import run_trial
 from kdbench.engine.teacher import OnlineTeacher, build_logit_cache, cached_teacher
-from kdbench.engine.trial import run_trial
 from kdbench.models import build_model, load_model_checkpoint, save_checkpoint
 from kdbench.train import main as train_main
 

@@ -15,7 +15,7 @@ from PIL import Image
 from kdbench.config import DataConfig, TrialConfig
 from kdbench.data.index import portable_name, scan_folder, stratified_split
 from kdbench.data.prepare import prepare_data
-from kdbench.engine.trial import run_trial
+from kdbench.engine.runner import run_trial
 from kdbench.errors import UserError
 
 ACCENTED = ["Forêt dense", "Rivière", "Zone_industrielle"]

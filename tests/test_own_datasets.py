@@ -205,7 +205,7 @@ def test_unexpected_errors_are_one_line_with_a_log(tmp_path, capsys, monkeypatch
 
     folder = make_image_folder(tmp_path / "d", classes=2, per_class=6)
     (tmp_path / "sweep").mkdir()
-    monkeypatch.setattr("kdbench.engine.trial.run_trial", boom)
+    monkeypatch.setattr("kdbench.engine.runner.run_trial", boom)
     monkeypatch.setattr(report_cli, "build_report", boom)
     monkeypatch.setattr(kdbench.profile, "complexity", boom)
     cases = [

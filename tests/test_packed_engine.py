@@ -19,8 +19,7 @@ from kdbench.engine import runner
 from kdbench.engine import trial as trial_engine
 from kdbench.engine.pack_rules import check_pack, compatible_key
 from kdbench.engine.packed import MemberLoss, init_pack, train_pack_epoch
-from kdbench.engine.runner import run_trials
-from kdbench.engine.trial import run_trial
+from kdbench.engine.runner import run_trial, run_trials
 from kdbench.errors import NonFiniteError
 from kdbench.methods import get_method
 from kdbench.models import build_model, load_model_checkpoint

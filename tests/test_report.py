@@ -112,7 +112,7 @@ def metrics(acc: float, classes: list[str]) -> dict:
 
 
 def result(trial) -> dict:
-    """A result dict shaped like kdbench.engine.trial.run_trial's, with fake metrics."""
+    """A result dict shaped like kdbench.engine.runner.run_trial's, with fake metrics."""
     c = trial.config
     classes, best = CLASSES[c.data.dataset], accuracy(trial)
     epochs = c.recipe.epochs

@@ -1,6 +1,6 @@
 """The one trial runner: K >= 1 trials end to end, with one resume state (:func:`run_trials`).
 
-Every trial trains here, alone or in a pack (:func:`kdbench.engine.trial.run_trial` is one
+Every trial trains here, alone or in a pack (:func:`run_trial` is one
 trial through it).  The model is the only thing that depends on how many trials train together:
 
 * one trial planned unpacked (``cfg.packed`` False; any torchvision model: a teacher, a
@@ -213,6 +213,17 @@ def run_trials(
         )
         results.append(result)
     return results
+
+
+def run_trial(cfg: TrialConfig, out_dir: str | os.PathLike, **kwargs) -> dict:
+    """Train and evaluate the one trial ``cfg`` in ``out_dir`` with :func:`run_trials` (same keywords).
+
+    Returns (and writes) its result; a pack of one (``cfg.packed``) whose member failed raises that MemberFailed.
+    """
+    (result,) = run_trials([cfg], [out_dir], **kwargs)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _check(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike]) -> bool:

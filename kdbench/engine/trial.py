@@ -13,8 +13,8 @@ Files in a trial's output folder:
 - ``state.pt`` (in the first trial's folder of a run; :mod:`kdbench.engine.runner`): the resume
   state after the last finished epoch.
 
-:func:`run_trial` trains one trial with the runner (which trains every trial, alone or packed),
-so rerunning it into the same folder resumes after the last finished epoch and a folder holding
+:func:`kdbench.engine.runner.run_trial` trains one trial with the runner (which trains every trial,
+alone or packed), so rerunning it into the same folder resumes after the last finished epoch and a folder holding
 a different trial (another config, dataset or teacher) is refused; see the runner for resume
 and for the checks that fail a trial (NaN/inf, exploding loss, a teacher at chance level).
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -47,19 +46,6 @@ from kdbench.models import load_model_checkpoint, save_checkpoint
 METRICS_FILE = "metrics.json"
 TEST_LOGITS_FILE = "test_logits.pt"  # the best-val checkpoint's logits on the test split
 PROVENANCE_FORMAT = "kdbench-provenance-v1"
-
-
-def run_trial(cfg: TrialConfig, out_dir: str | os.PathLike, **kwargs) -> dict:
-    """Train and evaluate the one trial ``cfg`` in ``out_dir`` with :func:`kdbench.engine.runner.run_trials` (same keywords).
-
-    Returns (and writes) its result; a pack of one (``cfg.packed``) whose member failed raises that MemberFailed.
-    """
-    from kdbench.engine.runner import run_trials  # the runner builds on this module
-
-    (result,) = run_trials([cfg], [out_dir], **kwargs)
-    if isinstance(result, Exception):
-        raise result
-    return result
 
 
 def with_fingerprint(cfg: TrialConfig, data: PreparedData) -> TrialConfig:
