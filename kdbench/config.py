@@ -28,7 +28,7 @@ from kdbench.digest import file_sha256, json_digest
 from kdbench.errors import UserError
 from kdbench.losses import LossConfig
 from kdbench.machine import gpu_visible
-from kdbench.methods import METHODS
+from kdbench.methods import METHODS, get_method
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
@@ -89,6 +89,11 @@ class TrialConfig:
     dataset_fingerprint: str | None = None  # kdbench.data.select.data_fingerprint; run_trial fills it in when None
     trust_teacher: bool = False  # accept a teacher checkpoint without provenance (recorded in the result)
     allow_chance_teacher: bool = False  # a teacher at chance level is done (flagged), not failed: for pipeline tests
+
+    def __post_init__(self):
+        # The loss settings the method really uses, settled once, here (unused terms zeroed, settings it ignores
+        # canonical: kdbench.methods.Method.effective_loss); the key, the engine and the result take them as they are.
+        object.__setattr__(self, "loss", get_method(self.method).effective_loss(self.loss))
 
     def identity(self) -> dict:
         """The fields that affect the result, with the device resolved and its precision."""

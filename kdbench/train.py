@@ -116,13 +116,12 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
     )
     check_data(data, "data")
     check_recipe(recipe, "recipe")
-    effective = method.effective_loss(loss)
-    method.check(effective, "")
+    method.check(method.effective_loss(loss), "")
     return TrialConfig(
         method=method.name,
         data=data,
         recipe=recipe,
-        loss=effective,
+        loss=loss,
         seed=args.seed,
         teacher_checkpoint=args.teacher,
         device=args.device,

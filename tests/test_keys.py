@@ -68,8 +68,8 @@ def test_identity_holds_exactly_the_result_fields():
         ]
     ]
     + [
-        {"loss": dataclasses.replace(LossConfig(), **{f: v})}
-        for f, v in [("alpha", 0.5), ("beta", 2.0), ("gamma", 0.0), ("temperature", 2.0), ("cosine_on", "probs")]
+        {"method": "kd_kl_cos", "loss": dataclasses.replace(LossConfig(), **{f: v})}  # every loss field counts for it
+        for f, v in [("alpha", 0.5), ("beta", 2.0), ("gamma", 0.5), ("temperature", 2.0), ("cosine_on", "probs")]
     ],
 )
 def test_each_result_field_changes_the_key(change):
@@ -78,6 +78,14 @@ def test_each_result_field_changes_the_key(change):
     if "device" in change:
         assert changed.identity()["precision"] == PRECISION["cuda"] == "bf16-autocast"
         assert BASE.identity()["precision"] == "fp32"
+
+
+def test_a_loss_setting_the_method_ignores_leaves_its_key_alone():
+    """TrialConfig settles the loss its method really uses (kdbench.methods.Method.effective_loss) when it is made."""
+    for change in ({"gamma": 3.0}, {"cosine_on": "probs"}):
+        assert dataclasses.replace(BASE, loss=dataclasses.replace(BASE.loss, **change)).key() == BASE.key()
+    baseline = TrialConfig(method="baseline", loss=LossConfig(beta=2.0, temperature=8.0), device="cpu")
+    assert baseline.loss == LossConfig(alpha=1.0, beta=0.0, gamma=0.0, temperature=1.0)
 
 
 def test_code_versions_change_the_key(monkeypatch):

@@ -244,8 +244,7 @@ def _check(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike]) -
 def _member(
     cfg: TrialConfig, out: Path, data: PreparedData, teacher_info: dict | None, packed: bool, device: torch.device
 ) -> _Member:
-    method = get_method(cfg.method)
-    loss_cfg = method.effective_loss(cfg.loss)
+    method, loss_cfg = get_method(cfg.method), cfg.loss  # as the config settled it
     label = f"{cfg.method} α {loss_cfg.alpha:g}, {method.describe(loss_cfg)} [{cfg.key()}]" if packed else method.name
     teacher_info = teacher_info if method.needs_teacher else None
     # a pack member's weights are copied out of the pack into a plain model of its own (its initial values do not matter)

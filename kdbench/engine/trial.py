@@ -40,7 +40,6 @@ from kdbench.engine.runtime import environment, memory_format
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
-from kdbench.methods import get_method
 from kdbench.models import load_model_checkpoint, save_checkpoint
 
 METRICS_FILE = "metrics.json"
@@ -149,7 +148,7 @@ def build_result(
         "loss_version": LOSS_VERSION,
         "results_version": RESULTS_VERSION,
         "config": cfg.identity(),
-        "effective_loss": dataclasses.asdict(get_method(cfg.method).effective_loss(cfg.loss)),
+        "effective_loss": dataclasses.asdict(cfg.loss),  # as TrialConfig settled it
         "classes": data.classes,
         "data": {"folder": str(data.folder), **data.counts(), "skipped": data.index.skipped},
         "teacher": teacher_info,
