@@ -210,7 +210,7 @@ class TrialResult:
     best: WeightsResult
     last: WeightsResult
     chance: ChanceTest
-    history: tuple[dict[str, float], ...]
+    history: tuple[dict[str, Any], ...]
     timings: Timings
     environment: dict[str, Any]
     pack: dict[str, Any] | None = None

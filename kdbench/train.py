@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         download=not args.no_download,
         progress=not args.quiet and sys.stderr.isatty(),
     )
-    print(f"wrote {args.out}/metrics.json, best.pt, state.pt, manifest.csv (trial {result['key']})")
+    print(f"wrote {args.out}/metrics.json, best.pt, state.pt, manifest.csv (trial {result.key})")
     return 0
 
 

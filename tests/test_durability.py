@@ -3,6 +3,7 @@ durable writes, kill points of a trial, a killed pool worker, a sweep killed thr
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -23,6 +24,7 @@ from kdbench import durable
 from kdbench.data import decode
 from kdbench.data.decode import cache_folder, load_images
 from kdbench.data.index import scan_folder
+from kdbench.records import to_json
 from kdbench.sweep.__main__ import main as sweep_main
 
 ABLATION = """
@@ -63,8 +65,9 @@ def store_rows(out: Path) -> dict[str, dict]:
     return rows
 
 
-def comparable(result: dict) -> dict:
-    """A trial result without what depends on the wall clock or the machine."""
+def comparable(result) -> dict:
+    """A trial result (a TrialResult, or its JSON as loaded) without what depends on the wall clock or the machine."""
+    result = json.loads(to_json(result)) if dataclasses.is_dataclass(result) else result
     history = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in result["history"]]
     return {"best": result["best"], "last": result["last"], "history": history}
 

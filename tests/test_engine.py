@@ -70,13 +70,13 @@ def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
     )
     assert student.returncode == 0, student.stderr
     result = json.loads((tmp_path / "kd" / "metrics.json").read_text())
-    assert result["config"]["method"] == "kd_kl_cos" and result["config"]["recipe"]["model"] == "mobilenet_v2"
-    assert result["teacher"]["mode"] == "cache"
+    assert result.config["method"] == "kd_kl_cos" and result.config["recipe"]["model"] == "mobilenet_v2"
+    assert result.teacher["mode"] == "cache"
     # the student names its teacher by content digest, and that digest is part of its identity
     digest = "sha256:" + file_sha256(tmp_path / "teacher" / "best.pt")
-    assert result["teacher"]["digest"] == digest == result["config"]["teacher_id"]
-    assert result["teacher"]["trusted_without_provenance"] is False
-    assert result["teacher"]["provenance"]["trial_key"] == json.loads((tmp_path / "teacher" / "metrics.json").read_text())["key"]
+    assert result.teacher["digest"] == digest == result.config["teacher_id"]
+    assert result.teacher["trusted_without_provenance"] is False
+    assert result.teacher["provenance"]["trial_key"] == json.loads((tmp_path / "teacher" / "metrics.json").read_text())["key"]
     other = torch.load(tmp_path / "teacher" / "best.pt", weights_only=True) | {"note": "same weights, other file"}
     torch.save(other, tmp_path / "teacher2.pt")
     args = ["--dataset", f"imagefolder:{image_folder}", "--resolution", "16", "--epochs", "2", "--batch-size", "8", "-T", "2"]
@@ -98,15 +98,15 @@ def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
     held_out = {row.split(",")[0] for row in manifest if not row.endswith(",train")}
     teacher_train = set(torch.load(tmp_path / "teacher" / "best.pt", weights_only=True)["provenance"]["train_paths"])
     assert f"on {len(held_out & teacher_train)} of this run's {len(held_out)} " in line and held_out & teacher_train
-    assert {"term_ce", "term_kl", "term_cos"} <= set(result["history"][0])
+    assert {"term_ce", "term_kl", "term_cos"} <= set(result.history[0])
     for which in ("best", "last"):
-        test = result[which]["test"]
+        test = getattr(result, which).test
         assert (
-            0 <= test["accuracy"] <= 1
-            and len(test["confusion_matrix"]) == 3
-            and set(test["per_class_accuracy"]) == {"class0", "class1", "class2"}
+            0 <= test.accuracy <= 1
+            and len(test.confusion_matrix) == 3
+            and set(test.per_class_accuracy) == {"class0", "class1", "class2"}
         )
-        assert {"macro_precision", "macro_recall", "macro_f1"} <= set(test)
+        assert all(0 <= v <= 1 for v in (test.macro_precision, test.macro_recall, test.macro_f1))
 
 
 def test_learns_the_synthetic_task(tmp_path):
@@ -119,7 +119,7 @@ def test_learns_the_synthetic_task(tmp_path):
         progress=False,
         log=lambda m: None,
     )
-    assert result["best"]["test"]["accuracy"] >= 0.75  # classes differ by colour: chance is 0.33
+    assert result.best.test.accuracy >= 0.75  # classes differ by colour: chance is 0.33
 
 
 def test_same_seed_same_metrics_and_resume_after_interruption(image_folder, tmp_path):
@@ -128,14 +128,14 @@ def test_same_seed_same_metrics_and_resume_after_interruption(image_folder, tmp_
     a = run_trial(cfg, tmp_path / "a", progress=False, log=quiet)
     b = run_trial(cfg, tmp_path / "b", progress=False, log=quiet)
     # per-image test predictions (for the paired statistics) agree with the metrics, and the logits file with both
-    targets = torch.tensor(a["test_targets"])
+    targets = torch.tensor(a.test_targets)
     for ckpt in ("best", "last"):
         hits = (torch.tensor(a[ckpt]["test"]["predictions"]) == targets).double().mean()
         assert float(hits) == pytest.approx(a[ckpt]["test"]["accuracy"]) and len(targets) == a[ckpt]["test"]["n"]
-    saved = torch.load(tmp_path / "a" / a["best"]["test_logits_file"], weights_only=True)
-    assert saved["targets"].tolist() == a["test_targets"]
-    assert saved["logits"].argmax(1).tolist() == a["best"]["test"]["predictions"]
-    assert a["best"]["test"] == b["best"]["test"] and a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    saved = torch.load(tmp_path / "a" / a.best.test_logits_file, weights_only=True)
+    assert tuple(saved["targets"].tolist()) == a.test_targets
+    assert tuple(saved["logits"].argmax(1).tolist()) == a.best.test.predictions
+    assert a.best.test == b.best.test and a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
 
     def crash_after_epoch_1(message):  # an epoch is logged once its resume state is written
         if message.startswith("epoch 1/3"):
@@ -146,8 +146,8 @@ def test_same_seed_same_metrics_and_resume_after_interruption(image_folder, tmp_
     lines = []
     c = run_trial(cfg, tmp_path / "c", progress=False, log=lines.append)
     assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
-    assert [h["train_loss"] for h in c["history"]] == [h["train_loss"] for h in a["history"]]
-    assert c["last"]["test"] == a["last"]["test"] and c["best"]["test"] == a["best"]["test"]
+    assert [h["train_loss"] for h in c.history] == [h["train_loss"] for h in a.history]
+    assert c.last.test == a.last.test and c.best.test == a.best.test
 
 
 # What run_trial gave for the trials of the test below (CPU, float64) before every trial trained with the one
@@ -187,13 +187,13 @@ BEFORE_THE_ONE_RUNNER = {
 
 def _pinned_numbers(result: dict) -> dict:
     """A result's numbers in the shape of BEFORE_THE_ONE_RUNNER."""
-    history = result["history"]
+    history = result.history
     names = [k for k in ("train_loss", "train_accuracy", "val_loss", "lr", "term_kl", "term_cos") if k in history[0]]
     return {
         **{k: [h[k] for h in history] for k in names},
-        "best_epoch": result["best"]["epoch"],
-        "test_loss": [result[w]["test"]["loss"] for w in ("best", "last")],
-        "test_accuracy": [result[w]["test"]["accuracy"] for w in ("best", "last")],
+        "best_epoch": result.best.epoch,
+        "test_loss": [getattr(result, w).test.loss for w in ("best", "last")],
+        "test_accuracy": [getattr(result, w).test.accuracy for w in ("best", "last")],
     }
 
 
@@ -215,7 +215,7 @@ def test_a_trial_alone_trains_as_it_did_before_the_one_runner(tmp_path, float64)
     base = tiny_trial(folder, method="baseline", epochs=2, seed=1, lr=0.01)
     base = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, optimizer="adamw", schedule="onecycle"))
     baseline = run_trial(base, tmp_path / "b", progress=False, log=quiet)
-    assert student["teacher"]["mode"] == "cache" and "pack" not in student
+    assert student.teacher["mode"] == "cache" and student.pack is None
     for name, result in (("teacher", teacher), ("student", student), ("baseline", baseline)):
         got, pinned = _pinned_numbers(result), BEFORE_THE_ONE_RUNNER[name]
         assert got.keys() == pinned.keys(), name
@@ -519,8 +519,8 @@ def test_continuous_augmentation_falls_back_to_the_online_teacher(image_folder, 
     )
     lines = []
     result = run_trial(cfg, tmp_path / "s", progress=False, log=lines.append)
-    assert teacher["teacher"] is None
-    assert result["teacher"]["mode"] == "online" and "d4_crop" in result["teacher"]["why"]
+    assert teacher.teacher is None
+    assert result.teacher["mode"] == "online" and "d4_crop" in result.teacher["why"]
     assert any("running the teacher online" in line for line in lines)
 
 
@@ -539,8 +539,8 @@ def test_an_image_overwritten_in_place_gets_a_new_teacher_cache(image_folder, tm
     os.utime(target, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     cfg = dataclasses.replace(cfg, dataset_fingerprint=None)
     second = run_trial(cfg, tmp_path / "s2", progress=False, log=lambda m: None)
-    assert second["teacher"]["cache"] != first["teacher"]["cache"]
-    cache = torch.load(second["teacher"]["cache"], weights_only=True)["logits"]
+    assert second.teacher["cache"] != first.teacher["cache"]
+    cache = torch.load(second.teacher["cache"], weights_only=True)["logits"]
     teacher = load_model_checkpoint(tmp_path / "t" / "best.pt")[0].eval()
     with torch.no_grad():
         online = teacher(normalize(decode_image(target, 16).unsqueeze(0)))[0]
@@ -564,10 +564,10 @@ def test_logit_cache_and_online_teacher_give_the_same_trial(image_folder, tmp_pa
     # the same d4 augmentation (same batches and views), declared not cacheable: teacher_source runs the teacher online
     monkeypatch.setattr(type(AUGMENTATIONS["d4"]), "cacheable", property(lambda self: False))
     online = run_trial(cfg, tmp_path / "online", progress=False, log=lambda m: None)
-    assert cached["teacher"]["mode"] == "cache" and online["teacher"]["mode"] == "online"
-    assert cached["key"] == online["key"]
-    assert torch.load(cached["teacher"]["cache"], weights_only=True)["logits"].dtype == torch.float64
-    for a, b in zip(cached["history"], online["history"]):
+    assert cached.teacher["mode"] == "cache" and online.teacher["mode"] == "online"
+    assert cached.key == online.key
+    assert torch.load(cached.teacher["cache"], weights_only=True)["logits"].dtype == torch.float64
+    for a, b in zip(cached.history, online.history):
         for k in ("train_loss", "term_ce", "term_kl", "term_cos", "val_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-8, abs=1e-10), k
     for which in ("best", "last"):
@@ -599,6 +599,6 @@ def test_a_student_of_a_replaced_teacher_checkpoint_trains_again(image_folder, t
     (trial_dir(out, "T") / "best.pt").write_bytes((tmp_path / "t2" / "best.pt").read_bytes())  # re-trained in place
     again = execute_trial(planned, ctx)
     assert again.status == "done" and not again.recovered, again.error
-    assert again.result["teacher"]["digest"] != first.result["teacher"]["digest"]
+    assert again.result.teacher["digest"] != first.result.teacher["digest"]
     log = (trial_dir(out, planned.key) / "train.log").read_text()
     assert "trained from another teacher checkpoint (same trial): starting this trial from scratch" in log

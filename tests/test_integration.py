@@ -53,9 +53,9 @@ def test_teacher_and_kd_student_train_on_eurosat(shared_data, tmp_path):
     )
     assert student.returncode == 0, student.stderr
     result = json.loads((tmp_path / "kd" / "metrics.json").read_text())
-    assert result["classes"][:2] == ["AnnualCrop", "Forest"] and len(result["classes"]) == 10
-    assert result["data"]["train"] + result["data"]["val"] + result["data"]["test"] == 80
-    assert result["teacher"]["mode"] == "cache" and result["teacher"]["model"] == "vgg16"
+    assert result.classes[:2] == ["AnnualCrop", "Forest"] and len(result.classes) == 10
+    assert result.data["train"] + result.data["val"] + result.data["test"] == 80
+    assert result.teacher["mode"] == "cache" and result.teacher["model"] == "vgg16"
     manifest = (tmp_path / "kd" / "manifest.csv").read_text().splitlines()
     assert manifest[0] == "path,class,split" and len(manifest) == 81
     path, cls, split = manifest[1].split(",")

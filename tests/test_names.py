@@ -71,7 +71,7 @@ def test_undecodable_bytes_in_a_name_train_and_are_named_portably(tmp_path):
     cfg = TrialConfig(**{**cfg.__dict__, "recipe": cfg.recipe.__class__(epochs=1, batch_size=4, eval_batch_size=8)})
     result = run_trial(cfg, tmp_path / "run", progress=False, log=lambda m: None)
     manifest = (tmp_path / "run" / "manifest.csv").read_text(encoding="utf-8")
-    assert "class0/caf\\xe9.png" in manifest and result["data"]["train"] + result["data"]["val"] + result["data"]["test"] == 13
+    assert "class0/caf\\xe9.png" in manifest and result.data["train"] + result.data["val"] + result.data["test"] == 13
 
 
 def test_links_nesting_and_hidden_files_are_read_or_listed(tmp_path):

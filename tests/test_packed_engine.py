@@ -126,25 +126,25 @@ def test_first_step_matches_separate_trials_and_outputs_are_trial_outputs(setup,
     init = dict(build_model("mobilenet_v2", 3).named_parameters())
     for cfg, result in zip(cfgs, pack):
         alone = run_trial(cfg, tmp_path / "alone" / cfg.method, progress=False, log=QUIET)
-        p, a = result["history"][0], alone["history"][0]
+        p, a = result.history[0], alone.history[0]
         assert p.keys() == a.keys()
         for term in [k for k in a if k == "train_loss" or k.startswith("term_")]:  # the first (only) step, before any update
             assert p[term] == pytest.approx(a[term], rel=1e-9), term
         # the SGD step: a mean over members instead of the sum would give 2/3 here, rounding in float64 ~1e-12
         step_pack, step_alone = (_update(tmp_path / run / cfg.method / "best.pt", init) for run in ("pack", "alone"))
         assert (step_pack - step_alone).norm() <= 1e-8 * step_alone.norm()
-        assert set(result) == set(alone) | {"pack"}
+        assert result.pack is not None and alone.pack is None
         for field in ("effective_loss", "classes", "data"):
-            assert result[field] == alone[field], field
-        assert result["config"] == {**alone["config"], "packed": True} and result["key"] != alone["key"]  # packed is keyed
-        for field in ("best", "last", "timings", "environment", "teacher"):
-            assert set(result[field]) == set(alone[field]), field
-        assert result["best"]["test"].keys() == alone["best"]["test"].keys() and result["teacher"]["mode"] == "cache"
-        assert result["pack"] == {"k": 3, "members": [r["key"] for r in pack]}
+            assert getattr(result, field) == getattr(alone, field), field
+        assert result.config == {**alone.config, "packed": True} and result.key != alone.key  # packed is keyed
+        for field in ("environment", "teacher"):
+            assert set(getattr(result, field)) == set(getattr(alone, field)), field
+        assert result.teacher["mode"] == "cache"
+        assert result.pack == {"k": 3, "members": [r.key for r in pack]}
         model, ckpt = load_model_checkpoint(tmp_path / "pack" / cfg.method / "best.pt")
         assert ckpt["model"] == "mobilenet_v2" and isinstance(model, torchvision.models.MobileNetV2)
         on_disk = json.loads((tmp_path / "pack" / cfg.method / "metrics.json").read_text())
-        assert on_disk["key"] == result["key"] and (tmp_path / "pack" / cfg.method / "manifest.csv").exists()
+        assert on_disk["key"] == result.key and (tmp_path / "pack" / cfg.method / "manifest.csv").exists()
 
 
 def test_pack_with_a_baseline_resumes_after_interruption_exactly(setup, tmp_path):
@@ -167,16 +167,17 @@ def test_pack_with_a_baseline_resumes_after_interruption_exactly(setup, tmp_path
     resumed = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
     assert any(line.startswith("resuming pack") and "after epoch 1" in line for line in lines)
     for a, b in zip(full, resumed):
-        assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
-        assert a["best"] == b["best"] and a["last"] == b["last"]
+        assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+        assert a.best == b.best and a.last == b.last
     baseline, kd = full
-    assert baseline["teacher"] is None and kd["teacher"]["mode"] == "cache"
-    assert "term_kl" in kd["history"][0] and "term_kl" not in baseline["history"][0]
+    assert baseline.teacher is None and kd.teacher["mode"] == "cache"
+    assert "term_kl" in kd.history[0] and "term_kl" not in baseline.history[0]
     for result in full:
-        assert len(result["history"]) == 2 and result["pack"]["k"] == 2
+        assert len(result.history) == 2 and result.pack["k"] == 2
         for which in ("best", "last"):
-            assert 0 <= result[which]["test"]["accuracy"] <= 1 and math.isfinite(result[which]["val"]["loss"])
-        assert all(math.isfinite(h["train_loss"]) and 0 <= h["train_accuracy"] <= 1 for h in result["history"])
+            weights = getattr(result, which)
+            assert 0 <= weights.test.accuracy <= 1 and math.isfinite(weights.val.loss)
+        assert all(math.isfinite(h["train_loss"]) and 0 <= h["train_accuracy"] <= 1 for h in result.history)
 
     # an unreadable pack state (a torn write by another tool, a bad disk) restarts the pack, with a warning
     dirs = [tmp_path / "c" / c.method for c in cfgs]
@@ -188,7 +189,7 @@ def test_pack_with_a_baseline_resumes_after_interruption_exactly(setup, tmp_path
     assert any(line.startswith("warning: cannot read the pack resume state") for line in lines)
     assert not any(line.startswith("resuming pack") for line in lines)
     for a, b in zip(full, restarted):
-        assert a["best"] == b["best"] and a["last"] == b["last"]
+        assert a.best == b.best and a.last == b.last
 
 
 def test_non_finite_member_loss_is_named(setup):
@@ -283,13 +284,13 @@ def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(s
         return [{k: v for k, v in h.items() if k not in ("seconds", "images_per_s")} for h in history]
 
     for a, b in zip((three[0], three[2]), two):  # exactly the pack of the healthy two
-        assert timeless(a["history"]) == timeless(b["history"])
-        assert a["best"] == b["best"] and a["last"] == b["last"]
-        assert a["pack"]["dropped"] == [a["pack"]["members"][1]] and a["pack"]["members"][1] not in {r["key"] for r in two}
+        assert timeless(a.history) == timeless(b.history)
+        assert a.best == b.best and a.last == b.last
+        assert a.pack["dropped"] == [a.pack["members"][1]] and a.pack["members"][1] not in {r.key for r in two}
     # a rerun of the pack (e.g. after a kill) drops it again from its state, without retraining
     lines.clear()
     again = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)
-    assert isinstance(again[1], runner.MemberFailed) and again[0]["best"] == three[0]["best"]
+    assert isinstance(again[1], runner.MemberFailed) and again[0].best == three[0].best
     assert any("resuming pack" in line for line in lines) and not any(line.startswith("dropping") for line in lines)
 
 
@@ -342,9 +343,9 @@ def test_a_member_with_non_finite_weights_or_logits_fails_alone_and_the_others_m
         assert "\n" not in str(three[1]) and not (dirs[1] / "metrics.json").exists()
         assert any(line.startswith("dropping kd_kl") for line in lines)
         for a, b in zip((three[0], three[2]), two):  # exactly the pack of the healthy two
-            assert timeless(a["history"]) == timeless(b["history"])
-            assert a["best"] == b["best"] and a["last"] == b["last"]
-            assert a["pack"]["dropped"] == [a["pack"]["members"][1]]
+            assert timeless(a.history) == timeless(b.history)
+            assert a.best == b.best and a.last == b.last
+            assert a.pack["dropped"] == [a.pack["members"][1]]
     # a pack resume state whose kd_cos slice holds inf (saved by a kdbench without this check): kd_cos fails alone
     dirs = [tmp_path / "two" / c.method for c in healthy]
     state = torch.load(dirs[0] / "state.pt", weights_only=True)
@@ -355,7 +356,7 @@ def test_a_member_with_non_finite_weights_or_logits_fails_alone_and_the_others_m
     assert isinstance(resumed[1], runner.MemberFailed) and not isinstance(resumed[0], Exception)
     expected = f"NaN or infinite values in {name} of the pack resume state {dirs[0] / 'state.pt'} (epoch 2)"
     assert str(resumed[1]).startswith(expected), str(resumed[1])
-    assert any(line.startswith("dropping kd_cos") for line in lines) and len(resumed[0]["history"]) == 2
+    assert any(line.startswith("dropping kd_cos") for line in lines) and len(resumed[0].history) == 2
 
 
 def test_a_pack_killed_between_its_state_and_a_best_checkpoint_repairs_it_on_resume(setup, tmp_path, monkeypatch):
@@ -377,4 +378,4 @@ def test_a_pack_killed_between_its_state_and_a_best_checkpoint_repairs_it_on_res
     resumed = run_packed_trials(cfgs, dirs, progress=False, log=lines.append)
     assert any(line.startswith("repairing") for line in lines)
     for a, b in zip(full, resumed):
-        assert a["best"] == b["best"] and a["last"] == b["last"]
+        assert a.best == b.best and a.last == b.last

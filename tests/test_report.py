@@ -8,6 +8,7 @@ grid has two temperatures and two cosine weights so the ablation tables appear.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -20,7 +21,7 @@ import pytest
 from conftest import assert_one_line_error, call_main
 
 from kdbench.errors import UserError
-from kdbench.records import to_json
+from kdbench.records import RESULT_FORMAT, TrialResult, from_json, to_json
 from kdbench.report import build_report
 from kdbench.report.__main__ import main
 from kdbench.report.stats import paired_difference, summarize
@@ -111,8 +112,8 @@ def metrics(acc: float, classes: list[str]) -> dict:
     }
 
 
-def result(trial) -> dict:
-    """A result dict shaped like kdbench.engine.runner.run_trial's, with fake metrics."""
+def result(trial) -> TrialResult:
+    """A result shaped like kdbench.engine.runner.run_trial's, with fake metrics."""
     c = trial.config
     classes, best = CLASSES[c.data.dataset], accuracy(trial)
     epochs = c.recipe.epochs
@@ -129,9 +130,16 @@ def result(trial) -> dict:
         }
         for e in range(1, epochs + 1)
     ]
-    return {
+    chance = {"accuracy": best, "n": 2 * len(classes), "chance": 1 / len(classes), "p_value": 1e-6, "alpha": 0.01}
+    chance |= {"powered": True, "significant": True, "at_chance": False, "allowed": False}
+    record = {
+        "format": RESULT_FORMAT,
         "key": trial.key,
+        "loss_version": "1",
+        "results_version": "3",
         "config": c.identity(),
+        "effective_loss": dataclasses.asdict(c.loss),
+        "chance": chance,
         "classes": classes,
         "data": {
             "folder": "/data",
@@ -156,6 +164,7 @@ def result(trial) -> dict:
         "timings": {"total_s": 5.0, "train_s": 4.0, "train_images_per_s": 100.0},
         "environment": ENVIRONMENT,
     }
+    return from_json(TrialResult, record, f"the synthetic result of {trial.key}")
 
 
 def complexity(trial) -> dict:

@@ -95,6 +95,7 @@ from kdbench.finite import check_finite_state
 from kdbench.methods import get_method
 from kdbench.models import build_model
 from kdbench.packing import PackedMobileNetV2
+from kdbench.records import TrialResult
 
 STATE_FILE = "state.pt"
 STATE_FORMAT = "kdbench-run-state-v1"
@@ -140,7 +141,7 @@ def run_trials(
     download: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> list[dict | MemberFailed]:
+) -> list[TrialResult | MemberFailed]:
     """Train and evaluate ``cfgs``, trial ``i`` in ``out_dirs[i]``; returns (and writes) each trial's result.
 
     ``cfgs`` is one trial planned unpacked, or trials planned packed (``cfg.packed``) that
@@ -178,7 +179,7 @@ def run_trials(
     members = [_member(cfg, out, data, teacher_info, packed, device) for cfg, out in zip(cfgs, outs)]
     state_path = outs[0] / STATE_FILE
     dropped = _dropped_before(state_path, members) if packed else {}  # a killed run of this pack had dropped them
-    scored: dict[str, dict] = {}
+    scored: dict[str, TrialResult] = {}
     while alive := [m for m in members if m.identity not in dropped]:
         model = _init_model(alive, len(data.classes), device, packed)
         for m in alive:
@@ -199,23 +200,23 @@ def run_trials(
     pack = {"k": len(members), "members": [m.cfg.key() for m in members]}
     if dropped:
         pack["dropped"] = [m.cfg.key() for m in members if m.identity in dropped]
-    results: list[dict | MemberFailed] = []
+    results: list[TrialResult | MemberFailed] = []
     for m in members:
         if m.identity in dropped:
             results.append(MemberFailed(dropped[m.identity]))
             continue
-        result = scored[m.identity] | ({"pack": pack} if packed else {})
-        atomic_write_json(m.out / METRICS_FILE, result)
-        best, last = result["best"], result["last"]
+        result = dataclasses.replace(scored[m.identity], pack=pack) if packed else scored[m.identity]
+        atomic_write_json(m.out / METRICS_FILE, dataclasses.asdict(result))
+        best, last = result.best, result.last
         log(
-            f"{m.loss.label + ': ' if packed else ''}test accuracy: best-on-val (epoch {best['epoch']}) "
-            f"{best['test']['accuracy']:.4f}, last epoch ({last['epoch']}) {last['test']['accuracy']:.4f}"
+            f"{m.loss.label + ': ' if packed else ''}test accuracy: best-on-val (epoch {best.epoch}) "
+            f"{best.test.accuracy:.4f}, last epoch ({last.epoch}) {last.test.accuracy:.4f}"
         )
         results.append(result)
     return results
 
 
-def run_trial(cfg: TrialConfig, out_dir: str | os.PathLike, **kwargs) -> dict:
+def run_trial(cfg: TrialConfig, out_dir: str | os.PathLike, **kwargs) -> TrialResult:
     """Train and evaluate the one trial ``cfg`` in ``out_dir`` with :func:`run_trials` (same keywords).
 
     Returns (and writes) its result; a pack of one (``cfg.packed``) whose member failed raises that MemberFailed.
@@ -395,7 +396,7 @@ def _save_best(m: _Member) -> None:
     save_best(m.out / "best.pt", m.model, m.cfg.recipe.model, m.classes, record, m.best["epoch"])
 
 
-def _member_result(m: _Member, splits: _Splits, t0: float) -> dict:
+def _member_result(m: _Member, splits: _Splits, t0: float) -> TrialResult:
     """Member ``m``'s result (its model holds the last weights; ``total_s`` is the whole run's wall time).
 
     A teacher whose best validation accuracy is at chance fails (UserError) unless its config allows it.
@@ -405,8 +406,8 @@ def _member_result(m: _Member, splits: _Splits, t0: float) -> dict:
     result = build_result(
         m.cfg, splits.data, m.teacher_info, m.model, best_path, m.best["epoch"], m.history, sets, t0, splits.device
     )
-    if m.loss.method.role == "teacher" and result["chance"]["at_chance"] and not m.cfg.allow_chance_teacher:
-        c = result["chance"]
+    if m.loss.method.role == "teacher" and result.chance.at_chance and not m.cfg.allow_chance_teacher:
+        c = dataclasses.asdict(result.chance)
         raise UserError(
             f"teacher at chance level: best validation accuracy {c['accuracy']:.3f} on {c['n']} images is not "
             f"significantly above chance {c['chance']:.3f} (binomial p = {c['p_value']:.2g}): its students would learn "

@@ -41,6 +41,7 @@ from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cac
 from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
 from kdbench.models import load_model_checkpoint, save_checkpoint
+from kdbench.records import RESULT_FORMAT, TrialResult, from_json
 
 METRICS_FILE = "metrics.json"
 TEST_LOGITS_FILE = "test_logits.pt"  # the best-val checkpoint's logits on the test split
@@ -118,7 +119,7 @@ def build_result(
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
     t0: float,
     device: torch.device,
-) -> dict:
+) -> TrialResult:
     """A trial's result: val and test metrics of the best-on-validation checkpoint and of the last weights, and its record.
 
     The test metrics carry the per-image ``predictions`` (class indices, in the order of ``test_targets``), so
@@ -142,8 +143,8 @@ def build_result(
     atomic_torch_save({"logits": best_logits, "targets": test_labels.cpu()}, best_checkpoint.parent / TEST_LOGITS_FILE)
     val_labels = sets["val"][1].cpu()
     majority = float(torch.bincount(val_labels, minlength=len(data.classes)).max()) / max(len(val_labels), 1)
-    return {
-        "format": "kdbench-result-v1",
+    result = {
+        "format": RESULT_FORMAT,
         "key": cfg.key(),
         "loss_version": LOSS_VERSION,
         "results_version": RESULTS_VERSION,
@@ -167,6 +168,7 @@ def build_result(
         },
         "environment": environment(device),
     }
+    return from_json(TrialResult, result, f"the result of trial {result['key']}")
 
 
 def teacher_source(

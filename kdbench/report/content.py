@@ -210,7 +210,7 @@ def _sweep_line(data: ReportData) -> str:
     counts = trials["status"].value_counts()
     status = ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "pending") if s in counts)
     done = data.done
-    seconds = sum(max(r["timings"]["total_s"], r["timings"]["train_s"]) for r in done["result"])
+    seconds = sum(max(r.timings.total_s, r.timings.train_s) for r in done["result"])
     timing = f"trials took {_duration(seconds)} of compute in all" if len(done) else "no trial finished"
     start, end = trials["started_at"].dropna(), done["finished_at"].dropna()
     if len(start) and len(end):
@@ -239,7 +239,7 @@ def _recipe(r: Recipe) -> str:
 
 def _dataset_line(data: ReportData, dataset: str) -> str:
     done = data.done[data.done["dataset"] == dataset]
-    splits = sorted({(r["data"]["train"], r["data"]["val"], r["data"]["test"], len(r["classes"])) for r in done["result"]})
+    splits = sorted({(r.data["train"], r.data["val"], r.data["test"], len(r.classes)) for r in done["result"]})
     sizes = " or ".join(f"{c} classes, train / val / test = {a} / {b} / {t} images" for a, b, t, c in splits)
     return f"{get_spec(data.name(dataset).dataset).title}; {sizes or 'split sizes unknown (no finished trial)'}"
 

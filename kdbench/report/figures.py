@@ -195,7 +195,7 @@ def curves_figure(data: ReportData) -> plt.Figure | None:
     rows = [
         {"dataset": t.dataset, "label": t.label, "seed": t.seed, "epoch": h["epoch"], "val": 100 * h["val_accuracy"]}
         for t in _default_done(data).itertuples()
-        for h in t.result["history"]
+        for h in t.result.history
     ]
     if not rows:
         return None
@@ -229,8 +229,8 @@ def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
     """Row-normalised test confusion matrix of ``method``'s default trials on ``dataset``, summed over their seeds."""
     trials = _default_done(data)
     trials = trials[(trials["dataset"] == dataset) & (trials["method"] == method)]
-    classes = [plain(c) for c in trials["result"].iloc[0]["classes"]]
-    counts = sum(np.array(r["best"]["test"]["confusion_matrix"]) for r in trials["result"])
+    classes = [plain(c) for c in trials["result"].iloc[0].classes]
+    counts = sum(np.array(r.best.test.confusion_matrix) for r in trials["result"])
     share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     cells = np.where(share >= 0.5, np.round(share).astype(int).astype(str), "")  # empty cells stay blank
     size = min(WIDTH, 2.0 + 0.32 * len(classes))

@@ -23,7 +23,7 @@ import pandas as pd
 from kdbench.bench_summary import load_benchmark_json
 from kdbench.data.specs import DatasetName, dataset_names
 from kdbench.errors import UserError
-from kdbench.records import TrialPlan, from_json
+from kdbench.records import TrialPlan, TrialResult, from_json
 from kdbench.sweep.ablation import Ablation
 from kdbench.sweep.store import STORE_FILE, Store
 
@@ -90,9 +90,9 @@ class ReportData:
         return sorted(ranked, key=ranked.get)
 
 
-def test_correct(result: dict, checkpoint: str = "best") -> np.ndarray:
+def test_correct(result: TrialResult, checkpoint: str = "best") -> np.ndarray:
     """Per-test-image correctness (bool, in ``test_targets`` order) of a trial's ``checkpoint`` weights."""
-    return np.asarray(result[checkpoint]["test"]["predictions"]) == np.asarray(result["test_targets"])
+    return np.asarray(getattr(result, checkpoint).test.predictions) == np.asarray(result.test_targets)
 
 
 def load_report_data(out_dir: Path) -> ReportData:
@@ -189,7 +189,8 @@ def _record(row: dict, plan: TrialPlan) -> dict:
     }
     result = row["result"] if row["status"] == "done" else None
     for ckpt in ("best", "last"):
-        record[f"{ckpt}_epoch"] = result[ckpt]["epoch"] if result else math.nan
+        weights = getattr(result, ckpt) if result else None
+        record[f"{ckpt}_epoch"] = weights.epoch if weights else math.nan
         for metric, short in METRICS.items():
-            record[f"{ckpt}_{short}"] = 100 * result[ckpt]["test"][metric] if result else math.nan
+            record[f"{ckpt}_{short}"] = 100 * getattr(weights.test, metric) if weights else math.nan
     return record

@@ -221,7 +221,7 @@ def _caveats(data: ReportData) -> list[str]:
 def _skipped_images(data: ReportData) -> list[str]:
     notes = []
     for dataset, group in data.done.groupby("dataset", sort=False):
-        skipped = max(len(r["data"].get("skipped") or []) for r in group["result"])
+        skipped = max(len(r.data.get("skipped") or []) for r in group["result"])
         if skipped:
             notes.append(f"{dataset}: {skipped} unreadable or stray files were skipped while indexing the images.")
     return notes

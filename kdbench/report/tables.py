@@ -231,7 +231,7 @@ def _paired_correct(done: pd.DataFrame, reference: pd.DataFrame) -> tuple[dict[i
     base = {t.seed: t.result for t in reference.itertuples()}
     for t in done.itertuples():
         pair = base.get(t.seed)
-        if pair is None or "test_targets" not in t.result or pair.get("test_targets") != t.result["test_targets"]:
+        if pair is None or pair.test_targets != t.result.test_targets:
             continue  # no per-image predictions (an older store) or other test images: not paired
         correct[t.seed], paired[t.seed] = test_correct(t.result), test_correct(pair)
     return correct, paired

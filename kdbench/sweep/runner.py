@@ -88,7 +88,7 @@ def run_sweep(
         if outcome.status == "done":
             fresh = store.record_done(outcome.key, outcome.result, outcome.complexity)
             counts["done" if fresh else "already"] += 1  # another sweep on this store may have recorded it first
-            acc = outcome.result["best"]["test"]["accuracy"]
+            acc = outcome.result.best.test.accuracy
             how = "recovered from its metrics.json" if outcome.recovered else f"{outcome.seconds:.0f}s"
             bar.write(f"done   {c.method:<10} {name:<10} seed {c.seed} test acc {acc:.4f} ({how}) [{outcome.key}]")
         else:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from kdbench.data.specs import dataset_names
 from kdbench.durable import file_lock
-from kdbench.records import to_json
+from kdbench.records import TrialResult, from_json, to_json
 from kdbench.sweep.plan import PlannedTrial
 
 STORE_FILE = "store.sqlite"
@@ -173,17 +173,17 @@ class Store:
                 (time.time(), key),
             )
 
-    def record_done(self, key: str, result: dict, complexity: dict | None) -> bool:
+    def record_done(self, key: str, result: TrialResult, complexity: dict | None) -> bool:
         """Store a finished trial; returns False (and changes nothing) if it was already done."""
         with self.transaction() as db:
             cur = db.execute(
                 "UPDATE trials SET status = 'done', error = NULL, result = ?, complexity = ?, best_test_accuracy = ?,"
                 " last_test_accuracy = ?, completions = completions + 1, finished_at = ? WHERE key = ? AND status != 'done'",
                 (
-                    json.dumps(result),
+                    to_json(result),
                     json.dumps(complexity),
-                    result["best"]["test"]["accuracy"],
-                    result["last"]["test"]["accuracy"],
+                    result.best.test.accuracy,
+                    result.last.test.accuracy,
                     time.time(),
                     key,
                 ),
@@ -236,18 +236,21 @@ class Store:
         return weak
 
     def rows(self, keys: list[str] | None = None) -> list[dict]:
-        """Trial rows as dicts with JSON columns decoded (all trials, or those of ``keys``)."""
+        """Trial rows as dicts with JSON columns decoded (all trials, or those of ``keys``); ``result`` is a
+        :class:`~kdbench.records.TrialResult` (a result another kdbench version wrote is a one-line UserError)."""
         rows = self.db.execute("SELECT * FROM trials").fetchall()
+        if keys is not None:  # decode only the rows asked for: an older sweep's results may be of another format
+            wanted = set(keys)
+            rows = [r for r in rows if r["key"] in wanted]
         out = []
         for r in rows:
             d = dict(r)
-            for col in ("config", "result", "complexity", "flags"):
+            for col in ("config", "complexity", "flags"):
                 d[col] = json.loads(d[col]) if d[col] else None
+            what = f"the result of trial {d['key']} in {self.path}"
+            d["result"] = from_json(TrialResult, d["result"], what) if d["result"] else None
             d["params"] = json.loads(d["params"]) if d["params"] else {}  # NULL in a store of an older kdbench
             out.append(d)
-        if keys is not None:
-            wanted = set(keys)
-            out = [d for d in out if d["key"] in wanted]
         return out
 
     def latest_sweep(self) -> dict | None:

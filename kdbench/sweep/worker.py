@@ -23,6 +23,7 @@ from pathlib import Path
 
 from kdbench.durable import Busy, file_lock, is_disk_full
 from kdbench.errors import UserError, one_line
+from kdbench.records import TrialResult, from_json
 from kdbench.sweep.plan import PlannedTrial
 
 
@@ -42,7 +43,7 @@ class SweepContext:
 class Outcome:
     key: str
     status: str  # "done", "failed", or "busy" (another process holds its lock; not run, nothing recorded)
-    result: dict | None = None
+    result: TrialResult | None = None
     error: str | None = None
     seconds: float = 0.0
     recovered: bool = False  # finished earlier, store write was lost
@@ -137,9 +138,9 @@ def _train(
         return crashed(folders, failed)
     seconds = time.perf_counter() - t0
     for m, r in zip(members, results):
-        if not isinstance(r, MemberFailed) and r["key"] != m.key:  # the planned key must describe how it was trained
+        if not isinstance(r, MemberFailed) and r.key != m.key:  # the planned key must describe how it was trained
             return failed(
-                f"trained as trial {r['key']}, planned as {m.key}: a file it depends on (a pretrained state dict) "
+                f"trained as trial {r.key}, planned as {m.key}: a file it depends on (a pretrained state dict) "
                 "changed since the sweep was planned: rerun the sweep to plan it anew"
             )
     return {
@@ -150,12 +151,12 @@ def _train(
     }
 
 
-def trial_complexity(trial: PlannedTrial, result: dict) -> dict | None:
+def trial_complexity(trial: PlannedTrial, result: TrialResult) -> dict | None:
     """The trained model's params, FLOPs and size (kdbench.profile); None where fvcore is not installed."""
     from kdbench.profile import complexity
 
     try:
-        return complexity(trial.config.recipe.model, len(result["classes"]), trial.config.data.resolution)
+        return complexity(trial.config.recipe.model, len(result.classes), trial.config.data.resolution)
     except ImportError:  # fvcore is a dependency, but a bare GPU box may run without it
         return None
 
@@ -171,7 +172,7 @@ def crashed(folders: list[Path], failed) -> dict[str, Outcome]:
     return failed(f"{type(err).__name__}: {one_line(err)} (traceback in {folders[0] / 'error.log'})")
 
 
-def _finished_result(path: Path, key: str, teacher: Path | None) -> dict | None:
+def _finished_result(path: Path, key: str, teacher: Path | None) -> TrialResult | None:
     """The finished result at ``path`` if it is this trial's and was distilled from the teacher checkpoint there now.
 
     A student's key names its teacher by trial key; the checkpoint's content digest, recorded in the
@@ -180,12 +181,12 @@ def _finished_result(path: Path, key: str, teacher: Path | None) -> dict | None:
     if not path.exists():
         return None
     try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        result = from_json(TrialResult, path.read_text(), str(path))
+    except (OSError, json.JSONDecodeError, UserError):  # unreadable, or another kdbench's: trained again
         return None
-    if result.get("key") != key:
+    if result.key != key:
         return None
-    if teacher is not None and (result.get("teacher") or {}).get("digest") != _digest(teacher):
+    if teacher is not None and (result.teacher or {}).get("digest") != _digest(teacher):
         return None
     return result
 
