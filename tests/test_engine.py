@@ -206,8 +206,7 @@ def test_a_trial_alone_trains_as_it_did_before_the_one_runner(tmp_path, float64)
     """
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=16, size=16)
     quiet = lambda m: None  # noqa: E731
-    run_trial(tiny_trial(folder, model="resnet18", epochs=2, lr=0.01), tmp_path / "t", progress=False, log=quiet)
-    teacher = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    teacher = run_trial(tiny_trial(folder, model="resnet18", epochs=2, lr=0.01), tmp_path / "t", progress=False, log=quiet)
     kd = tiny_trial(folder, method="kd_kl_cos", seed=3, lr=0.01, teacher_checkpoint=str(tmp_path / "t" / "best.pt"))
     student = run_trial(
         dataclasses.replace(kd, loss=LossConfig(temperature=2.0, gamma=0.5)), tmp_path / "s", progress=False, log=quiet
