@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kdbench",
         usage="%(prog)s [-h] [--version] COMMAND [ARGS ...]",
-        description=__doc__,
+        description=__doc__.replace("``", ""),  # the docstring, as plain text
         epilog="commands:\n" + "\n".join(f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
