@@ -91,9 +91,12 @@ class TrialConfig:
     allow_chance_teacher: bool = False  # a teacher at chance level is done (flagged), not failed: for pipeline tests
 
     def __post_init__(self):
-        # The loss settings the method really uses, settled once, here (unused terms zeroed, settings it ignores
-        # canonical: kdbench.methods.Method.effective_loss); the key, the engine and the result take them as they are.
-        object.__setattr__(self, "loss", get_method(self.method).effective_loss(self.loss))
+        # The method and loss settings a trial really is, settled once, here (kdbench.methods.Method.resolve: defaults
+        # filled in, settings the others make irrelevant left out, a degenerate point as the method it reduces to);
+        # the key, the engine and the result take them as they are.
+        method, loss = get_method(self.method).resolve(self.loss)
+        object.__setattr__(self, "method", method.name)
+        object.__setattr__(self, "loss", loss)
 
     def identity(self) -> dict:
         """The fields that affect the result, with the device resolved and its precision."""
@@ -103,9 +106,7 @@ class TrialConfig:
         d.pop("allow_chance_teacher")  # decides whether a finished teacher counts as failed, not what it learnt
         d["recipe"].pop("eval_batch_size")
         d["recipe"]["pretrained"] = pretrained_identity(self.recipe.pretrained)
-        params = d["loss"].pop("params")
-        if params:  # a method's own hyperparameters; absent for the paper's methods, as before they existed
-            d["loss"]["params"] = dict(params)
+        d["loss"]["params"] = dict(self.loss.params)  # the method's settled hyperparameters (none: {})
         d["device"] = device_type(self.device)
         d["precision"] = PRECISION[d["device"]]
         version = method_loss_version(self.method)

@@ -31,8 +31,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from kdbench.errors import UserError
-
 if TYPE_CHECKING:
     import torch
 
@@ -42,16 +40,16 @@ COSINE_ON = ("logits", "probs")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of ``alpha * CE + beta * T^2 * KL + gamma * (1 - cos)`` (:func:`distillation_loss`), and
-    ``params``: the ``(name, value)`` hyperparameters of a method that owns them (see kdbench.methods;
-    empty for the paper's methods, whose keys therefore never changed)."""
+    """What a student's loss shares with every other, and what is its method's own.
+
+    ``alpha``: the cross-entropy weight of every student (``[loss] alpha``).  ``params``: the method's
+    hyperparameters as ``(name, value)`` pairs, value a float or a word (kdbench.methods.Params); a
+    :class:`~kdbench.config.TrialConfig` holds them settled (every one given, in the method's order).
+    The paper's objective below is ``kd_kl_cos`` with ``params`` temperature, beta, gamma and on.
+    """
 
     alpha: float = 1.0
-    beta: float = 1.0
-    gamma: float = 1.0
-    temperature: float = 4.0
-    cosine_on: str = "logits"
-    params: tuple[tuple[str, float], ...] = ()
+    params: tuple[tuple[str, float | str], ...] = ()
 
 
 class LossTerms(NamedTuple):
@@ -201,14 +199,6 @@ def check_weights(alpha: float, beta: float, gamma: float, temperature: float, c
     _check_temperature(temperature)
     if cosine_on not in COSINE_ON:
         raise ValueError(f"cosine_on must be one of {COSINE_ON}, got {cosine_on!r}")
-
-
-def check_loss(loss: LossConfig, where: str, hint: str = "") -> None:
-    """:func:`check_weights` on a config, as a one-line UserError: ``where`` + the problem + ``hint``."""
-    try:
-        check_weights(loss.alpha, loss.beta, loss.gamma, loss.temperature, loss.cosine_on)
-    except ValueError as err:
-        raise UserError(f"{where}{err}{hint}") from err
 
 
 def check_weight(name: str, value: float) -> None:

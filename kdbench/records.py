@@ -32,15 +32,16 @@ PLAN_FORMAT = "kdbench-plan-v1"
 class GridPoint:
     """A point of an ablation's grid that planning resolved to a trial: the grid's method and its settings.
 
-    ``axes`` are that method's shared grid axes and ``point`` its ``(axis, value)`` there; one trial can
-    stand for several points (``kd_kl_cos`` at ``gamma = 0`` is the ``kd_kl`` trial of the same T and beta).
+    ``axes`` are that method's settings (its settled hyperparameters' names) and ``point`` their
+    ``(name, value)`` there; one trial can stand for several points (``kd_kl_cos`` at ``gamma = 0`` is the
+    ``kd_kl`` trial of the same T and beta).
     """
 
     method: str
     label: str
     rank: int
     axes: tuple[str, ...]
-    point: tuple[tuple[str, float], ...]
+    point: tuple[tuple[str, float | str], ...]
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ class TrialPlan:
     as the method it reduces to), ``grid_points`` the grid points it was planned from, before that
     resolution.  ``label``, ``rank`` (the order of tables and
     figures) and ``own_params`` (a method with its own hyperparameters) are the method's;
-    ``settings`` is the text of the settings it varies by, ``axes`` the shared grid axes
-    (``temperature``, ``beta``, ``gamma``) its trials vary along in this ablation, and ``default``
+    ``settings`` is the text of its settled hyperparameters, ``axes`` their names (the settings its
+    trials can vary along; none for the baseline and the teacher), and ``default``
     says whether it is the ablation's default point (the trial Table 1 reports).
     """
 
@@ -112,8 +113,13 @@ def _decode(hint: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _decode(inner, value)
+        *others, last = [a for a in args if a is not type(None)]
+        for inner in others:  # ``float | str``: the first that fits
+            try:
+                return _decode(inner, value)
+            except (TypeError, ValueError, KeyError):
+                pass
+        return _decode(last, value)
     if origin is tuple:
         if not isinstance(value, list):
             raise TypeError(f"expected a list, got {value!r}")

@@ -4,6 +4,7 @@ Examples::
 
     python -m kdbench.train --dataset eurosat --model vgg16_bn --method teacher --out runs/teacher
     python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method kd_kl_cos --out runs/kd
+    python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method kd_kl --param temperature=2 --out runs/kl
     python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method dkd --param beta=4 --out runs/dkd
 """
 
@@ -61,18 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=int, default=r.warmup_epochs, help="linear LR warm-up (default %(default)s)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g = p.add_argument_group("distillation loss: alpha*CE + beta*T^2*KL + gamma*(1-cos)")
-    g.add_argument("--alpha", type=float, default=lo.alpha)
-    g.add_argument("--beta", type=float, default=lo.beta, help="KL weight")
-    g.add_argument("--gamma", type=float, default=lo.gamma, help="cosine weight")
-    g.add_argument("--temperature", "-T", type=float, default=lo.temperature)
-    g.add_argument("--cosine-on", default=lo.cosine_on, help="logits (default) or probs")
+    g = p.add_argument_group("distillation loss: alpha*CE + the method's distillation terms")
+    g.add_argument("--alpha", type=float, default=lo.alpha, help="cross-entropy weight (default %(default)s)")
     g.add_argument(
         "--param",
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a hyperparameter of a method that owns them (dkd, dist, lskd), e.g. --param beta=4; repeatable",
+        help="a hyperparameter of the method (default: its published value), e.g. --param temperature=2 "
+        "--param on=probs; repeatable. "
+        + "; ".join(f"{m}: {', '.join(get_method(m).settings())}" for m in METHODS if get_method(m).params),
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -106,17 +105,13 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         schedule=args.schedule,
         warmup_epochs=min(args.warmup_epochs, args.epochs),
     )
-    loss = LossConfig(
-        alpha=args.alpha,
-        beta=args.beta,
-        gamma=args.gamma,
-        temperature=args.temperature,
-        cosine_on=args.cosine_on,
-        params=tuple(_param(method.name, item) for item in args.param),
-    )
+    loss = LossConfig(alpha=args.alpha, params=tuple(_param(method.name, item) for item in args.param))
     check_data(data, "data")
     check_recipe(recipe, "recipe")
-    method.check(method.effective_loss(loss), "")
+    try:
+        method.check(loss, "")
+    except UserError as err:
+        raise UserError(f"{err} ({method.name}'s settings: {', '.join(method.settings()) or 'none'})") from None
     return TrialConfig(
         method=method.name,
         data=data,
@@ -130,15 +125,24 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
     )
 
 
-def _param(method: str, item: str) -> tuple[str, float]:
-    """``--param NAME=VALUE`` as ``(name, value)``; a one-line UserError unless it is a number for a method that owns it."""
-    name, sep, text = item.partition("=")
-    if not get_method(method).params:
-        raise UserError(f"--param {item}: {method} has no hyperparameters of its own (use --temperature, --beta, --gamma)")
+def _param(method: str, item: str) -> tuple[str, float | str]:
+    """``--param NAME=VALUE`` as ``(name, value)``: a number, or a word for a setting with a fixed set of values.
+
+    A one-line UserError, listing the method's settings, for a name it does not have or a value of the wrong kind.
+    """
+    m = get_method(method)
+    name, sep, text = (part.strip() for part in item.partition("="))
+    settings = ", ".join(m.settings()) or "none"
+    if not sep or name not in m.settings():
+        raise UserError(f"--param {item}: {method} has no setting {name or item!r}: its settings are {settings}")
+    if name in m.params.choices:
+        return name, text
     try:
-        return name.strip(), float(text.strip() if sep else "not a number")
+        return name, float(text)
     except ValueError:
-        raise UserError(f"--param {item} must look like NAME=NUMBER, e.g. --param beta=4") from None
+        raise UserError(
+            f"--param {item}: {name} must be a number, e.g. --param {name}=4 ({method}'s settings: {settings})"
+        ) from None
 
 
 @cli_main

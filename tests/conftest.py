@@ -115,3 +115,10 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("CI") and _SKIPPED and exitstatus == 0:
         print(f"\nCI: {len(_SKIPPED)} test(s) skipped, which CI does not allow: {', '.join(_SKIPPED[:5])}")
         session.exitstatus = 1
+
+
+def loss_config(alpha: float = 1.0, **settings):
+    """A LossConfig of the CE weight ``alpha`` and a method's settings by name (issue 22: one vocabulary)."""
+    from kdbench.losses import LossConfig
+
+    return LossConfig(alpha=alpha, params=tuple((k, v if isinstance(v, str) else float(v)) for k, v in settings.items()))

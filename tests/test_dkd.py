@@ -83,15 +83,13 @@ def test_tckd_alone_is_the_binary_kl_and_kd_is_their_coupled_sum():
 
 def test_method_uses_its_own_hyperparameters_and_the_shared_ce_weight():
     dkd = get_method("dkd")
-    cfg = dkd.effective_loss(LossConfig(alpha=1.0, beta=5.0, gamma=3.0, temperature=9.0, params=(("beta", 2.0),)))
-    assert cfg == LossConfig(
-        alpha=1.0, beta=0.0, gamma=0.0, temperature=1.0, params=(("alpha", 1.0), ("beta", 2.0), ("temperature", 4.0))
-    )
+    cfg = dkd.effective_loss(LossConfig(alpha=1.0, params=(("beta", 2.0),)))
+    assert cfg == LossConfig(alpha=1.0, params=(("alpha", 1.0), ("beta", 2.0), ("temperature", 4.0)))
     s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
     total, terms = dkd.loss(Outputs(s), Outputs(t), y, cfg)
     assert set(terms) == {"ce", "tckd", "nckd"}
     assert torch.allclose(total, terms["ce"] + terms["tckd"] + 2.0 * terms["nckd"])
-    assert dkd.needs_teacher and dkd.sweep_axes(cfg) == ()
+    assert dkd.needs_teacher and dkd.resolve(cfg) == (dkd, cfg)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_one_line_error, call_main, make_image_folder, run_cli
+from conftest import assert_one_line_error, call_main, loss_config, make_image_folder, run_cli
 from PIL import Image
 
 from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
@@ -63,14 +63,18 @@ def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
         "2",
         "--batch-size",
         "8",
-        "-T",
-        "2",
+        "--param",
+        "temperature=2",
+        "--param",
+        "on=probs",
         "--out",
         str(tmp_path / "kd"),
     )
     assert student.returncode == 0, student.stderr
     result = json.loads((tmp_path / "kd" / "metrics.json").read_text())
     assert result.config["method"] == "kd_kl_cos" and result.config["recipe"]["model"] == "mobilenet_v2"
+    # --param sets the method's settings (issue 22), the others keep kd_kl_cos's published defaults
+    assert result.config["loss"] == {"alpha": 1.0, "params": {"temperature": 2.0, "beta": 1.0, "gamma": 1.0, "on": "probs"}}
     assert result.teacher["mode"] == "cache"
     # the student names its teacher by content digest, and that digest is part of its identity
     digest = "sha256:" + file_sha256(tmp_path / "teacher" / "best.pt")
@@ -79,7 +83,18 @@ def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
     assert result.teacher["provenance"]["trial_key"] == json.loads((tmp_path / "teacher" / "metrics.json").read_text())["key"]
     other = torch.load(tmp_path / "teacher" / "best.pt", weights_only=True) | {"note": "same weights, other file"}
     torch.save(other, tmp_path / "teacher2.pt")
-    args = ["--dataset", f"imagefolder:{image_folder}", "--resolution", "16", "--epochs", "2", "--batch-size", "8", "-T", "2"]
+    args = [
+        "--dataset",
+        f"imagefolder:{image_folder}",
+        "--resolution",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--param",
+        "temperature=2",
+    ]
     proc = run_cli("kdbench.train", *args, "--teacher", str(tmp_path / "teacher2.pt"), "--out", str(tmp_path / "kd"))
     assert_one_line_error(proc, "holds a different run")
     # a teacher trained on another split has seen this run's val/test images: refused, counted, with the fix
@@ -209,7 +224,7 @@ def test_a_trial_alone_trains_as_it_did_before_the_one_runner(tmp_path, float64)
     teacher = run_trial(tiny_trial(folder, model="resnet18", epochs=2, lr=0.01), tmp_path / "t", progress=False, log=quiet)
     kd = tiny_trial(folder, method="kd_kl_cos", seed=3, lr=0.01, teacher_checkpoint=str(tmp_path / "t" / "best.pt"))
     student = run_trial(
-        dataclasses.replace(kd, loss=LossConfig(temperature=2.0, gamma=0.5)), tmp_path / "s", progress=False, log=quiet
+        dataclasses.replace(kd, loss=loss_config(temperature=2.0, gamma=0.5)), tmp_path / "s", progress=False, log=quiet
     )
     base = tiny_trial(folder, method="baseline", epochs=2, seed=1, lr=0.01)
     base = dataclasses.replace(base, recipe=dataclasses.replace(base.recipe, optimizer="adamw", schedule="onecycle"))
@@ -430,9 +445,12 @@ def test_teacher_of_other_classes_and_bad_checkpoint(image_folder, tmp_path):
 @pytest.mark.parametrize(
     "bad, needle",
     [
-        (["-T", "0"], "temperature"),
-        (["--alpha", "0", "--beta", "0", "--gamma", "0"], "all 0"),
-        (["--beta", "-1"], "beta"),
+        (["--param", "temperature=0"], "kd_kl_cos.temperature must be > 0"),
+        (["--alpha", "0", "--param", "beta=0", "--param", "gamma=0"], "all 0"),
+        (["--param", "beta=-1"], "beta"),
+        (["--param", "tau=2"], "kd_kl_cos has no setting 'tau': its settings are temperature, beta, gamma, on"),
+        (["--param", "on=features"], "kd_kl_cos.on must be one of logits, probs"),
+        (["--param", "beta=big"], "beta must be a number (kd_kl_cos's settings: temperature, beta, gamma, on)"),
         (["--model", "nonet"], "unknown model"),
         (["--lr", "nan"], "recipe.lr must be in (0, 10]"),
         (["--lr", "1e6"], "recipe.lr must be in (0, 10]"),

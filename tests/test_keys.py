@@ -5,7 +5,7 @@ import os
 import shutil
 
 import pytest
-from conftest import call_main, make_image_folder
+from conftest import call_main, loss_config, make_image_folder
 
 import kdbench.engine
 import kdbench.losses
@@ -68,8 +68,8 @@ def test_identity_holds_exactly_the_result_fields():
         ]
     ]
     + [
-        {"method": "kd_kl_cos", "loss": dataclasses.replace(LossConfig(), **{f: v})}  # every loss field counts for it
-        for f, v in [("alpha", 0.5), ("beta", 2.0), ("gamma", 0.5), ("temperature", 2.0), ("cosine_on", "probs")]
+        {"method": "kd_kl_cos", "loss": loss_config(**{f: v})}  # every setting counts for it
+        for f, v in [("alpha", 0.5), ("beta", 2.0), ("gamma", 0.5), ("temperature", 2.0), ("on", "probs")]
     ],
 )
 def test_each_result_field_changes_the_key(change):
@@ -81,11 +81,16 @@ def test_each_result_field_changes_the_key(change):
 
 
 def test_a_loss_setting_the_method_ignores_leaves_its_key_alone():
-    """TrialConfig settles the loss its method really uses (kdbench.methods.Method.effective_loss) when it is made."""
-    for change in ({"gamma": 3.0}, {"cosine_on": "probs"}):
-        assert dataclasses.replace(BASE, loss=dataclasses.replace(BASE.loss, **change)).key() == BASE.key()
-    baseline = TrialConfig(method="baseline", loss=LossConfig(beta=2.0, temperature=8.0), device="cpu")
-    assert baseline.loss == LossConfig(alpha=1.0, beta=0.0, gamma=0.0, temperature=1.0)
+    """TrialConfig settles the loss its method really uses (kdbench.methods.Method.resolve) when it is made."""
+    assert dataclasses.replace(BASE, loss=loss_config(beta=1.0)).key() == BASE.key()  # the default written out
+    cos = dataclasses.replace(BASE, method="kd_cos", loss=loss_config(gamma=2.0))
+    assert dataclasses.replace(cos, loss=loss_config(gamma=2.0, temperature=9.0)).key() == cos.key()  # on logits: no T
+    assert cos.loss == loss_config(gamma=2.0, on="logits")
+    assert dataclasses.replace(cos, loss=loss_config(gamma=2.0, temperature=9.0, on="probs")).key() != cos.key()
+    baseline = TrialConfig(method="baseline", loss=loss_config(alpha=0.5), device="cpu")
+    assert baseline.loss == LossConfig(alpha=1.0, params=())
+    with pytest.raises(UserError, match="baseline has no hyperparameters"):
+        TrialConfig(method="baseline", loss=loss_config(temperature=8.0))
 
 
 def test_code_versions_change_the_key(monkeypatch):
@@ -196,17 +201,20 @@ def test_dry_run_keys_ignore_workers_threads_and_output_folder(tmp_path, capsys)
 
 # Keys of the paper's methods, pinned: a key changes only on purpose. They moved once with RESULTS_VERSION 3
 # (issues 21-22: data fingerprints of file contents, typed results); before, they had not moved since issue 13.
+# They moved once more with issue 22's one vocabulary: a key's loss is {alpha, params} where params are the
+# method's settled hyperparameters (kd_kl: temperature, beta; kd_cos: gamma, on and, on probs, temperature;
+# kd_kl_cos: all four; the baseline and the teacher: {}), no longer the shared temperature/beta/gamma/cosine_on.
 GOLDEN_KEYS = [
-    ("teacher", {}, {}, "47af57b8f95db97c"),
-    ("baseline", {}, {}, "0c6731befcb1f59f"),
-    ("kd_kl", {"temperature": 4.0, "beta": 1.0}, {}, "381bbc323fe94835"),
-    ("kd_kl", {"temperature": 2.0, "beta": 0.5}, {"seed": 2}, "d2944dcde56213a0"),
-    ("kd_cos", {"gamma": 1.0}, {}, "83949fe5bff0aba9"),
-    ("kd_cos", {"gamma": 2.0, "temperature": 8.0, "cosine_on": "probs"}, {}, "f2379f19ad4df4b3"),
-    ("kd_kl_cos", {}, {}, "dc78aa2d5c32b8da"),
-    ("kd_kl_cos", {"temperature": 1.0, "beta": 2.0, "gamma": 0.5, "cosine_on": "probs"}, {"packed": True}, "9b99c6d91b9a8ae2"),
+    ("teacher", {}, {}, "b4db01842098acdc"),
+    ("baseline", {}, {}, "32e17c85fcfe865e"),
+    ("kd_kl", {"temperature": 4.0, "beta": 1.0}, {}, "5430c73a35c5956e"),
+    ("kd_kl", {"temperature": 2.0, "beta": 0.5}, {"seed": 2}, "06ed41de153bf104"),
+    ("kd_cos", {"gamma": 1.0}, {}, "706e4fde516f030d"),
+    ("kd_cos", {"gamma": 2.0, "temperature": 8.0, "on": "probs"}, {}, "cdd7e3552ddff1e9"),
+    ("kd_kl_cos", {}, {}, "90712d1bbab3b447"),
+    ("kd_kl_cos", {"temperature": 1.0, "beta": 2.0, "gamma": 0.5, "on": "probs"}, {"packed": True}, "9e7e300900832d71"),
 ]
-GOLDEN_PLANS = {"quick": (15, "238a3df47a582d27"), "temperature": (144, "625eadfeea04686e"), "weights": (153, "f313af3ddc6dceb1")}
+GOLDEN_PLANS = {"quick": (15, "d38245eacad96b18"), "temperature": (144, "03dd25d768655f2d"), "weights": (153, "2978952c6ef8cc24")}
 
 
 @pytest.mark.parametrize(("method", "loss", "extra", "key"), GOLDEN_KEYS)
@@ -218,7 +226,7 @@ def test_keys_of_the_paper_methods_are_pinned(method, loss, extra, key):
         method=method,
         data=DataConfig(dataset="eurosat", resolution=32, images_per_class=30),
         recipe=Recipe(epochs=2),
-        loss=m.effective_loss(LossConfig(**loss)),
+        loss=m.effective_loss(loss_config(**loss)),
         teacher_id="teacher-key" if m.needs_teacher else None,
         device="cpu",
         dataset_fingerprint="fp",
@@ -247,13 +255,14 @@ def test_a_method_with_its_own_hyperparameters_is_keyed_by_them_and_not_by_the_p
         return dataclasses.replace(BASE, method="dkd", loss=dkd.effective_loss(loss)).key()
 
     default = key(LossConfig())
-    assert key(LossConfig(temperature=9.0, beta=3.0, gamma=0.0, cosine_on="probs")) == default
+    with pytest.raises(UserError, match="dkd has no hyperparameter gamma: its hyperparameters are alpha, beta, temperature"):
+        key(loss_config(gamma=0.0))
     assert key(LossConfig(params=(("beta", 8.0),))) == default  # the default value written out
     assert key(LossConfig(params=(("beta", 4.0),))) != default
     assert key(LossConfig(alpha=0.5)) != default  # the shared cross-entropy weight
     identity = dataclasses.replace(BASE, method="dkd", loss=dkd.effective_loss(LossConfig())).identity()
     assert identity["loss"]["params"] == {"alpha": 1.0, "beta": 8.0, "temperature": 4.0}
-    assert "params" not in BASE.identity()["loss"]  # the paper's methods: as before method-owned hyperparameters
+    assert BASE.identity()["loss"] == {"alpha": 1.0, "params": {"temperature": 4.0, "beta": 1.0}}  # issue 22: every method
 
 
 def test_a_method_loss_version_keys_that_method_only(monkeypatch):
@@ -265,9 +274,9 @@ def test_a_method_loss_version_keys_that_method_only(monkeypatch):
 
     lskd = config("lskd")
     assert lskd.identity()["method_loss_version"] == METHODS["lskd"].loss_version == "2"
-    assert lskd.key() == "4ccf67125d83a056"
+    assert lskd.key() == "9aea894bb7611d2b"
     assert not any("method_loss_version" in config(m).identity() for m in METHODS if m != "lskd")
     others = {m: config(m).key() for m in METHODS if m != "lskd"}
     monkeypatch.setattr(METHODS["lskd"], "loss_version", "3")
-    assert lskd.key() != "4ccf67125d83a056"
+    assert lskd.key() != "9aea894bb7611d2b"
     assert {m: config(m).key() for m in others} == others

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import make_image_folder
+from conftest import loss_config, make_image_folder
 
 from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
 from kdbench.data.presets import AUGMENTATIONS
@@ -26,15 +26,15 @@ from kdbench.models import build_model, load_model_checkpoint
 
 QUIET = lambda message: None  # noqa: E731
 KD_LOSSES = {
-    "kd_kl": LossConfig(temperature=2.0, beta=1.0, gamma=0.0),
-    "kd_cos": LossConfig(beta=0.0, gamma=0.5),
-    "kd_kl_cos": LossConfig(temperature=4.0, beta=0.5, gamma=1.0),
+    "kd_kl": loss_config(temperature=2.0, beta=1.0),
+    "kd_cos": loss_config(gamma=0.5),
+    "kd_kl_cos": loss_config(temperature=4.0, beta=0.5, gamma=1.0),
 }
 # a pack mixing methods with their own hyperparameters and one of the paper's
 MIXED_LOSSES = {
     "dkd": LossConfig(params=(("beta", 4.0),)),
     "dist": LossConfig(),
-    "kd_kl_cos": LossConfig(temperature=4.0, beta=0.5, gamma=1.0),
+    "kd_kl_cos": loss_config(temperature=4.0, beta=0.5, gamma=1.0),
 }
 
 
@@ -269,7 +269,7 @@ def test_compatible_key_ignores_method_and_loss_and_a_baselines_teacher(tmp_path
 def test_a_diverging_member_fails_alone_and_the_others_match_a_pack_without_it(setup, tmp_path):
     folder, teacher = setup
     healthy = [_cfg(folder, "baseline", teacher=teacher), _cfg(folder, "kd_cos", loss=KD_LOSSES["kd_cos"], teacher=teacher)]
-    diverging = _cfg(folder, "kd_kl", loss=LossConfig(temperature=2.0, alpha=1e30, beta=1.0, gamma=0.0), teacher=teacher)
+    diverging = _cfg(folder, "kd_kl", loss=loss_config(alpha=1e30, temperature=2.0, beta=1.0), teacher=teacher)
     cfgs = [healthy[0], diverging, healthy[1]]
     lines = []
     three = run_packed_trials(cfgs, [tmp_path / "three" / c.method for c in cfgs], progress=False, log=lines.append)

@@ -5,14 +5,13 @@ its hyperparameters.  Adding a method means adding one module here that defines 
 subclass decorated with :func:`register`; nothing else branches on method names.  The registry
 (:data:`METHODS`) lists methods by their ``rank``: the order of every table and figure.
 
-Hyperparameters come in two kinds:
-
-* the paper's methods (``kd_kl``, ``kd_cos``, ``kd_kl_cos``) use the shared fields ``temperature``,
-  ``beta`` and ``gamma`` of :class:`~kdbench.losses.LossConfig` (ablation axes ``grid.temperatures``,
-  ``grid.kl_weights``, ``grid.cos_weights``; default point in ``[loss]``);
-* any other distilling method owns its hyperparameters: a frozen :class:`Params` dataclass with the
-  published defaults (class attribute ``params``), carried in ``LossConfig.params`` and so in its
-  trial key (ablation axes ``[grid.<method>]``, default point ``[methods.<method>]``).
+Every distilling student owns its hyperparameters: a frozen :class:`Params` dataclass with the published
+defaults (class attribute ``params``), carried in ``LossConfig.params`` and so in its trial key (ablation
+axes ``[grid.<method>]``, default point ``[methods.<method>]``; ``python -m kdbench.train --param``).  The
+paper's methods (``kd_kl``, ``kd_cos``, ``kd_kl_cos``) are no exception: ``[loss] temperature`` and
+``[grid] temperatures`` are only shorthand for their tables (kdbench.sweep.ablation).  A method resolves a
+degenerate point itself (:meth:`Method.resolve`): ``kd_kl_cos`` with ``gamma = 0`` is ``kd_kl``.  The
+baseline and the teacher have no hyperparameters.
 
 The cross-entropy weight ``alpha`` is shared by every student.  Methods import only data, models and
 losses, never the engine, the sweep or the report; and torch only inside the functions that compute a
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from kdbench import losses
 from kdbench.errors import UserError
-from kdbench.losses import LossConfig, check_loss
+from kdbench.losses import LossConfig
 
 if TYPE_CHECKING:
     import torch
@@ -64,22 +63,34 @@ def get_method(name: str) -> Method:
     return METHODS[name]()
 
 
+Value = float | str  # a setting's value: a number, or one of a fixed set of words (Params.choices)
+
+
 @dataclasses.dataclass(frozen=True)
 class Params:
-    """A method's own hyperparameters: float fields whose defaults are the paper's.
+    """A method's hyperparameters: fields whose defaults are the published ones.
 
-    Fields named in ``positive`` (temperatures) must be > 0; every other field is a loss weight,
-    >= 0, and not all of them 0 (with every distillation weight at 0 the student is the baseline).
+    A field named in ``choices`` is a word, one of the listed values (e.g. ``on``: ``logits`` or ``probs``);
+    every other field is a float.  Fields named in ``positive`` (temperatures) must be > 0; every other
+    float field is a loss weight, >= 0.  With every weight at 0 the student is the baseline: a method
+    that says so itself (``reduces``: it resolves such a point to the baseline, :meth:`Method.resolve`)
+    accepts it, any other refuses it.
     """
 
     positive: ClassVar[tuple[str, ...]] = ()
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+    reduces: ClassVar[bool] = False
 
     def check(self, where: str) -> None:
-        """Raise a one-line UserError naming ``where.<field>`` for a value out of range."""
+        """Raise a one-line UserError naming ``where.<field>`` for a value out of range or not among its choices."""
         weights = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
+            if f.name in self.choices:
+                if value not in self.choices[f.name]:
+                    raise UserError(f"{where}.{f.name} must be one of {', '.join(self.choices[f.name])}, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"{where}.{f.name} must be a finite number, got {value!r}")
             if f.name in self.positive and value <= 0:
                 raise UserError(f"{where}.{f.name} must be > 0, got {value:g}")
@@ -87,26 +98,39 @@ class Params:
                 if value < 0:
                     raise UserError(f"{where}.{f.name} must be >= 0 (a loss weight), got {value:g}")
                 weights.append(value)
-        if weights and not any(weights):
+        if weights and not any(weights) and not self.reduces:
             raise UserError(f"{where}: every distillation weight is 0, so this is the baseline: make one weight > 0")
 
-    def pairs(self) -> tuple[tuple[str, float], ...]:
-        """``(name, value)`` in field order: the form ``LossConfig.params`` holds."""
-        return tuple((f.name, float(getattr(self, f.name))) for f in dataclasses.fields(self))
+    def pairs(self) -> tuple[tuple[str, Value], ...]:
+        """``(name, value)`` of the settings that change the result, in field order: the form ``LossConfig.params``
+        holds and the trial key has.  A subclass leaves out a setting that its other settings make irrelevant."""
+        return tuple((f.name, _value(getattr(self, f.name))) for f in dataclasses.fields(self))
+
+    def weights(self) -> dict[str, float]:
+        """The loss weights (fields neither positive nor choices) by name."""
+        names = (f.name for f in dataclasses.fields(self))
+        return {n: getattr(self, n) for n in names if n not in self.positive and n not in self.choices}
+
+
+def _value(value: Value) -> Value:
+    return value if isinstance(value, str) else float(value)
+
+
+def settings_text(params: tuple[tuple[str, Value], ...]) -> str:
+    """``name value, ...`` of settled params, for logs and reports."""
+    return ", ".join(f"{name} {value}" if isinstance(value, str) else f"{name} {value:g}" for name, value in params)
 
 
 class Method:
-    """Base: CE, KL and cosine terms of :func:`kdbench.losses.distillation_loss`, switched on per method."""
+    """Base of every method: its name, role, what it needs of the teacher, its hyperparameters and its loss."""
 
     name: ClassVar[str]
     label: ClassVar[str]  # how reports name it
     rank: ClassVar[int]  # registry order: tables and figures list methods by it
     role: ClassVar[str] = "student"  # which recipe it trains: "teacher" or "student"
-    uses_kl: ClassVar[bool] = False
-    uses_cos: ClassVar[bool] = False
-    params: ClassVar[type[Params] | None] = None  # own hyperparameters (see the module docstring)
+    params: ClassVar[type[Params] | None] = None  # its hyperparameters (see the module docstring); None: it has none
     # What it needs from the teacher (:data:`NEEDS`); the student's outputs carry the same.  None: logits
-    # where the loss has a soft term (the paper's methods), nothing otherwise.
+    # for a method with hyperparameters (a distilling student), nothing otherwise.
     needs: ClassVar[frozenset[str] | None] = None
     # Bump when this method's own loss formula changes (not kdbench.losses, whose LOSS_VERSION keys every
     # trial): part of its trials' keys where not empty (TrialConfig.identity), so no other method's key moves.
@@ -117,42 +141,61 @@ class Method:
         """What the engine must provide of the teacher (and of the student) for :meth:`loss`."""
         if self.needs is not None:
             return self.needs
-        return frozenset({"logits"}) if self.uses_kl or self.uses_cos else frozenset()
+        return frozenset({"logits"}) if self.params is not None else frozenset()
 
     @property
     def needs_teacher(self) -> bool:
         return bool(self.needs_from_teacher)
 
-    def sweep_axes(self, loss: LossConfig) -> tuple[str, ...]:
-        """The shared grid axes (``temperature``, ``beta``, ``gamma``) that change this method's result."""
-        axes = []
-        if self.uses_kl or (self.uses_cos and loss.cosine_on == "probs"):
-            axes.append("temperature")
-        if self.uses_kl:
-            axes.append("beta")
-        if self.uses_cos:
-            axes.append("gamma")
-        return tuple(axes)
+    def settings(self) -> tuple[str, ...]:
+        """The names of this method's hyperparameters (``--param`` names, ``[methods.<name>]`` keys)."""
+        return tuple(f.name for f in dataclasses.fields(self.params)) if self.params is not None else ()
+
+    def own(self, loss: LossConfig) -> Params:
+        """This method's hyperparameters in ``loss`` (defaults for those not set), unchecked."""
+        if self.params is None:
+            raise UserError(f"{self.name} has no hyperparameters: it takes no {loss.params[0][0] if loss.params else 'setting'}")
+        names = self.settings()
+        unknown = sorted(set(dict(loss.params)) - set(names))
+        if unknown:
+            raise UserError(f"{self.name} has no hyperparameter {unknown[0]}: its hyperparameters are {', '.join(names)}")
+        return self.params(**dict(loss.params))
 
     def effective_loss(self, loss: LossConfig) -> LossConfig:
-        """``loss`` with unused terms zeroed and irrelevant settings canonical, so equal trials share a key."""
-        axes = self.sweep_axes(loss)
-        return dataclasses.replace(
-            loss,
-            beta=loss.beta if "beta" in axes else 0.0,
-            gamma=loss.gamma if "gamma" in axes else 0.0,
-            temperature=loss.temperature if "temperature" in axes else 1.0,
-            cosine_on=loss.cosine_on if self.uses_cos else "logits",
-            params=(),
-        )
+        """``loss`` settled: every hyperparameter given (defaults for the unset ones), those the others make
+        irrelevant left out (:meth:`Params.pairs`), so equal trials share a key.  The method stays the same."""
+        if self.params is None:
+            if loss.params:
+                self.own(loss)  # a setting given to a method without any: a one-line error
+            return LossConfig(alpha=1.0)
+        return LossConfig(alpha=loss.alpha, params=self.own(loss).pairs())
+
+    def resolve(self, loss: LossConfig) -> tuple[Method, LossConfig]:
+        """The method that this one with ``loss`` really is, and its effective loss.
+
+        Itself by default; a method whose settings can switch its distillation terms off says what it then
+        is (``kd_kl_cos`` with ``gamma = 0`` is ``kd_kl``), so planning trains such a point once and the
+        report never shows a CE-only student as KD.
+        """
+        return self, self.effective_loss(loss)
 
     def check(self, loss: LossConfig, where: str, hint: str = "") -> None:
         """One-line UserError ``where`` + the problem + ``hint`` unless ``loss`` is valid for this method."""
-        check_loss(loss, where, hint)
+        try:
+            losses.check_weight("alpha", loss.alpha)
+        except ValueError as err:
+            raise UserError(f"{where}{err}{hint}") from err
+        if self.params is None:
+            self.effective_loss(loss)
+            return
+        p = self.own(loss)
+        p.check(f"{where}{self.name}")
+        if loss.alpha == 0 and not any(p.weights().values()):
+            raise UserError(f"{where}{self.name}: loss weights alpha and {', '.join(p.weights())} are all 0: make one > 0{hint}")
 
     def describe(self, loss: LossConfig) -> str:
         """The settings of an effective ``loss`` that this method's trials vary by, for logs and reports."""
-        return f"T {loss.temperature:g}, β {loss.beta:g}, γ {loss.gamma:g}"
+        return settings_text(loss.params)
 
     def loss(
         self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor, cfg: LossConfig
@@ -162,58 +205,26 @@ class Method:
         ``student`` and ``teacher`` hold what :attr:`needs_from_teacher` asks for (``teacher`` is None
         for a method that needs nothing of it).
         """
-        terms = losses.loss_terms(
-            student.logits,
-            teacher.logits if teacher is not None else None,
-            targets,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            gamma=cfg.gamma,
-            temperature=cfg.temperature,
-            cosine_on=cfg.cosine_on,
-        )
-        return losses.combine(terms, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma), terms._asdict()
+        raise NotImplementedError
 
 
 class HardLabels(Method):
-    """Plain supervised training: ``CE(s, y)`` with weight 1, whatever the grid's loss settings."""
+    """Plain supervised training: ``CE(s, y)`` with weight 1; no hyperparameters."""
 
-    def effective_loss(self, loss: LossConfig) -> LossConfig:
-        return LossConfig(alpha=1.0, beta=0.0, gamma=0.0, temperature=1.0)
+    def loss(self, student, teacher, targets, cfg):
+        losses.check_logits(student.logits, None, targets)
+        ce = losses.cross_entropy_term(student.logits, targets)
+        return ce, {"ce": ce}
 
 
 class OwnParams(Method):
-    """A distilling student with its own hyperparameters: ``alpha * CE(s, y) + distill(s, t, y, params)``.
+    """A distilling student: ``alpha * CE(s, y) + distill(s, t, y, params)``.
 
-    A subclass sets ``params`` (its :class:`Params` dataclass) and implements :meth:`distill`.  The
-    shared ``temperature``, ``beta`` and ``gamma`` do not apply (canonical 1, 0, 0 in its key).
+    A subclass sets ``params`` (its :class:`Params` dataclass) and implements :meth:`distill`.  ``alpha``
+    (``[loss] alpha``) is shared by every student.
     """
 
     needs = frozenset({"logits"})
-
-    def sweep_axes(self, loss: LossConfig) -> tuple[str, ...]:
-        return ()
-
-    def own(self, loss: LossConfig) -> Params:
-        """This method's hyperparameters in ``loss`` (defaults for those not set), unchecked."""
-        names = {f.name for f in dataclasses.fields(self.params)}
-        unknown = sorted(set(dict(loss.params)) - names)
-        if unknown:
-            raise UserError(f"{self.name} has no hyperparameter {unknown[0]}: its hyperparameters are {', '.join(sorted(names))}")
-        return self.params(**dict(loss.params))
-
-    def effective_loss(self, loss: LossConfig) -> LossConfig:
-        return LossConfig(alpha=loss.alpha, beta=0.0, gamma=0.0, temperature=1.0, params=self.own(loss).pairs())
-
-    def check(self, loss: LossConfig, where: str, hint: str = "") -> None:
-        try:
-            losses.check_weight("alpha", loss.alpha)
-        except ValueError as err:
-            raise UserError(f"{where}{err}{hint}") from err
-        self.own(loss).check(f"{where}{self.name}")
-
-    def describe(self, loss: LossConfig) -> str:
-        return ", ".join(f"{name} {value:g}" for name, value in self.own(loss).pairs())
 
     def loss(
         self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor, cfg: LossConfig
@@ -235,25 +246,8 @@ class OwnParams(Method):
 
 
 def resolve(method: Method, loss: LossConfig) -> tuple[Method, LossConfig]:
-    """The method that ``method`` with ``loss`` really is, and its effective loss.
-
-    A paper student whose soft-term weight is 0 does not use that term: ``kd_kl_cos`` with
-    ``gamma = 0`` is ``kd_kl``, with ``beta = 0`` it is ``kd_cos``, and with both 0 it is the
-    baseline (plain cross-entropy).  Planning and reporting such a grid point under the method it
-    really is trains it once and never shows a CE-only student as KD.  A method with its own
-    hyperparameters is always itself.
-    """
-    effective = method.effective_loss(loss)
-    if method.role != "student":
-        return method, effective
-    uses = (method.uses_kl and effective.beta > 0, method.uses_cos and effective.gamma > 0)
-    if uses == (method.uses_kl, method.uses_cos):
-        return method, effective
-    for cls in METHODS.values():
-        if cls.role == "student" and cls.params is None and (cls.uses_kl, cls.uses_cos) == uses:
-            real = cls()
-            return real, real.effective_loss(effective)
-    raise UserError(f"{method.name} with beta={loss.beta:g}, gamma={loss.gamma:g} is no registered method")
+    """``method.resolve(loss)``: the method that ``method`` with ``loss`` really is, and its effective loss."""
+    return method.resolve(loss)
 
 
 def _discover() -> None:

@@ -170,8 +170,9 @@ def _log_axis(ax: plt.Axes) -> None:
 
 def weights_figure(data: ReportData) -> plt.Figure | None:
     """Heatmaps of mean accuracy over (KL weight β, cosine weight γ) for methods that use both, one per dataset."""
-    methods = [m for m in data.methods if {"beta", "gamma"} <= set(data.sweep_axes(m))]
     trials = swept(data, ("beta", "gamma"))
+    varied = trials.groupby("method")[["beta", "gamma"]].nunique().max(axis=1) if len(trials) else pd.Series(dtype=int)
+    methods = [m for m in data.methods if {"beta", "gamma"} <= set(data.sweep_axes(m)) and varied.get(m, 0) > 1]
     trials = trials[(trials["status"] == "done") & trials["method"].isin(methods)]
     if trials.empty:
         return None

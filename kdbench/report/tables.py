@@ -26,6 +26,7 @@ from kdbench.report.stats import (
     summarize,
     verdict,
 )
+from kdbench.sweep.ablation import same
 
 PAPER = "arXiv 2606.14886"
 PAPER_BEST_ACCURACY = 99.04  # percent, the paper's best reported test accuracy; not a result of this code
@@ -120,10 +121,8 @@ def accuracy_table(data: ReportData) -> Table:
         "Test acc. %, best-val ckpt": number(PAPER_BEST_ACCURACY),
     }
     display = pd.concat([display, pd.DataFrame([reference])], ignore_index=True)
-    default = data.ablation.loss
     notes = (
-        f"Default point only ([loss] of the ablation): T = {axis_value(default.temperature)}, "
-        f"β = {axis_value(default.beta)}, γ = {axis_value(default.gamma)}; a method that does not use a setting ignores it"
+        "Default point only ([methods.<name>] of the ablation, as planned)"
         + "".join(f"; {label}: {settings}" for label, settings in own_defaults(data))
         + ".",
         "Best-val ckpt: the weights of the epoch with the best validation accuracy, evaluated on the test split; "
@@ -154,7 +153,8 @@ def _boot(row) -> Difference:
 
 
 def own_defaults(data: ReportData) -> list[tuple[str, str]]:
-    """(label, default-point text) of each method of the ablation that has its own hyperparameters ([methods.<name>])."""
+    """(label, default-point text) of each method of the ablation that has hyperparameters ([methods.<name>]),
+    as its default trial's plan says."""
     return [
         (plan.label, plan.settings)
         for m in _methods(data)
@@ -445,12 +445,13 @@ def swept(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
     (:attr:`kdbench.records.TrialPlan.grid_points`), also where the point's trial is another method's
     (``kd_kl_cos`` at ``beta = 0`` is the ``kd_cos`` trial), so a figure over the grid shows the whole grid.
     """
-    trials, default = data.trials, data.ablation.loss
+    trials = data.trials
     rows = []
     for position, key in enumerate(trials["key"]):
         for where in data.plans[key].grid_points:
             point = dict(where.point)
-            off_slice = [a for a in where.axes if a not in axes and not math.isclose(point[a], getattr(default, a))]
+            default = default_settings(data, where.method)
+            off_slice = [a for a in where.axes if a not in axes and a in default and not same(point[a], default[a])]
             if set(axes) & set(where.axes) and not off_slice:
                 row = trials.iloc[position].copy()
                 row["method"], row["label"] = where.method, where.label
@@ -462,6 +463,14 @@ def swept(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
     frame = pd.DataFrame([row for *_, row in sorted(rows, key=lambda r: r[:3])]).reset_index(drop=True)
     rank = frame["dataset"].map({d: i for i, d in enumerate(data.datasets)})
     return frame.assign(_d=rank).sort_values(["_d"], kind="stable", ignore_index=True).drop(columns="_d")
+
+
+def default_settings(data: ReportData, method: str) -> dict:
+    """The default point of ``method`` in the ablation as resolved (``[methods.<name>]``, shorthand expanded)."""
+    if method in data.ablation.methods:
+        return dict(data.ablation.methods[method].default)
+    loss = data.ablation.loss  # a store planned before the paper methods had [methods.<name>] tables
+    return {"temperature": loss.temperature, "beta": loss.beta, "gamma": loss.gamma}
 
 
 def has_ablation(data: ReportData, axes: tuple[str, ...]) -> bool:

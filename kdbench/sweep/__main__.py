@@ -159,14 +159,14 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None
     images = train_images(trials, data_root, counts)
     width = max(10, *(len(n.display) for n in names.values()))
     print(
-        f"{'key':<16}  {'method':<10} {'dataset':<{width}} {'model':<14} {'seed':>4} {'T':>5} {'alpha':>5} {'beta':>5} "
-        f"{'gamma':>5} {'epochs':>6} {'train imgs':>10}  own hyperparameters"
+        f"{'key':<16}  {'method':<10} {'dataset':<{width}} {'model':<14} {'seed':>4} {'alpha':>5} "
+        f"{'epochs':>6} {'train imgs':>10}  hyperparameters"
     )
     for t in trials:
         c, lo = t.config, t.config.loss
         print(
             f"{t.key:<16}  {c.method:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
-            f"{lo.temperature:>5g} {lo.alpha:>5g} {lo.beta:>5g} {lo.gamma:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
+            f"{lo.alpha:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
             + (f"  {get_method(c.method).describe(lo)}" if lo.params else "")
         )
     warnings = []

@@ -8,16 +8,22 @@ Layout::
     [data]      # DataConfig fields except dataset (resolution, images_per_class, augment, ...)
     [teacher]   # Recipe of the teacher; plus ``seed``: one teacher, trained with that seed, for every student seed
     [student]   # Recipe of every student
-    [loss]      # alpha (CE weight), cosine_on, and the default point (temperature, beta, gamma) on the grid
+    [loss]      # alpha (CE weight); shorthand: cosine_on and the default point (temperature, beta, gamma) on the grid
     [run]       # device, pack, allow_chance_teacher
-    [methods.dkd]   # a method's own hyperparameters (kdbench.methods): fixed values / the default point
-    [grid.dkd]      # lists of values of a method's own hyperparameters: grid axes of that method only
+    [methods.dkd]   # a method's hyperparameters (kdbench.methods): fixed values / the default point
+    [grid.dkd]      # lists of values of a method's hyperparameters: grid axes of that method only
 
-``temperature``, ``beta`` and ``gamma`` are the paper's methods' settings (kd_kl, kd_cos, kd_kl_cos).
-A method that owns its hyperparameters (dkd, dist, lskd, ...) takes them from ``[methods.<name>]``
-(``--set methods.dkd.beta=4``) and sweeps them along ``[grid.<name>]`` (``--set grid.dkd.beta=[2,8]``);
-unset ones keep the method's published defaults.  As for ``[loss]``, where a method's axis has several
-values its default must be named in ``[methods.<name>]``; a one-value axis is its own default.
+Every method with hyperparameters (kd_kl, kd_cos, kd_kl_cos, dkd, dist, lskd, ...) takes them from
+``[methods.<name>]`` (fixed values and the default point: ``--set methods.dkd.beta=4``) and sweeps them along
+``[grid.<name>]`` (``--set grid.dkd.beta=[2,8]``); unset ones keep the method's published defaults.  Where a
+method's axis has several values its default must be named in ``[methods.<name>]``; a one-value axis is its
+own default.
+
+``[loss] temperature/beta/gamma/cosine_on`` and ``[grid] temperatures/kl_weights/cos_weights`` are shorthand
+for the paper's methods, expanded when the file is parsed (:func:`expand_shorthand`) into the tables of those
+in ``grid.methods``: kd_kl gets temperature and beta, kd_cos gamma, on (``cosine_on``) and, with
+``on = "probs"``, temperature, kd_kl_cos all four.  A value in an explicit ``[methods.<name>]`` or
+``[grid.<name>]`` wins over the shorthand for that setting.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import dataclasses
 import itertools
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +41,8 @@ from kdbench.config import DataConfig, LossConfig, Recipe, check_recipe, from_di
 from kdbench.data.config import check_data
 from kdbench.data.specs import dataset_names
 from kdbench.errors import UserError
-from kdbench.methods import get_method, resolve
+from kdbench.losses import COSINE_ON
+from kdbench.methods import Value, get_method
 
 # The shipped ablation files are package data (kdbench/ablations/, also reached as ./ablations in a
 # checkout), so a regular `pip install` finds them from any folder.
@@ -55,11 +63,12 @@ class Grid:
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The loss settings every trial shares, and the grid's default point.
+    """``alpha``, the cross-entropy weight every student shares, and the paper methods' shorthand.
 
-    ``temperature``, ``beta`` and ``gamma`` name the default point: the trials Table 1, its best-student
-    star and the confusion matrices are about.  Where a grid axis has several values, its default must be
-    named here and be one of them; where it has one value, that value is the default (so ``--set
+    ``cosine_on``, ``temperature``, ``beta`` and ``gamma`` name the paper methods' default point (the trials
+    Table 1, its best-student star and the confusion matrices are about), expanded into their
+    ``[methods.<name>]`` tables (:func:`expand_shorthand`).  Where a grid axis has several values, its default
+    must be named here and be one of them; where it has one value, that value is the default (so ``--set
     grid.temperatures=[2.0]`` needs no matching ``--set loss.temperature``).
     """
 
@@ -69,21 +78,15 @@ class LossSettings:
     beta: float | None = None
     gamma: float | None = None
 
-    def default_point(self) -> LossConfig:
-        """The default point as a loss config (``None`` fields are filled in by :func:`parse_ablation`)."""
-        return LossConfig(
-            alpha=self.alpha, beta=self.beta, gamma=self.gamma, temperature=self.temperature, cosine_on=self.cosine_on
-        )
-
 
 @dataclass(frozen=True)
 class MethodSettings:
     """A method's own hyperparameters in an ablation: every grid point's values and the default point."""
 
-    axes: tuple[tuple[str, tuple[float, ...]], ...]  # (name, values) in the method's field order
-    default: tuple[tuple[str, float], ...]  # (name, value): the point Table 1 reports
+    axes: tuple[tuple[str, tuple[float | str, ...]], ...]  # (name, values) in the method's field order
+    default: tuple[tuple[str, float | str], ...]  # (name, value): the point Table 1 reports
 
-    def points(self) -> list[tuple[tuple[str, float], ...]]:
+    def points(self) -> list[tuple[tuple[str, Value], ...]]:
         """Every combination of the axes' values, as ``LossConfig.params``."""
         names = [name for name, _ in self.axes]
         return [tuple(zip(names, values)) for values in itertools.product(*(v for _, v in self.axes))]
@@ -109,27 +112,22 @@ class Ablation:
     # ``[teacher] seed``: every student seed distils from the one teacher trained with this seed (a teacher
     # costs many student trials on a CPU); None: each student seed has its own teacher, trained with that seed
     teacher_seed: int | None = None
-    methods: dict[str, MethodSettings] = field(default_factory=dict)  # from [methods.X] and [grid.X]; see the docstring
+    # every method with hyperparameters in grid.methods: from [methods.X] and [grid.X] and the shorthand; see the docstring
+    methods: dict[str, MethodSettings] = field(default_factory=dict)
     # The --set overrides applied to the file, as given: load_ablation records them (not a key of a file), so the
     # report can say that ``description`` was written for the file's own settings, not for what ran
     overrides: tuple[str, ...] = ()
 
     def points(self, name: str) -> list[LossConfig]:
-        """The loss settings of every grid point of method ``name`` (before :func:`kdbench.methods.resolve`)."""
-        method = get_method(name)
-        base = LossConfig(alpha=self.loss.alpha, cosine_on=self.loss.cosine_on)
+        """The loss settings of every grid point of method ``name`` (before :meth:`kdbench.methods.Method.resolve`)."""
         if name in self.methods:
-            return [dataclasses.replace(base, params=params) for params in self.methods[name].points()]
-        axes = method.sweep_axes(base)
-        values = itertools.product(*(getattr(self.grid, GRID_AXES[a]) for a in axes))
-        return [dataclasses.replace(base, **dict(zip(axes, v))) for v in values]
+            return [LossConfig(alpha=self.loss.alpha, params=params) for params in self.methods[name].points()]
+        return [LossConfig(alpha=self.loss.alpha)]
 
     def default_loss(self, name: str) -> LossConfig:
-        """The effective loss of method ``name``'s default trial (``[loss]`` and ``[methods.<name>]``)."""
-        point = self.loss.default_point()
-        if name in self.methods:
-            point = dataclasses.replace(point, params=self.methods[name].default)
-        return get_method(name).effective_loss(point)
+        """The effective loss of method ``name``'s default trial (``[loss] alpha`` and ``[methods.<name>]``)."""
+        params = self.methods[name].default if name in self.methods else ()
+        return get_method(name).effective_loss(LossConfig(alpha=self.loss.alpha, params=params))
 
 
 def resolve_path(config: str | None) -> Path:
@@ -191,9 +189,10 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
     raw, fixed, axes = _method_tables(raw)
     ablation = from_dict(Ablation, raw, "ablation")
     check_grid(ablation.grid)
-    methods = method_settings(fixed, axes, ablation.grid, source)
-    ablation = dataclasses.replace(ablation, methods=methods)
     ablation = dataclasses.replace(ablation, loss=default_point(ablation.loss, ablation.grid, source))
+    fixed, axes = expand_shorthand(ablation.loss, ablation.grid, fixed, axes)
+    methods = method_settings(fixed, axes, ablation.grid, source, alpha=ablation.loss.alpha)
+    ablation = dataclasses.replace(ablation, methods=methods)
     for dataset in ablation.grid.datasets:
         check_data(dataclasses.replace(ablation.data, dataset=dataset), "data")
     dataset_names(ablation.grid.datasets)  # a dataset listed twice, two imagefolders with one label
@@ -225,17 +224,42 @@ def default_point(loss: LossSettings, grid: Grid, source: str) -> LossSettings:
         elif not any(math.isclose(given, o) for o in options):
             raise UserError(f"{source}: loss.{name} = {given:g} is not in grid.{axis} ({', '.join(f'{o:g}' for o in options)})")
         values[name] = float(given)
-    loss = dataclasses.replace(loss, **values)
+    if loss.cosine_on not in COSINE_ON:
+        raise UserError(f"{source}: loss.cosine_on must be one of {', '.join(COSINE_ON)}, got {loss.cosine_on!r}")
+    return dataclasses.replace(loss, **values)
+
+
+# The shorthand: paper method -> (its setting, the [grid] axis listing its values or None, the [loss] key of its default)
+SHORTHAND = {
+    "kd_kl": (("temperature", "temperatures", "temperature"), ("beta", "kl_weights", "beta")),
+    "kd_cos": (("gamma", "cos_weights", "gamma"), ("on", None, "cosine_on"), ("temperature", "temperatures", "temperature")),
+    "kd_kl_cos": (
+        ("temperature", "temperatures", "temperature"),
+        ("beta", "kl_weights", "beta"),
+        ("gamma", "cos_weights", "gamma"),
+        ("on", None, "cosine_on"),
+    ),
+}
+
+
+def expand_shorthand(loss: LossSettings, grid: Grid, fixed: dict, axes: dict) -> tuple[dict, dict]:
+    """``[methods.<m>]`` and ``[grid.<m>]`` with the ``[loss]``/``[grid]`` shorthand of the paper methods of the grid.
+
+    A setting named in the method's own ``[methods.<m>]`` or ``[grid.<m>]`` keeps that (explicit wins); ``kd_cos``
+    takes a temperature only with ``on = "probs"`` (on the logits it has none).
+    """
+    fixed = {name: dict(table) for name, table in fixed.items()}
+    axes = {name: dict(table) for name, table in axes.items()}
     for name in grid.methods:
-        method = get_method(name)
-        method.check(method.effective_loss(loss.default_point()), f"{source}: {name} at the default point: ")
-        real, _ = resolve(method, loss.default_point())
-        if real.name != method.name:
-            raise UserError(
-                f"{source}: at the default point (loss.beta = {loss.beta:g}, loss.gamma = {loss.gamma:g}) {name} is really "
-                f"{real.name}: choose a default with non-zero weights for the terms {name} uses"
-            )
-    return loss
+        for setting, axis, key in SHORTHAND.get(name, ()):
+            if setting in fixed.get(name, {}) or setting in axes.get(name, {}):
+                continue
+            if name == "kd_cos" and setting == "temperature" and fixed.get(name, {}).get("on", loss.cosine_on) != "probs":
+                continue
+            fixed.setdefault(name, {})[setting] = getattr(loss, key)
+            if axis is not None:
+                axes.setdefault(name, {})[setting] = list(getattr(grid, axis))
+    return fixed, axes
 
 
 def _method_tables(raw: dict) -> tuple[dict, dict, dict]:
@@ -251,15 +275,12 @@ def _method_tables(raw: dict) -> tuple[dict, dict, dict]:
     return {**{k: v for k, v in raw.items() if k != "methods"}, "grid": grid}, fixed, axes
 
 
-def method_settings(fixed: dict, axes: dict, grid: Grid, source: str) -> dict[str, MethodSettings]:
-    """The own hyperparameters of every method of the grid that has them, checked against the method's ``Params``."""
+def method_settings(fixed: dict, axes: dict, grid: Grid, source: str, alpha: float = 1.0) -> dict[str, MethodSettings]:
+    """The hyperparameters of every method of the grid that has them, checked against the method's ``Params``."""
     for table, names in (("methods", fixed), ("grid", axes)):
         for name in names:
             if get_method(name).params is None:
-                raise UserError(
-                    f"{source}: [{table}.{name}]: {name} has no hyperparameters of its own (its T, beta and gamma are "
-                    "[loss] and grid.temperatures, grid.kl_weights, grid.cos_weights)"
-                )
+                raise UserError(f"{source}: [{table}.{name}]: {name} has no hyperparameters")
     settings = {}
     for name in [*grid.methods, *fixed, *axes]:
         method = get_method(name)
@@ -274,29 +295,52 @@ def method_settings(fixed: dict, axes: dict, grid: Grid, source: str) -> dict[st
             if len(options) > 1 and f.name not in fixed.get(name, {}):
                 raise UserError(
                     f"{source}: grid.{name}.{f.name} has {len(options)} values: name the default one in [methods.{name}] "
-                    f"(e.g. methods.{name}.{f.name} = {options[0]:g}); Table 1 reports that point"
+                    f"(e.g. methods.{name}.{f.name} = {_text(options[0])}); Table 1 reports that point"
                 )
-            if f.name in fixed.get(name, {}) and not any(math.isclose(value, o) for o in options):
+            if f.name in fixed.get(name, {}) and not any(same(value, o) for o in options):
                 raise UserError(
-                    f"{source}: methods.{name}.{f.name} = {value:g} is not in grid.{name}.{f.name} "
-                    f"({', '.join(f'{o:g}' for o in options)})"
+                    f"{source}: methods.{name}.{f.name} = {_text(value)} is not in grid.{name}.{f.name} "
+                    f"({', '.join(_text(o) for o in options)})"
                 )
             value = value if f.name in fixed.get(name, {}) else options[0]
-            values.append((f.name, tuple(float(o) for o in options)))
-            default.append((f.name, float(value)))
+            values.append((f.name, tuple(_scalar(o) for o in options)))
+            default.append((f.name, _scalar(value)))
         settings[name] = MethodSettings(tuple(values), tuple(default))
         for point in settings[name].points():
             method.params(**dict(point)).check(f"{source}: {name} at {_point_text(point)}: methods.{name}")
+        method.check(LossConfig(alpha, settings[name].default), f"{source}: {name} at the default point: ")
+        real, _ = method.resolve(LossConfig(alpha, settings[name].default))
+        if real.name != name and name in grid.methods:
+            raise UserError(
+                f"{source}: at the default point ({_point_text(settings[name].default)}) {name} is really {real.name}: "
+                f"choose a default with non-zero weights for the terms {name} uses"
+            )
     return settings
 
 
-def _point_text(point: tuple[tuple[str, float], ...]) -> str:
-    return ", ".join(f"{k} = {v:g}" for k, v in point)
+def same(a: Value, b: Value) -> bool:
+    """Whether two setting values are equal (numbers up to rounding)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return math.isclose(a, b)
+
+
+def _scalar(value: Value) -> Value:
+    return value if isinstance(value, str) else float(value)
+
+
+def _text(value: Value) -> str:
+    return value if isinstance(value, str) else f"{value:g}"
+
+
+def _point_text(point: tuple[tuple[str, Value], ...]) -> str:
+    return ", ".join(f"{k} = {_text(v)}" for k, v in point)
 
 
 def _axes_type(params: type) -> type:
     """A dataclass with the fields of ``params`` as optional lists (the layout of ``[grid.<method>]``)."""
-    fields = [(f.name, tuple[float, ...], field(default=())) for f in dataclasses.fields(params)]
+    hints = typing.get_type_hints(params)
+    fields = [(f.name, tuple[hints[f.name], ...], field(default=())) for f in dataclasses.fields(params)]
     return dataclasses.make_dataclass(f"{params.__name__}Axes", fields, frozen=True)
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kdbench.config import DataConfig, LossConfig, TrialConfig, device_type
 from kdbench.engine.pack_rules import packable
 from kdbench.errors import UserError
-from kdbench.methods import Method, get_method, resolve
+from kdbench.methods import Method, get_method
 from kdbench.records import GridPoint, TrialPlan
-from kdbench.sweep.ablation import Ablation
+from kdbench.sweep.ablation import Ablation, same
 
 
 @dataclass(frozen=True)
@@ -48,11 +47,10 @@ def plan_trials(
 
     One teacher per (dataset, teacher recipe, seed), or per dataset where the ablation fixes the
     teacher's seed (``[teacher] seed``); a method's trials vary only
-    along the axes that change its result (``Method.sweep_axes``), so the baseline
-    is trained once per (dataset, seed) whatever the temperature grid, and a method with its own
-    hyperparameters varies only along its ``[grid.<method>]`` axes (:meth:`Ablation.points`).  A grid point
-    where a soft term's weight is 0 is planned as the method it really is
-    (:func:`kdbench.methods.resolve`): ``kd_kl_cos`` at ``beta = gamma = 0`` is the baseline.
+    along its ``[grid.<method>]`` axes (:meth:`Ablation.points`), which the ``[grid] temperatures`` shorthand fills
+    for the paper's methods only, so the baseline is trained once per (dataset, seed) whatever the temperature
+    grid.  A grid point that is really another method is planned as that method, once
+    (:meth:`kdbench.methods.Method.resolve`): ``kd_kl_cos`` at ``beta = gamma = 0`` is the baseline.
 
     Keys are complete (kdbench.config.TrialConfig.key): ``run.device`` is resolved here,
     ``fingerprint(data)`` (kdbench.data.select.data_fingerprint) names the dataset's files, and
@@ -62,7 +60,6 @@ def plan_trials(
     grid = ablation.grid
     methods = [get_method(m) for m in grid.methods]
     teacher_method = get_method("teacher")
-    base = LossConfig(alpha=ablation.loss.alpha, cosine_on=ablation.loss.cosine_on)
     device = device_type(ablation.run.device)
     trials: dict[str, PlannedTrial] = {}
     for dataset, seed in itertools.product(grid.datasets, grid.seeds):
@@ -72,7 +69,7 @@ def plan_trials(
             method="teacher",
             data=data,
             recipe=ablation.teacher,
-            loss=teacher_method.effective_loss(LossConfig()),
+            loss=LossConfig(),
             seed=seed if ablation.teacher_seed is None else ablation.teacher_seed,
             device=device,
             dataset_fingerprint=data_id,
@@ -86,10 +83,8 @@ def plan_trials(
             if method.role == "teacher":
                 continue
             for point in ablation.points(method.name):
-                method.check(
-                    method.effective_loss(point), f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)"
-                )
-                real, loss = resolve(method, point)
+                method.check(point, f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)")
+                real, loss = method.resolve(point)
                 cfg = TrialConfig(
                     method=real.name,
                     data=data,
@@ -102,9 +97,8 @@ def plan_trials(
                 )
                 cfg = dataclasses.replace(cfg, packed=pack > 1 and packable(cfg))
                 key = cfg.key()
-                axes = method.sweep_axes(base)
-                values = tuple((a, getattr(point, a)) for a in axes) + point.params
-                where = GridPoint(method.name, method.label, method.rank, axes, values)
+                settled = method.effective_loss(point).params  # the grid point's own settings, before resolution
+                where = GridPoint(method.name, method.label, method.rank, tuple(n for n, _ in settled), settled)
                 if key in trials:  # another grid point of the same trial: the plan lists both
                     known = trials[key].plan
                     if where not in known.grid_points:
@@ -126,14 +120,9 @@ def _resolution(method: Method, loss: LossConfig, grid_points: tuple[GridPoint, 
     the ablation's default point for this method (``[loss]`` and ``[methods.<name>]``).
     """
     default = ablation.default_loss(method.name)
-    shared = (("temperature", loss.temperature), ("beta", loss.beta), ("gamma", loss.gamma))
-    own = dict(loss.params)
-    is_default = (
-        all(math.isclose(v, getattr(default, k)) for k, v in shared)
-        and own.keys() == dict(default.params).keys()
-        and all(math.isclose(v, own[k]) for k, v in default.params)
+    is_default = len(loss.params) == len(default.params) and all(
+        name == other and same(value, value_default) for (name, value), (other, value_default) in zip(loss.params, default.params)
     )
-    base = LossConfig(alpha=ablation.loss.alpha, cosine_on=ablation.loss.cosine_on)
     return TrialPlan(
         role=method.role,
         method=method.name,
@@ -141,7 +130,7 @@ def _resolution(method: Method, loss: LossConfig, grid_points: tuple[GridPoint, 
         rank=method.rank,
         own_params=method.params is not None,
         settings=method.describe(loss),
-        axes=tuple(method.sweep_axes(base)),
+        axes=tuple(name for name, _ in loss.params),
         default=is_default,
         grid_points=grid_points,
     )

@@ -125,6 +125,7 @@ class Store:
             sweep_id = cur.lastrowid
             for t in trials:
                 c, lo = t.config, t.config.loss
+                own = dict(lo.params)  # the report's ablation columns: the settings of these names, where the method has them
                 db.execute(
                     "INSERT OR IGNORE INTO trials (key, role, dataset, method, model, seed, temperature, alpha, beta, gamma,"
                     " params, teacher_key, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -135,11 +136,11 @@ class Store:
                         c.method,
                         c.recipe.model,
                         c.seed,
-                        lo.temperature,
+                        own.get("temperature"),
                         lo.alpha,
-                        lo.beta,
-                        lo.gamma,
-                        json.dumps(dict(lo.params)),
+                        own.get("beta"),
+                        own.get("gamma"),
+                        json.dumps(own),
                         t.teacher_key,
                         json.dumps(c.identity(), sort_keys=True),
                         now,
