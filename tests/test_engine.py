@@ -16,6 +16,7 @@ from kdbench.digest import file_sha256
 from kdbench.engine.runner import run_trial
 from kdbench.engine.teacher import OnlineTeacher, build_logit_cache, cached_teacher
 from kdbench.models import build_model, load_model_checkpoint, save_checkpoint
+from kdbench.records import TrialResult, from_json
 from kdbench.train import main as train_main
 
 
@@ -69,7 +70,7 @@ def test_teacher_then_kd_student_with_the_cli(image_folder, tmp_path):
         str(tmp_path / "kd"),
     )
     assert student.returncode == 0, student.stderr
-    result = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    result = from_json(TrialResult, (tmp_path / "kd" / "metrics.json").read_text(), "metrics.json")  # the typed record
     assert result.config["method"] == "kd_kl_cos" and result.config["recipe"]["model"] == "mobilenet_v2"
     assert result.teacher["mode"] == "cache"
     # the student names its teacher by content digest, and that digest is part of its identity
