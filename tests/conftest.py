@@ -22,6 +22,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KDBENCH_NO_DOWNLOAD", "1")
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A sweep run in-process sets torch's thread count (``--threads``): every test starts with the count the run began with.
+
+    Training at these tiny sizes is chaotic enough that the thread count (another kernel partition) changes a
+    trajectory; a test must not depend on which tests ran before it.
+    """
+    torch = sys.modules.get("torch")  # not imported here: the torch-free tests must stay so
+    threads = torch.get_num_threads() if torch else None
+    yield
+    if torch and threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def float64():
     """Train in float64 (torch's default dtype; kdbench builds models and normalises images in it).

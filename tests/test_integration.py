@@ -11,6 +11,8 @@ import sqlite3
 import pytest
 from conftest import run_cli
 
+from kdbench.records import TrialResult, from_json
+
 pytestmark = pytest.mark.integration
 
 
@@ -52,8 +54,8 @@ def test_teacher_and_kd_student_train_on_eurosat(shared_data, tmp_path):
         str(tmp_path / "kd"),
     )
     assert student.returncode == 0, student.stderr
-    result = json.loads((tmp_path / "kd" / "metrics.json").read_text())
-    assert result.classes[:2] == ["AnnualCrop", "Forest"] and len(result.classes) == 10
+    result = from_json(TrialResult, (tmp_path / "kd" / "metrics.json").read_text(), "metrics.json")
+    assert result.classes[:2] == ("AnnualCrop", "Forest") and len(result.classes) == 10
     assert result.data["train"] + result.data["val"] + result.data["test"] == 80
     assert result.teacher["mode"] == "cache" and result.teacher["model"] == "vgg16"
     manifest = (tmp_path / "kd" / "manifest.csv").read_text().splitlines()

@@ -21,7 +21,7 @@ from kdbench.engine.pack_rules import check_pack, compatible_key
 from kdbench.engine.packed import MemberLoss, init_pack, train_pack_epoch
 from kdbench.engine.runner import run_trial, run_trials
 from kdbench.errors import NonFiniteError
-from kdbench.methods import get_method
+from kdbench.methods import Outputs, get_method
 from kdbench.models import build_model, load_model_checkpoint
 
 QUIET = lambda message: None  # noqa: E731
@@ -200,7 +200,7 @@ def test_non_finite_member_loss_is_named(setup):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     images, labels = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
-    nan_teacher = lambda positions, views, x: torch.full((len(positions), 3), float("nan"))  # noqa: E731
+    nan_teacher = lambda positions, views, x: Outputs(torch.full((len(positions), 3), float("nan")))  # noqa: E731
     with pytest.raises(NonFiniteError, match=r"member\(s\) 1 kd_kl") as err:
         train_pack_epoch(
             model,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -428,10 +429,11 @@ def test_without_fvcore_a_trial_is_stored_without_complexity(monkeypatch):
     from kdbench.sweep.worker import trial_complexity
 
     trial = plan_trials(parse_ablation(base_raw(methods=["baseline"]), "t"))[0]
-    assert trial_complexity(trial, {"classes": ["a", "b", "c"]})["model"] == trial.config.recipe.model
+    result = SimpleNamespace(classes=("a", "b", "c"))  # the one field of a TrialResult it reads
+    assert trial_complexity(trial, result)["model"] == trial.config.recipe.model
     kdbench.profile._measure.cache_clear()
     monkeypatch.setitem(sys.modules, "fvcore.nn", None)  # as on a GPU box without fvcore: importing it fails
-    assert trial_complexity(trial, {"classes": ["a", "b", "c"]}) is None
+    assert trial_complexity(trial, result) is None
 
 
 def test_pack_grouping_and_default():
