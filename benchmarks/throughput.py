@@ -181,7 +181,9 @@ def kdbench_rows(bench: Bench, packs: list[int]) -> dict[str, tuple[int, Callabl
 
     def pack(k: int) -> float:
         model = PackedMobileNetV2(k, bench.args.classes).to(bench.device, memory_format=memory_format(bench.device))
-        members = [MemberLoss(f"T={1 + i}", KD, LossConfig(temperature=1.0 + i)) for i in range(k)]
+        members = [
+            MemberLoss(f"T={1 + i}", KD, KD.effective_loss(LossConfig(params=(("temperature", 1.0 + i),)))) for i in range(k)
+        ]
         model = torch.compile(model) if bench.args.compile else model  # shares the parameters of the module it wraps
         return bench.seconds_per_step(engine_epoch(bench, model, train_pack_epoch, members))
 

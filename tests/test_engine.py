@@ -443,7 +443,10 @@ def test_teacher_of_other_classes_and_bad_checkpoint(image_folder, tmp_path):
         (["--param", "beta=-1"], "beta"),
         (["--param", "tau=2"], "kd_kl_cos has no setting 'tau': its settings are temperature, beta, gamma, on"),
         (["--param", "on=features"], "kd_kl_cos.on must be one of logits, probs"),
-        (["--param", "beta=big"], "beta must be a number (kd_kl_cos's settings: temperature, beta, gamma, on)"),
+        (
+            ["--param", "beta=big"],
+            "beta must be a number, e.g. --param beta=4 (kd_kl_cos's settings: temperature, beta, gamma, on)",
+        ),
         (["--model", "nonet"], "unknown model"),
         (["--lr", "nan"], "recipe.lr must be in (0, 10]"),
         (["--lr", "1e6"], "recipe.lr must be in (0, 10]"),
