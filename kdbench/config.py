@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from kdbench import engine, losses
 from kdbench.data.config import DataConfig
-from kdbench.digest import file_sha256, json_digest
+from kdbench.digest import checkpoint_digest, json_digest
 from kdbench.errors import UserError
 from kdbench.losses import LossConfig
 from kdbench.machine import gpu_visible
@@ -135,18 +135,18 @@ def pretrained_identity(pretrained: str) -> str:
     path = Path(pretrained).expanduser()
     try:
         st = path.stat()
-        return f"sha256:{_file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)}"
+        return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     except OSError as err:
         raise UserError(f"pretrained state-dict file {pretrained} cannot be read ({err.strerror}): check the path") from err
 
 
 @functools.lru_cache(maxsize=64)
 def _file_digest(path: str, *stat) -> str:
-    """:func:`kdbench.digest.file_sha256`, once per (file, size, times, inode): keys are computed often.
+    """:func:`kdbench.digest.checkpoint_digest`, once per (file, size, times, inode): keys are computed often.
 
     Any write to a file changes its ``ctime``, which no user tool can set back, so a changed file is hashed anew.
     """
-    return file_sha256(path)
+    return checkpoint_digest(path)
 
 
 def method_loss_version(name: str) -> str:

@@ -34,6 +34,11 @@ def file_sha256(path: str | os.PathLike, n: int = DIGITS) -> str:
     return h.hexdigest()[:n]
 
 
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """``sha256:<digest>`` of a checkpoint file: how a teacher is named in a student's identity and result."""
+    return f"sha256:{file_sha256(path)}"
+
+
 def file_digests(root: str | os.PathLike, rel_files: Iterable[str]) -> list[str]:
     """:func:`file_sha256` of each file below ``root``: what an image cache or a fingerprint is keyed by.
 

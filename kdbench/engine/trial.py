@@ -31,7 +31,7 @@ import torch
 from kdbench.config import Recipe, TrialConfig
 from kdbench.data.prepare import PreparedData
 from kdbench.data.presets import AUGMENTATIONS
-from kdbench.digest import file_sha256, json_digest
+from kdbench.digest import checkpoint_digest, json_digest
 from kdbench.durable import atomic_torch_save
 from kdbench.engine import RESULTS_VERSION
 from kdbench.engine.loop import EpochStats, evaluate, logit_metrics, lr_factor, predict, steps_per_epoch
@@ -195,7 +195,7 @@ def teacher_source(
     for p in model.parameters():
         p.requires_grad_(False)
     aug = AUGMENTATIONS[cfg.data.augment]
-    digest = f"sha256:{file_sha256(path)}"
+    digest = checkpoint_digest(path)
     info = {"checkpoint": str(path), "model": ckpt["model"], "id": cfg.teacher_id or digest, "digest": digest, **record}
     features = sorted(needs - {"logits"})
     if not aug.cacheable or features:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdbench.digest import checkpoint_digest
 from kdbench.durable import Busy, file_lock, is_disk_full
 from kdbench.errors import UserError, one_line
 from kdbench.records import TrialResult, from_json
@@ -82,8 +85,9 @@ def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
             return Outcome(trial.key, "busy")
         outcomes = {}
         teacher = trial_dir(ctx.out_dir, trial.teacher_key) / "best.pt" if trial.teacher_key else None
+        teacher_digest = functools.cache(functools.partial(_digest, teacher)) if teacher else None  # read once a pack
         for m, folder in zip(members, folders):
-            previous = _finished_result(folder / METRICS_FILE, m.key, teacher if m.config.teacher_id else None)
+            previous = _finished_result(folder / METRICS_FILE, m.key, teacher_digest if m.config.teacher_id else None)
             if previous is not None:
                 outcomes[m.key] = Outcome(m.key, "done", previous, recovered=True)
         todo = [(m, f) for m, f in zip(members, folders) if m.key not in outcomes]
@@ -172,7 +176,7 @@ def crashed(folders: list[Path], failed) -> dict[str, Outcome]:
     return failed(f"{type(err).__name__}: {one_line(err)} (traceback in {folders[0] / 'error.log'})")
 
 
-def _finished_result(path: Path, key: str, teacher: Path | None) -> TrialResult | None:
+def _finished_result(path: Path, key: str, teacher_digest: Callable[[], str | None] | None) -> TrialResult | None:
     """The finished result at ``path`` if it is this trial's and was distilled from the teacher checkpoint there now.
 
     A student's key names its teacher by trial key; the checkpoint's content digest, recorded in the
@@ -186,17 +190,15 @@ def _finished_result(path: Path, key: str, teacher: Path | None) -> TrialResult 
         return None
     if result.key != key:
         return None
-    if teacher is not None and (result.teacher or {}).get("digest") != _digest(teacher):
+    if teacher_digest is not None and (result.teacher or {}).get("digest") != teacher_digest():
         return None
     return result
 
 
 def _digest(path: Path) -> str | None:
-    """A checkpoint's content digest as kdbench.engine.trial records it, or None if it cannot be read."""
-    from kdbench.digest import file_sha256
-
+    """:func:`kdbench.digest.checkpoint_digest`, as kdbench.engine.trial records it, or None if it cannot be read."""
     try:
-        return f"sha256:{file_sha256(path)}"
+        return checkpoint_digest(path)
     except OSError:
         return None
 
