@@ -221,3 +221,49 @@ class TrialResult:
     environment: dict[str, Any]
     pack: dict[str, Any] | None = None
     format: str = RESULT_FORMAT
+
+
+INT8_FORMAT = "kdbench-int8-v1"
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """How a trained model is quantized to INT8 (ONNX Runtime static quantization), the part of the ablation's ``[deploy]``
+    that decides the INT8 model: a stored :class:`Int8Result` is reused only under equal settings.
+
+    ``calibration_images`` training images of the trial's own split, drawn with ``calibration_seed`` and preprocessed like
+    evaluation inputs (no augmentation), calibrate the activation ranges by ``calibration`` (ONNX Runtime's
+    ``CalibrationMethod``: ``MinMax``, ``Percentile`` or ``Entropy``).
+    """
+
+    format: str = "QDQ"
+    per_channel: bool = True
+    activation_type: str = "QUInt8"
+    weight_type: str = "QInt8"
+    calibration: str = "MinMax"
+    calibration_images: int = 256
+    calibration_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    """The INT8 deployment of a trial's best-on-validation checkpoint (:mod:`kdbench.engine.int8`), a derived step:
+    it is keyed by the trial's ``key`` and its ``settings``, never part of the trial key.
+
+    ``test`` holds the INT8 model's metrics on the trial's test split, with per-image ``predictions`` in the order of
+    :attr:`TrialResult.test_targets`; ``fp32_onnx_agreement`` is the share of test images on which the fp32 ONNX export
+    predicts what the trained torch model predicted (a check of the export); sizes are the ONNX files' bytes.
+    """
+
+    key: str
+    checkpoint_digest: str  # kdbench.digest.checkpoint_digest of the best.pt it quantized
+    settings: Int8Settings
+    calibration_count: int  # images actually used (fewer than asked on a small training split)
+    test: SplitMetrics
+    fp32_onnx_agreement: float
+    bytes_fp32: int
+    bytes_int8: int
+    quantize_s: float  # export, calibration and quantization
+    evaluate_s: float  # the INT8 and fp32 ONNX models on the test split
+    onnxruntime: str  # its version
+    format: str = INT8_FORMAT

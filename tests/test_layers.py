@@ -58,6 +58,7 @@ TORCH_FREE = (
     "kdbench.config",
     "kdbench.engine",
     "kdbench.engine.pack_rules",
+    "kdbench.engine.int8",  # the sweep driver asks whether ONNX Runtime is there, and checks [deploy]
     "kdbench.profile",
     "kdbench.sweep.ablation",
     "kdbench.sweep.cost",

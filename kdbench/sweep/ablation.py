@@ -10,6 +10,7 @@ Layout::
     [student]   # Recipe of every student
     [loss]      # alpha (CE weight); shorthand: cosine_on and the default point (temperature, beta, gamma) on the grid
     [run]       # device, pack, allow_chance_teacher
+    [deploy]    # int8 = true: each finished trial quantized to INT8 and scored (kdbench.engine.int8), and its settings
     [methods.dkd]   # a method's hyperparameters (kdbench.methods): fixed values / the default point
     [grid.dkd]      # lists of values of a method's hyperparameters: grid axes of that method only
 
@@ -40,9 +41,11 @@ from pathlib import Path
 from kdbench.config import DataConfig, LossConfig, Recipe, check_recipe, from_dict
 from kdbench.data.config import check_data
 from kdbench.data.specs import dataset_names
+from kdbench.engine.int8 import check_settings
 from kdbench.errors import UserError
 from kdbench.losses import COSINE_ON
 from kdbench.methods import Value, get_method
+from kdbench.records import Int8Settings
 
 # The shipped ablation files are package data (kdbench/ablations/, also reached as ./ablations in a
 # checkout), so a regular `pip install` finds them from any folder.
@@ -100,6 +103,29 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class DeploySettings:
+    """``[deploy]``: the deployment step after training, derived from each finished trial's best checkpoint.
+
+    ``int8 = true`` quantizes every finished trial (teacher and students) to INT8 with ONNX Runtime's static
+    quantization (QDQ, per-channel weights) calibrated by ``calibration`` on ``calibration_images`` of its training
+    images drawn with ``calibration_seed``, and scores it on the test split.  None of it is in a trial's key.
+    """
+
+    int8: bool = False
+    calibration: str = "MinMax"  # ONNX Runtime's CalibrationMethod: MinMax, Percentile or Entropy
+    calibration_images: int = 256
+    calibration_seed: int = 0
+
+    def int8_settings(self) -> Int8Settings | None:
+        """The quantization settings, None where ``int8`` is off."""
+        if not self.int8:
+            return None
+        return Int8Settings(
+            calibration=self.calibration, calibration_images=self.calibration_images, calibration_seed=self.calibration_seed
+        )
+
+
+@dataclass(frozen=True)
 class Ablation:
     name: str
     description: str = ""
@@ -109,6 +135,7 @@ class Ablation:
     student: Recipe = field(default_factory=Recipe)
     loss: LossSettings = field(default_factory=LossSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    deploy: DeploySettings = field(default_factory=DeploySettings)
     # ``[teacher] seed``: every student seed distils from the one teacher trained with this seed (a teacher
     # costs many student trials on a CPU); None: each student seed has its own teacher, trained with that seed
     teacher_seed: int | None = None
@@ -202,6 +229,7 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
         raise UserError(f"run.device must be auto, cpu or cuda, got {ablation.run.device!r}")
     if ablation.run.pack < 0:
         raise UserError(f"run.pack must be >= 0, got {ablation.run.pack}")
+    check_settings(dataclasses.replace(ablation.deploy, int8=True).int8_settings(), "deploy")  # checked even while off
     return ablation
 
 

@@ -1,4 +1,9 @@
-"""The sweep driver: plan, skip what the store has, run the rest, record each outcome, report."""
+"""The sweep driver: plan, skip what the store has, run the rest, record each outcome, report.
+
+With ``[deploy] int8 = true`` a done trial without an INT8 result of the ablation's settings is run again: the
+worker finds its ``metrics.json`` and only quantizes it (kdbench.sweep.worker).  Without ONNX Runtime the step is
+skipped with one line, recorded in the sweep's summary (``int8_skipped``) for the report.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from tqdm import tqdm
 from kdbench.config import device_type
 from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.specs import dataset_names, get_spec
+from kdbench.engine.int8 import int8_unavailable
 from kdbench.machine import environment
 from kdbench.records import to_json
 from kdbench.sweep.ablation import Ablation
@@ -47,9 +53,18 @@ def run_sweep(
     by_key = {t.key: t for t in trials}
     names = {d: n.display for d, n in dataset_names(ablation.grid.datasets).items()}
     done = {t.key for t in trials if store.status(t.key) == "done"}
+    int8 = ablation.deploy.int8_settings()
+    skipped = int8 and int8_unavailable()
+    if skipped:
+        log(f"kdbench: note: {skipped}")
+        int8 = None
+    ctx = dataclasses.replace(ctx, int8=int8)
+    done -= store.needs_int8(list(done), int8) if int8 else set()  # trained, not yet quantized: the worker only quantizes
     already = [t for t in trials if t.key in done]
     todo = [t for t in trials if t.key not in done]
     counts = {"total": len(trials), "done": 0, "failed": 0, "already": len(already)}
+    if skipped:
+        counts["int8_skipped"] = skipped
     bar = tqdm(total=len(trials), initial=len(already), desc=f"sweep {ablation.name}", unit="trial", dynamic_ncols=True)
 
     units = pack_trials(todo, pack)
@@ -91,6 +106,10 @@ def run_sweep(
             acc = outcome.result.best.test.accuracy
             how = "recovered from its metrics.json" if outcome.recovered else f"{outcome.seconds:.0f}s"
             bar.write(f"done   {c.method:<10} {name:<10} seed {c.seed} test acc {acc:.4f} ({how}) [{outcome.key}]")
+            if ctx.int8 is not None and (fresh or outcome.recovered):  # not of a retrained copy the store does not hold
+                store.record_int8(outcome.key, outcome.int8, outcome.int8_error)
+                if outcome.int8_error:
+                    bar.write(f"no INT8 {c.method:<9} {name:<10} seed {c.seed}: {outcome.int8_error} [{outcome.key}]")
         else:
             store.record_failed(outcome.key, outcome.error)
             counts["failed"] += 1

@@ -6,7 +6,9 @@ as a JSON object), its dataset's display name (``dataset_name``, see
 :func:`kdbench.data.specs.dataset_names`), status (``pending``, ``running``, ``done``, ``failed``), error,
 attempts (times started), notes (e.g. ``worker process died (attempt 1 of 3); retrying``),
 result JSON (best-on-validation and last-epoch metrics, history, timings,
-environment), model complexity and flags.  Each status change is one committed
+environment), model complexity and flags, and the INT8 deployment of its best checkpoint (``int8``, a
+:class:`~kdbench.records.Int8Result`, or why it is missing: ``int8_error``), a step derived from the finished
+trial and recorded on its own, so it never changes a trial's key or status.  Each status change is one committed
 transaction; WAL mode and a busy timeout let two sweeps share a store.  Tables
 ``sweeps`` and ``sweep_trials`` record each invocation and the trials it planned,
 so a report covers exactly the latest plan.
@@ -22,7 +24,8 @@ from pathlib import Path
 
 from kdbench.data.specs import dataset_names
 from kdbench.durable import file_lock
-from kdbench.records import TrialResult, from_json, to_json
+from kdbench.errors import UserError
+from kdbench.records import Int8Result, Int8Settings, TrialResult, from_json, to_json
 from kdbench.sweep.plan import PlannedTrial
 
 STORE_FILE = "store.sqlite"
@@ -50,6 +53,8 @@ CREATE TABLE IF NOT EXISTS trials (
     attempts INTEGER NOT NULL DEFAULT 0,
     notes TEXT,
     completions INTEGER NOT NULL DEFAULT 0,
+    int8 TEXT,
+    int8_error TEXT,
     created_at REAL, started_at REAL, finished_at REAL
 );
 CREATE TABLE IF NOT EXISTS sweeps (
@@ -88,7 +93,8 @@ class Store:
                     if statement.strip():
                         db.execute(statement)
                 columns = {r["name"] for r in db.execute("PRAGMA table_info(trials)")}
-                for column in ("dataset_name", "notes", "params"):  # columns a store of an older kdbench lacks
+                older = ("dataset_name", "notes", "params", "int8", "int8_error")  # columns a store of an older kdbench lacks
+                for column in older:
                     if column not in columns:
                         db.execute(f"ALTER TABLE trials ADD COLUMN {column} TEXT")
                 for table, column in (("sweeps", "resolved"), ("sweep_trials", "plan")):
@@ -191,6 +197,28 @@ class Store:
             )
             return cur.rowcount == 1
 
+    def record_int8(self, key: str, record: Int8Result | None, error: str | None = None) -> None:
+        """Store a done trial's INT8 deployment, or (``record`` None) why it failed or was skipped."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE trials SET int8 = ?, int8_error = ? WHERE key = ? AND status = 'done'",
+                (to_json(record) if record else None, error, key),
+            )
+
+    def needs_int8(self, keys: list[str], settings: Int8Settings) -> set[str]:
+        """Those of ``keys`` that are done but have no INT8 result of ``settings`` (none, another's, or unreadable)."""
+        wanted, needs = set(keys), set()
+        for r in self.db.execute("SELECT key, int8 FROM trials WHERE status = 'done'").fetchall():
+            if r["key"] not in wanted:
+                continue
+            try:
+                stored = from_json(Int8Result, r["int8"], "an INT8 result").settings if r["int8"] else None
+            except UserError:
+                stored = None
+            if stored != settings:
+                needs.add(r["key"])
+        return needs
+
     def add_note(self, key: str, note: str) -> None:
         """Append a line to the trial's ``notes`` (what happened on the way, e.g. a worker process that died)."""
         with self.transaction() as db:
@@ -238,7 +266,8 @@ class Store:
 
     def rows(self, keys: list[str] | None = None) -> list[dict]:
         """Trial rows as dicts with JSON columns decoded (all trials, or those of ``keys``); ``result`` is a
-        :class:`~kdbench.records.TrialResult` (a result another kdbench version wrote is a one-line UserError)."""
+        :class:`~kdbench.records.TrialResult`, ``int8`` an :class:`~kdbench.records.Int8Result` or None (a result another kdbench
+        version wrote is a one-line UserError)."""
         rows = self.db.execute("SELECT * FROM trials").fetchall()
         if keys is not None:  # decode only the rows asked for: an older sweep's results may be of another format
             wanted = set(keys)
@@ -250,6 +279,8 @@ class Store:
                 d[col] = json.loads(d[col]) if d[col] else None
             what = f"the result of trial {d['key']} in {self.path}"
             d["result"] = from_json(TrialResult, d["result"], what) if d["result"] else None
+            what = f"the INT8 result of trial {d['key']} in {self.path}"
+            d["int8"] = from_json(Int8Result, d["int8"], what) if d["int8"] else None
             d["params"] = json.loads(d["params"]) if d["params"] else {}  # NULL in a store of an older kdbench
             out.append(d)
         return out

@@ -8,6 +8,10 @@ lock is taken without waiting: a trial another process holds comes back as
 when it usually finds that trial's result.  A
 ``metrics.json`` that is already there is a finished result whose store write was
 lost: it is returned instead of training again.
+
+With ``SweepContext.int8`` set, every done trial is then quantized to INT8 (:mod:`kdbench.engine.int8`) under the
+same lock; a trial whose ``metrics.json`` is there only needs that step, so a sweep killed while quantizing redoes only
+the quantization.  A failed INT8 step never fails its trial: the outcome carries why (``int8_error``).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from kdbench.digest import checkpoint_digest
 from kdbench.durable import Busy, file_lock, is_disk_full
 from kdbench.errors import UserError, one_line
-from kdbench.records import TrialResult, from_json
+from kdbench.records import Int8Result, Int8Settings, TrialResult, from_json
 from kdbench.sweep.plan import PlannedTrial
 
 
@@ -40,6 +44,7 @@ class SweepContext:
     threads: int | None = None
     progress: bool = False
     wait_for_locks: bool = False  # False: a trial locked by another process comes back "busy" at once
+    int8: Int8Settings | None = None  # quantize each done trial to INT8 with these settings ([deploy] int8); None: not
 
 
 @dataclass
@@ -52,6 +57,8 @@ class Outcome:
     recovered: bool = False  # finished earlier, store write was lost
     members: list[Outcome] | None = None  # a pack's per-trial outcomes
     complexity: dict | None = None  # a done trial's model: params, FLOPs, size (kdbench.profile); None without fvcore
+    int8: Int8Result | None = None  # its INT8 deployment (SweepContext.int8)
+    int8_error: str | None = None  # why a done trial has no INT8 result although one was asked for
 
 
 def trial_dir(out_dir: str | Path, key: str) -> Path:
@@ -93,6 +100,10 @@ def execute_trial(trial: PlannedTrial, ctx: SweepContext) -> Outcome:
         todo = [(m, f) for m, f in zip(members, folders) if m.key not in outcomes]
         if todo:
             outcomes.update(_train([m for m, _ in todo], [f for _, f in todo], trial.teacher_key, ctx, t0))
+        if ctx.int8 is not None:
+            for m, folder in zip(members, folders):
+                if outcomes[m.key].status == "done":
+                    outcomes[m.key].int8, outcomes[m.key].int8_error = deploy_int8(m, outcomes[m.key].result, folder, ctx)
     results = [outcomes[m.key] for m in members]
     for m, outcome in zip(members, results):
         if outcome.status == "done":
@@ -153,6 +164,34 @@ def _train(
         else Outcome(m.key, "done", r, seconds=seconds)
         for m, r in zip(members, results)
     }
+
+
+def deploy_int8(
+    trial: PlannedTrial, result: TrialResult, folder: Path, ctx: SweepContext
+) -> tuple[Int8Result | None, str | None]:
+    """The INT8 deployment of a done trial (:func:`kdbench.engine.int8.quantize_trial`), or None and why it failed (one
+    line; an unexpected error's traceback goes to ``int8_error.log`` in the trial's folder)."""
+    from kdbench.engine.int8 import quantize_trial
+
+    try:
+        record = quantize_trial(
+            trial.config,
+            result,
+            folder,
+            ctx.int8,
+            data_root=ctx.data_root,
+            download=ctx.download,
+            threads=ctx.threads,
+            log=_logger(folder),
+        )
+    except UserError as err:
+        return None, one_line(err)
+    except Exception as err:
+        log = folder / "int8_error.log"
+        with contextlib.suppress(OSError):
+            log.write_text(traceback.format_exc())
+        return None, f"{type(err).__name__}: {one_line(err)} (traceback in {log})"
+    return record, None
 
 
 def trial_complexity(trial: PlannedTrial, result: TrialResult) -> dict | None:
