@@ -25,7 +25,8 @@ def load_benchmark_json(path: str | os.PathLike) -> pd.DataFrame:
     Columns:
 
     - ``model``: torchvision model name; ``batch``: images per forward pass;
-      ``resolution``: input side in pixels; ``runtime``: ``"torch"`` or ``"onnxruntime"``;
+      ``resolution``: input side in pixels; ``runtime``: ``"torch"`` (fp32), ``"onnxruntime"`` (the fp32 ONNX
+      export) or ``"onnxruntime-int8"`` (its INT8 static quantization, kdbench.engine.int8);
     - ``threads``: intra-op CPU threads used; ``rounds``: timed forward passes;
     - ``latency_median_ms``: median wall time of one forward pass of the whole batch, in ms;
     - ``latency_iqr_ms``: inter-quartile range of that time, in ms;

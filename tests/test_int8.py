@@ -183,6 +183,13 @@ def test_without_onnxruntime_the_step_is_skipped_in_one_line_and_the_report_says
     assert json.loads(summary)["int8_skipped"] == ONNXRUNTIME_MISSING
     with pytest.raises(UserError, match="^onnxruntime is not installed"):
         quantize_trial(None, None, out, Int8Settings())
+    from kdbench.report.content import build_tables, report_blocks
+    from kdbench.report.load import load_report_data
+
+    data = load_report_data(out)
+    tables = build_tables(data)
+    said = [b.text for b in report_blocks(data, tables, {}) if getattr(b, "text", None) and "INT8" in b.text]
+    assert said == [f"INT8 deployment was asked for ([deploy] int8 = true) but skipped: {ONNXRUNTIME_MISSING}."]
 
 
 def test_the_report_has_the_int8_table(swept, tmp_path):

@@ -10,19 +10,20 @@ from kdbench.data.specs import get_spec
 from kdbench.report import figures
 from kdbench.report.document import Block, Bullets, FigureBlock, Heading, Paragraph, TableBlock
 from kdbench.report.load import BENCH_FILE, ReportData
-from kdbench.report.notes import findings, report_notes
+from kdbench.report.notes import findings, int8_missing, report_notes
 from kdbench.report.stats import CONFIDENCE
 from kdbench.report.tables import (
     MISSING_BENCH_NOTE,
     PAPER_LABEL,
     Table,
     accuracy_table,
-    batch1_latency,
+    bench_latency,
     best_students,
     claim_table,
     complexity_table,
     has_ablation,
     incomplete_table,
+    int8_table,
     latency_table,
     own_defaults,
     temperature_table,
@@ -36,6 +37,7 @@ def build_tables(data: ReportData) -> dict[str, Table]:
     tables = [accuracy_table(data), *filter(None, [claim_table(data)]), complexity_table(data)]
     if data.bench is not None:
         tables.append(latency_table(data))
+    tables += filter(None, [int8_table(data)])
     if has_ablation(data, ("temperature",)):
         tables.append(temperature_table(data))
     if has_ablation(data, ("beta", "gamma")):
@@ -46,11 +48,19 @@ def build_tables(data: ReportData) -> dict[str, Table]:
 
 def draw_figures(data: ReportData, tables: dict[str, Table], folder: Path) -> dict[str, FigureBlock]:
     """Draw and save every figure the store has data for (ablation plots with their tables); report blocks by stem."""
-    latency, resolution = batch1_latency(data)
+    latency, resolution = bench_latency(data)
+    int8_latency = bench_latency(data, "onnxruntime-int8")[0]
     if latency:
         latency_text = f" and its median CPU latency at batch 1 ({resolution} px, {BENCH_FILE})"
     else:
         latency_text = f" (no {BENCH_FILE}: no latency panel)"
+    int8 = "int8" in tables and data.done["int8"].notna().any()
+    int8_text = (
+        " Hollow markers: the same models quantized to INT8 (Table 2c), at the same GFLOPs"
+        + (" and at their ONNX Runtime INT8 latency." if int8_latency else ".")
+        if int8
+        else ""
+    )
     specs = [
         (
             "accuracy",
@@ -62,10 +72,10 @@ def draw_figures(data: ReportData, tables: dict[str, Table], folder: Path) -> di
         ),
         (
             "accuracy_vs_cost",
-            lambda: figures.cost_figure(data, latency),
+            lambda: figures.cost_figure(data, latency, int8_latency),
             "Mean test accuracy (±1 std across seeds) against the model's GFLOPs per image "
             f"at the trained resolution{latency_text}. "
-            "Squares: teacher; circles: students, spread slightly sideways because they share one architecture.",
+            "Squares: teacher; circles: students, spread slightly sideways because they share one architecture." + int8_text,
         ),
         (
             "temperature",
@@ -111,10 +121,12 @@ def report_blocks(data: ReportData, tables: dict[str, Table], figs: dict[str, Fi
     if data.ablation.description:
         blocks.append(Paragraph(description(data)))
     blocks += [Heading("What ran"), Bullets(tuple(run_summary(data)))]
-    blocks += [Heading("Findings"), Bullets(tuple(findings(tables["accuracy"], tables.get("claim"))))]
+    blocks += [Heading("Findings"), Bullets(tuple(findings(tables["accuracy"], tables.get("claim"), tables.get("int8"))))]
     blocks += [Heading("Notes"), Bullets(tuple(report_notes(data, tables["accuracy"])))]
     blocks += _section("1. Accuracy", [tables["accuracy"], *filter(None, [tables.get("claim")])], [figs.get("accuracy")])
     speed = [tables["latency"]] if "latency" in tables else [Paragraph(MISSING_BENCH_NOTE)]
+    if "int8" in tables:
+        speed.append(tables["int8"] if data.done["int8"].notna().any() else Paragraph(int8_missing(data)))
     blocks += _section("2. Complexity and speed", [tables["complexity"], *speed], [figs.get("accuracy_vs_cost")])
     if "temperature" in tables:
         blocks += _section("3. Temperature ablation", [tables["temperature"]], [figs.get("temperature")])

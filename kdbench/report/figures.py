@@ -260,17 +260,20 @@ def confusion_figure(data: ReportData, dataset: str, method: str) -> plt.Figure:
     return fig
 
 
-def cost_figure(data: ReportData, latency: dict[str, float]) -> plt.Figure | None:
+def cost_figure(data: ReportData, latency: dict[str, float], int8_latency: dict[str, float] | None = None) -> plt.Figure | None:
     """Mean test accuracy (±1 std) against GFLOPs per image and, given ``latency`` (model -> ms), against latency.
 
-    Students share one architecture, so their points are spread slightly sideways to stay legible.
+    Students share one architecture, so their points are spread slightly sideways to stay legible.  Quantized trials
+    (Table 2c) add hollow INT8 points: at the same GFLOPs, and at ``int8_latency`` (model -> ms, ONNX Runtime INT8).
     """
     points = _cost_points(data)
     if points.empty:
         return None
     axes_x = [("gflops", "GFLOPs per image (log scale)")]
+    points["int8_gflops"] = points["gflops"]
     if latency:
         points["latency"] = points["model"].map(latency)
+        points["int8_latency"] = points["model"].map(int8_latency or {})
         axes_x.append(("latency", "CPU latency, batch 1 (ms, log scale)"))
     with plt.rc_context(STYLE):
         fig, axes = _facets(data, height=2.5, rows=len(axes_x), sharey="col")
@@ -281,16 +284,13 @@ def cost_figure(data: ReportData, latency: dict[str, float]) -> plt.Figure | Non
                     _empty(ax, dataset)
                     continue
                 for p in subset.itertuples():
+                    style = dict(fmt="o" if p.role == "student" else "s", color=palette(data)[p.label], capsize=2, markersize=5)
                     x = getattr(p, column) * 1.06**p.offset
-                    ax.errorbar(
-                        x,
-                        p.mean,
-                        yerr=0 if np.isnan(p.std) else p.std,
-                        fmt="o" if p.role == "student" else "s",
-                        color=palette(data)[p.label],
-                        capsize=2,
-                        markersize=5,
-                    )
+                    ax.errorbar(x, p.mean, yerr=0 if np.isnan(p.std) else p.std, **style)
+                    x8 = getattr(p, f"int8_{column}")
+                    if not np.isnan(p.int8_mean) and not np.isnan(x8):  # the same model quantized to INT8: hollow
+                        y8err = 0 if np.isnan(p.int8_std) else p.int8_std
+                        ax.errorbar(x8 * 1.06**p.offset, p.int8_mean, yerr=y8err, markerfacecolor="white", **style)
                 _log_axis(ax)
                 ax.set(title=plain(dataset), xlabel=xlabel, ylabel=ACCURACY_LABEL)
         _method_legend(fig, data)
@@ -315,6 +315,8 @@ def _cost_points(data: ReportData) -> pd.DataFrame:
                 "gflops": info["flops"] / 1e9,
                 "mean": group["best_acc"].mean(),
                 "std": group["best_acc"].std(),
+                "int8_mean": group["int8_acc"].mean(),  # NaN without INT8 results
+                "int8_std": group["int8_acc"].std(),
             }
         )
     points = pd.DataFrame(rows)

@@ -23,7 +23,7 @@ import pandas as pd
 from kdbench.bench_summary import load_benchmark_json
 from kdbench.data.specs import DatasetName, dataset_names
 from kdbench.errors import UserError
-from kdbench.records import TrialPlan, TrialResult, from_json
+from kdbench.records import Int8Result, TrialPlan, TrialResult, from_json
 from kdbench.sweep.ablation import Ablation
 from kdbench.sweep.store import STORE_FILE, Store
 
@@ -95,6 +95,11 @@ def test_correct(result: TrialResult, checkpoint: str = "best") -> np.ndarray:
     return np.asarray(getattr(result, checkpoint).test.predictions) == np.asarray(result.test_targets)
 
 
+def int8_correct(int8: Int8Result, result: TrialResult) -> np.ndarray:
+    """Per-test-image correctness of a trial's INT8 model, in ``test_targets`` order (pairs with :func:`test_correct`)."""
+    return np.asarray(int8.test.predictions) == np.asarray(result.test_targets)
+
+
 def load_report_data(out_dir: Path) -> ReportData:
     """Read ``out_dir/store.sqlite`` (latest sweep only) and ``out_dir/bench.json`` if present."""
     path = out_dir / STORE_FILE
@@ -131,8 +136,9 @@ def trial_frame(rows: list[dict], ablation: Ablation, plans: dict[str, TrialPlan
     text), ``default`` (the ablation's default point), all three as planned
     (:class:`~kdbench.records.TrialPlan`), ``best_<m>`` and
     ``last_<m>`` for m in acc, precision, recall, f1 (percent of the test split; NaN
-    unless done), ``best_epoch``, ``last_epoch``, and the decoded ``result`` and
-    ``complexity`` dicts.
+    unless done), ``best_epoch``, ``last_epoch``, the decoded ``result`` and
+    ``complexity`` dicts, ``int8`` (the :class:`~kdbench.records.Int8Result` of a done
+    trial, else None), ``int8_acc`` (its test accuracy in percent, else NaN) and ``int8_error``.
     """
     names = {d: n.display for d, n in dataset_names(ablation.grid.datasets).items()}
     records = [
@@ -161,6 +167,9 @@ def trial_frame(rows: list[dict], ablation: Ablation, plans: dict[str, TrialPlan
         *(f"{ckpt}_{m}" for ckpt in ("best", "last") for m in METRICS.values()),
         "result",
         "complexity",
+        "int8",
+        "int8_acc",
+        "int8_error",
         "started_at",
         "finished_at",
     ]
@@ -184,6 +193,9 @@ def _record(row: dict, plan: TrialPlan) -> dict:
         "default": plan.default,
         "result": row["result"],
         "complexity": row["complexity"],
+        "int8": row["int8"] if row["status"] == "done" else None,
+        "int8_acc": 100 * row["int8"].test.accuracy if row["status"] == "done" and row["int8"] else math.nan,
+        "int8_error": row["int8_error"],
         "started_at": row.get("started_at"),
         "finished_at": row.get("finished_at"),
     }

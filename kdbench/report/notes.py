@@ -23,6 +23,7 @@ def report_notes(data: ReportData, accuracy: Table) -> list[str]:
         *_few_seeds(data, accuracy.data),
         *_best_vs_last(accuracy.data),
         *_skipped_images(data),
+        *_int8_notes(data),
         *_caveats(data),
         f"Reference: the paper ({PAPER}) reports a best test accuracy of {PAPER_BEST_ACCURACY:.2f}%, labelled "
         f"'{PAPER_LABEL}' in Table 1 and the accuracy figure; "
@@ -30,9 +31,10 @@ def report_notes(data: ReportData, accuracy: Table) -> list[str]:
     ]
 
 
-def findings(accuracy: Table, claim: Table | None) -> list[str]:
+def findings(accuracy: Table, claim: Table | None, int8: Table | None = None) -> list[str]:
     """Per dataset, what Table 1 says of each distillation method against the baseline (by the significance rule),
-    how far the teacher is ahead of the baseline student, and whether Table 1b bears out the paper's claim."""
+    how far the teacher is ahead of the baseline student, whether Table 1b bears out the paper's claim, and whether
+    distillation changes how much accuracy INT8 costs (Table 2c)."""
     rows = accuracy.data
     lines = []
     for dataset, group in rows.groupby("dataset", sort=False):
@@ -52,7 +54,33 @@ def findings(accuracy: Table, claim: Table | None) -> list[str]:
             claimant = group.loc[group["method"] == CLAIM_METHOD, "label"]
             name = claimant.iloc[0] if len(claimant) else CLAIM_METHOD
             lines += _claim(dataset, claim.data[claim.data["dataset"] == dataset], name)
+        if int8 is not None:
+            lines += _int8_finding(dataset, int8.data[int8.data["dataset"] == dataset])
     return lines
+
+
+def _int8_finding(dataset: str, rows: pd.DataFrame) -> list[str]:
+    """Whether the KD students' INT8 drop differs from the baseline student's (paired by seed and test image)."""
+    baseline = rows[rows["method"] == "baseline"]
+    students = rows[(rows["role"] == "student") & (rows["method"] != "baseline")]
+    kd = students[students["drop_vs_baseline_verdict"].isin(_VERDICT_PROSE)]
+    if baseline.empty or baseline["int8_n"].iloc[0] == 0 or kd.empty:
+        return []
+    b = baseline.iloc[0]
+    changed = kd[kd["drop_vs_baseline_verdict"] != "no significant difference"]
+    head = (
+        "distillation changes how much accuracy INT8 costs for " + ", ".join(changed["label"])
+        if len(changed)
+        else "distillation does not significantly change how much accuracy INT8 costs"
+    )
+    each = "; ".join(
+        f"{r.label} {r.drop_vs_baseline_mean:+.2f} pp [{r.drop_vs_baseline_low:+.2f}, {r.drop_vs_baseline_high:+.2f}]"
+        for r in kd.itertuples()
+    )
+    return [
+        f"{dataset}, INT8: {head} (the baseline student's INT8 − fp32 is {b.diff_mean:+.2f} pp "
+        f"[{b.diff_low:+.2f}, {b.diff_high:+.2f}]; each KD student's INT8 − fp32 minus the baseline's, paired: {each})."
+    ]
 
 
 def _differences(rows: pd.DataFrame) -> str:
@@ -216,6 +244,23 @@ def _caveats(data: ReportData) -> list[str]:
             "designed for 224 px, so their last feature maps are at most a few pixels wide here."
         )
     return notes
+
+
+def int8_missing(data: ReportData) -> str:
+    """Why ``[deploy] int8`` gave no INT8 result at all."""
+    skipped = (data.sweep["summary"] or {}).get("int8_skipped")
+    if skipped:
+        return f"INT8 deployment was asked for ([deploy] int8 = true) but skipped: {skipped}."
+    return "INT8 deployment was asked for ([deploy] int8 = true), but no finished trial has an INT8 result (see Notes)."
+
+
+def _int8_notes(data: ReportData) -> list[str]:
+    """Trials the INT8 step failed for (their trained results stand); a step skipped for the whole sweep is said in
+    place of Table 2c (:func:`int8_missing`)."""
+    if not data.ablation.deploy.int8:
+        return []
+    failed = data.done[data.done["int8"].isna() & data.done["int8_error"].notna()]
+    return [f"No INT8 model for {_trial_name(t)}: {one_line(t.int8_error)}" for t in failed.itertuples()]
 
 
 def _skipped_images(data: ReportData) -> list[str]:

@@ -15,7 +15,7 @@ import pandas as pd
 from kdbench.bench_summary import BENCH_COMMAND, speedups
 from kdbench.errors import UserError
 from kdbench.profile import FLOP_CONVENTION, compression
-from kdbench.report.load import BENCH_FILE, ReportData, test_correct
+from kdbench.report.load import BENCH_FILE, ReportData, int8_correct, test_correct
 from kdbench.report.stats import (
     BOOTSTRAP_RESAMPLES,
     CONFIDENCE,
@@ -437,6 +437,138 @@ def _bench_model_notes(data: ReportData) -> list[str]:
     ]
 
 
+# --- 2c. INT8 deployment --------------------------------------------------------------------------
+INT8_RUNTIMES = (("torch", "torch fp32"), ("onnxruntime", "ORT fp32"), ("onnxruntime-int8", "ORT INT8"))
+
+
+def int8_table(data: ReportData) -> Table | None:
+    """Table 2c: fp32 against INT8 test accuracy of the teacher and each student (default point), paired by seed and test
+    image, the INT8 drop of each KD student against the baseline's, sizes on disk and CPU latency; None without
+    ``[deploy] int8``."""
+    if not data.ablation.deploy.int8:
+        return None
+    trials = data.trials[data.trials["default"]]
+    rows = []
+    for dataset in data.datasets:
+        drops = {m: _int8_drops(_done(trials, dataset, m)) for m in _methods(data)}
+        for method in _methods(data):
+            done = _done(trials, dataset, method)
+            quantized = done[done["int8"].notna()]
+            fp32, int8 = summarize(list(quantized["best_acc"])), summarize(list(quantized["int8_acc"]))
+            correct = {t.seed: int8_correct(t.int8, t.result) for t in quantized.itertuples()}
+            reference = {t.seed: test_correct(t.result) for t in quantized.itertuples()}
+            boot = bootstrap_difference(correct, reference)
+            vs_base = bootstrap_difference(drops[method], drops.get("baseline", {}))
+            first = quantized["int8"].iloc[0] if len(quantized) else None
+            model = done["model"].iloc[0] if len(done) else None
+            rows.append(
+                {
+                    "dataset": dataset,
+                    "method": method,
+                    "label": data.label(method),
+                    "role": data.plan(method).role,
+                    "model": model,
+                    "n": len(done),
+                    "int8_n": int8.n,
+                    "fp32_mean": fp32.mean,
+                    "fp32_std": fp32.std,
+                    "int8_mean": int8.mean,
+                    "int8_std": int8.std,
+                    "diff_mean": boot.mean,
+                    "diff_low": boot.low,
+                    "diff_high": boot.high,
+                    "diff_n": boot.n,
+                    "verdict": verdict(boot),
+                    "mcnemar_p": tuple(mcnemar_exact(correct[k], reference[k]) for k in sorted(correct)),
+                    "drop_vs_baseline_mean": vs_base.mean,
+                    "drop_vs_baseline_low": vs_base.low,
+                    "drop_vs_baseline_high": vs_base.high,
+                    "drop_vs_baseline_n": vs_base.n,
+                    "drop_vs_baseline_verdict": verdict(vs_base),
+                    "bytes_fp32": first.bytes_fp32 if first else math.nan,
+                    "bytes_int8": first.bytes_int8 if first else math.nan,
+                    "quantize_s": quantized["int8"].map(lambda r: r.quantize_s).mean() if len(quantized) else math.nan,
+                    **_int8_latency(data, model),
+                }
+            )
+    frame = pd.DataFrame(rows)
+    ci = f"{CONFIDENCE:.0%}"
+    settings = next((r.settings for r in data.done["int8"] if r is not None), None)
+    counts = sorted({r.calibration_count for r in data.done["int8"] if r is not None})
+    display = pd.DataFrame(
+        {
+            "Dataset": frame["dataset"],
+            "Method": frame["label"],
+            "Seeds": [f"{n}/{planned}" for n, planned in zip(frame["int8_n"], frame["n"])],
+            "fp32 acc. %": [mean_std(m, s) for m, s in zip(frame["fp32_mean"], frame["fp32_std"])],
+            "INT8 acc. %": [mean_std(m, s) for m, s in zip(frame["int8_mean"], frame["int8_std"])],
+            f"INT8 − fp32, pp [{ci} CI]": [difference_text(_boot(r), len(data.seeds)) for r in frame.itertuples()],
+            "McNemar p per seed": frame["mcnemar_p"].map(p_values_text),
+            f"INT8 drop − baseline's, pp [{ci} CI]": [
+                "reference" if r.method == "baseline" else difference_text(_drop(r), len(data.seeds)) for r in frame.itertuples()
+            ],
+            "Size MB fp32 / INT8": [
+                f"{number(a / 1e6, 1)} / {number(b / 1e6, 1)}" for a, b in zip(frame["bytes_fp32"], frame["bytes_int8"])
+            ],
+            **{
+                f"Latency ms, batch {batch} ({' / '.join(name for _, name in INT8_RUNTIMES)})": [
+                    " / ".join(number(getattr(r, f"latency_b{batch}_{_slug(runtime)}")) for runtime, _ in INT8_RUNTIMES)
+                    for r in frame.itertuples()
+                ]
+                for batch in (1, 32)
+            },
+        }
+    )
+    method = (
+        f"ONNX Runtime static quantization, {settings.format} format, per-channel {settings.weight_type} weights and "
+        f"{settings.activation_type} activations, {settings.calibration} calibration on "
+        f"{' or '.join(map(str, counts))} training images of each trial (seed {settings.calibration_seed}), preprocessed "
+        "like evaluation inputs"
+        if settings
+        else "no trial was quantized"
+    )
+    notes = (
+        f"INT8: the best-val checkpoint exported to ONNX and quantized ({method}); scored on the same test split. "
+        "fp32: the trained model in PyTorch, as in Table 1. Default point only; Seeds: quantized / finished.",
+        f"INT8 − fp32: paired by seed and test image (the INT8 model of each trial against that trial), with the {ci} "
+        "two-way bootstrap interval of Table 1; McNemar p per seed: exact test of the INT8 model against its fp32 model.",
+        "INT8 drop − baseline's: the KD student's INT8 − fp32 difference minus the baseline student's, paired by seed and "
+        "test image: whether distillation changes how much accuracy INT8 costs (gain: KD loses less).",
+        "Size: the ONNX files on disk (fp32 export / INT8 model). Latency: median of one forward pass of the whole batch "
+        f"on the CPU from {BENCH_FILE} (random weights, at the benchmarked input size nearest the trained one): PyTorch "
+        "fp32, ONNX Runtime fp32 and ONNX Runtime INT8; — where it was not timed.",
+    )
+    frame = frame.assign(mcnemar_p=frame["mcnemar_p"].map(p_values_text))
+    return Table("int8", "Table 2c. INT8 deployment: accuracy, size and latency", _round(frame), display, notes, group="Dataset")
+
+
+def _int8_drops(done: pd.DataFrame) -> dict[int, np.ndarray]:
+    """seed -> per-test-image INT8 correctness minus fp32 correctness (-1, 0 or 1) of the quantized trials of ``done``."""
+    return {
+        t.seed: int8_correct(t.int8, t.result).astype(float) - test_correct(t.result)
+        for t in done.itertuples()
+        if t.int8 is not None
+    }
+
+
+def _drop(row) -> Difference:
+    return Difference(row.drop_vs_baseline_mean, row.drop_vs_baseline_low, row.drop_vs_baseline_high, row.drop_vs_baseline_n)
+
+
+def _slug(runtime: str) -> str:
+    return runtime.replace("-", "_")
+
+
+def _int8_latency(data: ReportData, model: str | None) -> dict[str, float]:
+    """``latency_b<batch>_<runtime>``: median ms of ``model`` in ``bench.json`` per runtime and batch, NaN where not timed."""
+    cells = {}
+    for batch in (1, 32):
+        for runtime, _ in INT8_RUNTIMES:
+            timed = bench_latency(data, runtime, batch)[0]
+            cells[f"latency_b{batch}_{_slug(runtime)}"] = timed.get(model, math.nan)
+    return cells
+
+
 # --- 3-4. ablations -------------------------------------------------------------------------------
 def swept(data: ReportData, axes: tuple[str, ...]) -> pd.DataFrame:
     """The trials at every grid point of the methods swept along any of ``axes``, every other axis at its default.
@@ -590,11 +722,12 @@ def _round(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.round({c: 2 for c in frame.columns if pd.api.types.is_float_dtype(frame[c])})
 
 
-def batch1_latency(data: ReportData) -> tuple[dict[str, float], int | None]:
-    """model -> median CPU latency (ms) at batch 1 with torch, at the benchmarked input size nearest the trained one."""
+def bench_latency(data: ReportData, runtime: str = "torch", batch: int = 1) -> tuple[dict[str, float], int | None]:
+    """model -> median CPU latency (ms) at ``batch`` with ``runtime``, at the benchmarked input size nearest the trained
+    one, and that size; ``({}, None)`` where it was not timed."""
     if data.bench is None:
         return {}, None
-    rows = data.bench[(data.bench["batch"] == 1) & (data.bench["runtime"] == "torch")]
+    rows = data.bench[(data.bench["batch"] == batch) & (data.bench["runtime"] == runtime)]
     if rows.empty:
         return {}, None
     trained = data.ablation.data.resolution

@@ -1,17 +1,17 @@
-"""CPU inference latency of the teacher (VGG16) and the student (MobileNetV2), with pytest-benchmark.
+"""CPU inference latency of the teacher (VGG16) and the student (MobileNetV2), fp32 and INT8, with pytest-benchmark.
 
 Run for real with ``python -m pytest tests/benchmarks --benchmark-enable --benchmark-only
 --benchmark-json=reports/quick/bench.json``; ``kdbench.bench_summary`` reads the JSON.
 Resolutions come from ``KDBENCH_BENCH_RESOLUTIONS`` (comma separated, default ``64``), models
 from ``KDBENCH_BENCH_MODELS`` (default ``vgg16,mobilenet_v2``; add the teacher a sweep used).
+Runtimes: ``torch`` (fp32), ``onnxruntime`` (the fp32 ONNX export) and ``onnxruntime-int8`` (its INT8 static
+quantization, :mod:`kdbench.engine.int8`), the last two with ``pip install 'kdbench[onnx]'``.
 Under the project's default ``--benchmark-disable`` each case runs one forward pass.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import warnings
 from collections.abc import Callable
 
 import pytest
@@ -68,34 +68,37 @@ def test_torch_inference(benchmark, model, batch, resolution):
 
 
 @pytest.fixture(scope="module")
-def onnx_student():
-    """An onnxruntime CPU session of the student, exported once with dynamic batch and image size."""
-    ort = pytest.importorskip("onnxruntime", reason="optional extra: pip install 'kdbench[onnx]'")
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the dynamo one needs onnxscript
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            build_model("mobilenet_v2", NUM_CLASSES).eval(),
-            (torch.zeros(1, 3, 64, 64),),
-            buffer,
-            dynamo=False,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
-        )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+def onnx_models(model, tmp_path_factory) -> tuple[str, dict]:
+    """``(name, {runtime: session})``: onnxruntime CPU sessions of the fp32 export (dynamic batch and image size) and of
+    its INT8 quantization (kdbench.engine.int8: QDQ, per-channel, calibrated on a few random images; the weights are
+    random too, so only the timing means anything)."""
+    pytest.importorskip("onnxruntime", reason="optional extra: pip install 'kdbench[onnx]'")
+    from kdbench.engine.int8 import export_onnx, onnx_session, quantize
+    from kdbench.records import Int8Settings
+
+    name, net = model
+    folder = tmp_path_factory.mktemp(f"onnx-{name}")
+    export_onnx(net, 64, folder / "fp32.onnx")
+    calibration = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    quantize(folder / "fp32.onnx", folder / "int8.onnx", calibration, Int8Settings(calibration_images=4))
+    threads = torch.get_num_threads()
+    return name, {runtime: onnx_session(folder / f"{kind}.onnx", threads) for runtime, kind in ONNX_RUNTIMES.items()}
+
+
+ONNX_RUNTIMES = {"onnxruntime": "fp32", "onnxruntime-int8": "int8"}  # the runtime column of bench.json -> the model file
 
 
 @resolutions
 @batches
-def test_onnx_student_inference(benchmark, onnx_student, batch, resolution):
+@pytest.mark.parametrize("runtime", ONNX_RUNTIMES)
+def test_onnx_inference(benchmark, onnx_models, runtime, batch, resolution):
+    name, sessions = onnx_models
+    session = sessions[runtime]
     images = torch.randn(batch, 3, resolution, resolution).numpy()
 
     def forward(array):
-        return onnx_student.run(None, {"images": array})[0]
+        return session.run(None, {"images": array})[0]
 
-    threads = onnx_student.get_session_options().intra_op_num_threads
-    logits = time_forward(benchmark, forward, images, model="mobilenet_v2", runtime="onnxruntime", threads=threads)
+    threads = session.get_session_options().intra_op_num_threads
+    logits = time_forward(benchmark, forward, images, model=name, runtime=runtime, threads=threads)
     assert logits.shape == (batch, NUM_CLASSES)
