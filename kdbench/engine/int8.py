@@ -76,7 +76,7 @@ def export_onnx(model: torch.nn.Module, resolution: int, path: str | Path) -> No
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model.cpu().float().eval(),
-            (torch.zeros(1, 3, resolution, resolution),),
+            (torch.zeros(1, 3, resolution, resolution, dtype=torch.float32),),
             buffer,
             dynamo=False,
             input_names=["images"],
