@@ -69,7 +69,9 @@ def _int8_finding(dataset: str, rows: pd.DataFrame) -> list[str]:
     b = baseline.iloc[0]
     changed = kd[kd["drop_vs_baseline_verdict"] != "no significant difference"]
     head = (
-        "distillation changes how much accuracy INT8 costs for " + ", ".join(changed["label"])
+        "distillation changes how much accuracy INT8 costs: "
+        + ", ".join(f"{r.label} loses {'less' if r.drop_vs_baseline_verdict == 'gain' else 'more'}" for r in changed.itertuples())
+        + " than the baseline student"
         if len(changed)
         else "distillation does not significantly change how much accuracy INT8 costs"
     )

@@ -458,7 +458,8 @@ def int8_table(data: ReportData) -> Table | None:
             correct = {t.seed: int8_correct(t.int8, t.result) for t in quantized.itertuples()}
             reference = {t.seed: test_correct(t.result) for t in quantized.itertuples()}
             boot = bootstrap_difference(correct, reference)
-            vs_base = bootstrap_difference(drops[method], drops.get("baseline", {}))
+            kd = data.plan(method).role == "student" and method != "baseline"  # its INT8 drop against the baseline's
+            vs_base = bootstrap_difference(drops[method] if kd else {}, drops.get("baseline", {}))
             first = quantized["int8"].iloc[0] if len(quantized) else None
             model = done["model"].iloc[0] if len(done) else None
             rows.append(
@@ -504,9 +505,7 @@ def int8_table(data: ReportData) -> Table | None:
             "INT8 acc. %": [mean_std(m, s) for m, s in zip(frame["int8_mean"], frame["int8_std"])],
             f"INT8 − fp32, pp [{ci} CI]": [difference_text(_boot(r), len(data.seeds)) for r in frame.itertuples()],
             "McNemar p per seed": frame["mcnemar_p"].map(p_values_text),
-            f"INT8 drop − baseline's, pp [{ci} CI]": [
-                "reference" if r.method == "baseline" else difference_text(_drop(r), len(data.seeds)) for r in frame.itertuples()
-            ],
+            f"INT8 drop − baseline's, pp [{ci} CI]": [_drop_text(r, len(data.seeds)) for r in frame.itertuples()],
             "Size MB fp32 / INT8": [
                 f"{number(a / 1e6, 1)} / {number(b / 1e6, 1)}" for a, b in zip(frame["bytes_fp32"], frame["bytes_int8"])
             ],
@@ -551,8 +550,14 @@ def _int8_drops(done: pd.DataFrame) -> dict[int, np.ndarray]:
     }
 
 
-def _drop(row) -> Difference:
-    return Difference(row.drop_vs_baseline_mean, row.drop_vs_baseline_low, row.drop_vs_baseline_high, row.drop_vs_baseline_n)
+def _drop_text(row, seeds: int) -> str:
+    """A KD student's INT8 drop minus the baseline's, ``reference`` for the baseline, nothing for the teacher."""
+    if row.method == "baseline":
+        return "reference"
+    if row.role != "student":
+        return ""
+    drop = Difference(row.drop_vs_baseline_mean, row.drop_vs_baseline_low, row.drop_vs_baseline_high, row.drop_vs_baseline_n)
+    return difference_text(drop, seeds)
 
 
 def _slug(runtime: str) -> str:
