@@ -205,3 +205,18 @@ def test_the_report_has_the_int8_table(swept, tmp_path):
     assert row["int8_mean"] == pytest.approx(100 * int8.test.accuracy, abs=0.01)
     assert row["bytes_int8"] == int8.bytes_int8
     assert row["diff_mean"] == pytest.approx(100 * (int8.test.accuracy - the_row(out)["result"].best.test.accuracy), abs=0.01)
+
+
+def test_vgg_exports_below_224_px_with_its_adaptive_pool_as_matrices(tmp_path):
+    import torch
+
+    from kdbench.engine.int8 import export_onnx, onnx_session
+    from kdbench.models import build_model
+
+    model = build_model("vgg11", 10).eval()  # its 7 x 7 adaptive pool of a 2 x 2 map: refused by the exporter as it is
+    export_onnx(model, 64, tmp_path / "vgg.onnx")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = onnx_session(tmp_path / "vgg.onnx").run(None, {"images": x.numpy()})[0]
+    assert np.allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())))

@@ -63,7 +63,8 @@ def check_settings(settings: Int8Settings, where: str) -> None:
 
 def export_onnx(model: torch.nn.Module, resolution: int, path: str | Path) -> None:
     """Export ``model`` (eval mode, fp32, on the CPU) to ONNX at ``path``: input ``images`` ``[batch, 3, R, R]``
-    (dynamic batch and size), output ``logits``; written atomically."""
+    (dynamic batch, ``R`` = ``resolution`` fixed: VGG's adaptive pooling exports only for a known size), output
+    ``logits``; written atomically."""
     import io
     import warnings
 
@@ -72,18 +73,74 @@ def export_onnx(model: torch.nn.Module, resolution: int, path: str | Path) -> No
     from kdbench.durable import atomic_write_bytes
 
     buffer = io.BytesIO()
+    model = _exportable(model.cpu().float().eval(), resolution)
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated; the dynamo one needs onnxscript
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.cpu().float().eval(),
+            model,
             (torch.zeros(1, 3, resolution, resolution, dtype=torch.float32),),
             buffer,
             dynamo=False,
             input_names=["images"],
             output_names=["logits"],
-            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _exportable(model: torch.nn.Module, resolution: int) -> torch.nn.Module:
+    """``model``, or a copy whose adaptive average pools that the TorchScript exporter refuses (an output size that does
+    not divide the input size, e.g. VGG's 7 x 7 pool of a 2 x 2 map at 64 px) are the same linear map as two matrix
+    products, which it exports."""
+    import copy
+
+    import torch
+
+    sizes = {}
+    pools = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)]
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: sizes.__setitem__(n, args[0].shape[-2:])) for n, m in pools]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, resolution, resolution, dtype=torch.float32))
+    for hook in hooks:
+        hook.remove()
+    odd = [(n, m) for n, m in pools if any(i % o for i, o in zip(sizes[n], _pair(m.output_size, sizes[n])))]
+    if not odd:
+        return model
+    model = copy.deepcopy(model)
+    for name, pool in odd:
+        parent, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, leaf, _MatrixPool(sizes[name], _pair(pool.output_size, sizes[name])))
+    return model
+
+
+def _pair(size, inputs) -> tuple[int, int]:
+    """An adaptive pool's ``output_size`` as two ints (None: that input size)."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return tuple(i if o is None else o for o, i in zip(size, inputs))
+
+
+def _MatrixPool(inputs, outputs):  # noqa: N802 (it stands in for a module class)
+    """``AdaptiveAvgPool2d(outputs)`` of ``inputs``-sized maps as ``P_h @ x @ P_w^T`` (the same windows and weights)."""
+    import torch
+
+    def matrix(n_in: int, n_out: int) -> torch.Tensor:
+        m = torch.zeros(n_out, n_in)
+        for i in range(n_out):
+            lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+            m[i, lo:hi] = 1.0 / (hi - lo)
+        return m
+
+    class MatrixPool(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("rows", matrix(inputs[0], outputs[0]))
+            self.register_buffer("cols", matrix(inputs[1], outputs[1]))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rows @ x @ self.cols.T
+
+    return MatrixPool()
 
 
 def calibration_sample(n_train: int, settings: Int8Settings) -> torch.Tensor:

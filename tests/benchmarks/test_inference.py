@@ -68,32 +68,38 @@ def test_torch_inference(benchmark, model, batch, resolution):
 
 
 @pytest.fixture(scope="module")
-def onnx_models(model, tmp_path_factory) -> tuple[str, dict]:
-    """``(name, {runtime: session})``: onnxruntime CPU sessions of the fp32 export (dynamic batch and image size) and of
-    its INT8 quantization (kdbench.engine.int8: QDQ, per-channel, calibrated on a few random images; the weights are
-    random too, so only the timing means anything)."""
+def onnx_models(model, tmp_path_factory) -> tuple[str, Callable]:
+    """``(name, session(runtime, resolution))``: onnxruntime CPU sessions of the fp32 export (dynamic batch, one per input
+    size) and of its INT8 quantization (kdbench.engine.int8: QDQ, per-channel, calibrated on a few random images; the
+    weights are random too, so only the timing means anything), made on first use."""
     pytest.importorskip("onnxruntime", reason="optional extra: pip install 'kdbench[onnx]'")
     from kdbench.engine.int8 import export_onnx, onnx_session, quantize
     from kdbench.records import Int8Settings
 
     name, net = model
     folder = tmp_path_factory.mktemp(f"onnx-{name}")
-    export_onnx(net, 64, folder / "fp32.onnx")
-    calibration = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    quantize(folder / "fp32.onnx", folder / "int8.onnx", calibration, Int8Settings(calibration_images=4))
-    threads = torch.get_num_threads()
-    return name, {runtime: onnx_session(folder / f"{kind}.onnx", threads) for runtime, kind in ONNX_RUNTIMES.items()}
+    sessions = {}
 
+    def session(runtime: str, resolution: int):
+        if (runtime, resolution) not in sessions:
+            fp32, int8 = folder / f"fp32-{resolution}.onnx", folder / f"int8-{resolution}.onnx"
+            export_onnx(net, resolution, fp32)
+            shape = (4, 3, resolution, resolution)
+            calibration = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+            quantize(fp32, int8, calibration, Int8Settings(calibration_images=4))
+            for kind, path in (("onnxruntime", fp32), ("onnxruntime-int8", int8)):
+                sessions[kind, resolution] = onnx_session(path, torch.get_num_threads())
+        return sessions[runtime, resolution]
 
-ONNX_RUNTIMES = {"onnxruntime": "fp32", "onnxruntime-int8": "int8"}  # the runtime column of bench.json -> the model file
+    return name, session
 
 
 @resolutions
 @batches
-@pytest.mark.parametrize("runtime", ONNX_RUNTIMES)
+@pytest.mark.parametrize("runtime", ["onnxruntime", "onnxruntime-int8"])  # the runtime column of bench.json
 def test_onnx_inference(benchmark, onnx_models, runtime, batch, resolution):
     name, sessions = onnx_models
-    session = sessions[runtime]
+    session = sessions(runtime, resolution)
     images = torch.randn(batch, 3, resolution, resolution).numpy()
 
     def forward(array):
