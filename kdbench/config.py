@@ -28,7 +28,7 @@ from kdbench.digest import checkpoint_digest, json_digest
 from kdbench.errors import UserError
 from kdbench.losses import LossConfig
 from kdbench.machine import gpu_visible
-from kdbench.methods import METHODS, get_method
+from kdbench.methods import METHODS, Method, get_method
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 OPTIMIZERS = ("sgd", "adamw")
@@ -51,6 +51,9 @@ class Recipe:
     eval_batch_size: int = 256  # a run setting: evaluation in eval mode is per image, so it is not part of the key
 
 
+ROLES = ("teacher", "student")
+TEACHER_METHOD = "baseline"  # how a teacher trains: on hard labels
+
 # How a trial computes on each device type (kdbench.engine.runtime.autocast): part of its key.
 PRECISION = {"cpu": "fp32", "cuda": "bf16-autocast"}
 
@@ -68,7 +71,10 @@ def device_type(name: str) -> str:
 class TrialConfig:
     """Everything that determines one training run's result, and a few run settings that do not.
 
-    The key (:meth:`key`) covers :meth:`identity`: method, data (and the fingerprint of its
+    ``role`` is which model the trial trains: the ``teacher`` (on hard labels: method ``baseline``, the
+    ablation's teacher recipe) or a ``student`` by ``method``.
+
+    The key (:meth:`key`) covers :meth:`identity`: role, method, data (and the fingerprint of its
     files), recipe (a ``pretrained`` state-dict file by its content digest, not its path), loss,
     seed, teacher identity, device type and its precision, packed or single training, the method's
     own loss version where it has one, plus the results and loss-code versions.  Not in the key: the
@@ -78,6 +84,7 @@ class TrialConfig:
     """
 
     method: str
+    role: str = "student"  # "teacher" or "student" (ROLES)
     data: DataConfig = field(default_factory=DataConfig)
     recipe: Recipe = field(default_factory=Recipe)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -91,12 +98,21 @@ class TrialConfig:
     allow_chance_teacher: bool = False  # a teacher at chance level is done (flagged), not failed: for pipeline tests
 
     def __post_init__(self):
+        if self.role not in ROLES:
+            raise UserError(f"a trial's role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.role == "teacher" and self.method != TEACHER_METHOD:
+            raise UserError(f"a teacher trains on hard labels (method {TEACHER_METHOD}), not by {self.method}: drop the method")
         # The method and loss settings a trial really is, settled once, here (kdbench.methods.Method.resolve: defaults
         # filled in, settings the others make irrelevant left out, a degenerate point as the method it reduces to);
         # the key, the engine and the result take them as they are.
         method, loss = get_method(self.method).resolve(self.loss)
         object.__setattr__(self, "method", method.name)
         object.__setattr__(self, "loss", loss)
+
+    @property
+    def method_impl(self) -> Method:
+        """The registered method this trial trains by (its loss, what it needs of the teacher)."""
+        return METHODS[self.method]()
 
     def identity(self) -> dict:
         """The fields that affect the result, with the device resolved and its precision."""

@@ -1,8 +1,11 @@
 """``python -m kdbench.train``: train a teacher, or (with ``--teacher``) a student by KD.
 
+Without ``--teacher`` and ``--method`` it trains a teacher (role ``teacher``: hard labels, VGG16 by default);
+``--method baseline`` alone trains the student baseline.
+
 Examples::
 
-    python -m kdbench.train --dataset eurosat --model vgg16_bn --method teacher --out runs/teacher
+    python -m kdbench.train --dataset eurosat --model vgg16_bn --out runs/teacher
     python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method kd_kl_cos --out runs/kd
     python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method kd_kl --param temperature=2 --out runs/kl
     python -m kdbench.train --dataset eurosat --teacher runs/teacher/best.pt --method dkd --param beta=4 --out runs/dkd
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig, check_recipe
+from kdbench.config import TEACHER_METHOD, DataConfig, LossConfig, Recipe, TrialConfig, check_recipe
 from kdbench.data.config import check_data
 from kdbench.errors import UserError, cli_main, log_errors_to
 from kdbench.methods import METHODS, get_method
@@ -24,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kdbench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--method", choices=list(METHODS), help="default: teacher without --teacher, kd_kl_cos with it")
+    p.add_argument(
+        "--method",
+        choices=list(METHODS),
+        help="how the student learns (default kd_kl_cos with --teacher); without --method and --teacher a teacher is trained",
+    )
     p.add_argument("--teacher", metavar="CKPT", help="teacher checkpoint (best.pt of a teacher run) for KD methods")
     p.add_argument(
         "--trust-teacher",
@@ -78,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrialConfig:
-    method = get_method(args.method or ("kd_kl_cos" if args.teacher else "teacher"))
+    role = "student" if args.method or args.teacher else "teacher"
+    method = get_method(args.method or ("kd_kl_cos" if args.teacher else TEACHER_METHOD))
     if method.needs_teacher and not args.teacher:
         raise UserError(f"method {method.name} distils from a teacher: pass --teacher CHECKPOINT")
-    default_model = "vgg16" if method.role == "teacher" else "mobilenet_v2"
+    default_model = "vgg16" if role == "teacher" else "mobilenet_v2"
     data = DataConfig(
         dataset=args.dataset,
         resolution=args.resolution,
@@ -114,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         raise UserError(f"{err} ({method.name}'s settings: {', '.join(method.settings()) or 'none'})") from None
     return TrialConfig(
         method=method.name,
+        role=role,
         data=data,
         recipe=recipe,
         loss=loss,

@@ -20,9 +20,11 @@ from kdbench.records import TrialResult, from_json
 from kdbench.train import main as train_main
 
 
-def tiny_trial(folder, method="teacher", epochs=3, **kw) -> TrialConfig:
+def tiny_trial(folder, method=None, epochs=3, **kw) -> TrialConfig:
+    """A teacher trial (``method`` None) or a student trial by ``method`` on a tiny image folder."""
     return TrialConfig(
-        method=method,
+        method=method or "baseline",
+        role="teacher" if method is None else "student",
         data=DataConfig(dataset=f"imagefolder:{folder}", resolution=16, augment=kw.pop("augment", "d4")),
         recipe=Recipe(model=kw.pop("model", "mobilenet_v2"), epochs=epochs, batch_size=8, lr=kw.pop("lr", 0.05)),
         loss=LossConfig(),

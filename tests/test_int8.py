@@ -28,6 +28,7 @@ name = "int8"
 [grid]
 datasets = ["imagefolder:{folder}"]
 methods = ["baseline"]
+teacher = false
 seeds = [0]
 [data]
 resolution = 32

@@ -88,11 +88,13 @@ def test_sweep_over_the_three_datasets_with_report(shared_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "trials: 15 total, 15 done, 0 failed, 0 already done"
     db = sqlite3.connect(out / "store.sqlite")
-    rows = db.execute("SELECT dataset, method, status, completions, complexity FROM trials").fetchall()
-    assert {(r[0], r[1]) for r in rows} == {
-        (d, m) for d in ("eurosat", "ucmerced", "rsscn7") for m in ("teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos")
-    }
+    rows = db.execute("SELECT dataset, role || ':' || method, status, completions, complexity FROM trials").fetchall()
+    methods = ("teacher:baseline", "student:baseline", "student:kd_kl", "student:kd_cos", "student:kd_kl_cos")
+    assert {(r[0], r[1]) for r in rows} == {(d, m) for d in ("eurosat", "ucmerced", "rsscn7") for m in methods}
     assert all(r[2] == "done" and r[3] == 1 for r in rows)
     complexity = {r[1]: json.loads(r[4]) for r in rows if r[0] == "ucmerced"}
-    assert complexity["teacher"]["params_total"] == 134_346_581 and complexity["baseline"]["params_total"] == 2_250_773
+    assert (
+        complexity["teacher:baseline"]["params_total"] == 134_346_581
+        and complexity["student:baseline"]["params_total"] == 2_250_773
+    )
     assert (out / "report.md").exists() and (out / "report.pdf").read_bytes()[:4] == b"%PDF"

@@ -24,6 +24,7 @@ def test_identity_holds_exactly_the_result_fields():
     # run settings (output folder, workers, threads) are not TrialConfig fields; a new field must be placed here consciously
     assert set(BASE.identity()) == {
         "method",
+        "role",
         "data",
         "recipe",
         "loss",
@@ -102,6 +103,13 @@ def test_code_versions_change_the_key(monkeypatch):
     assert BASE.key() != key
 
 
+def test_a_teacher_is_not_the_student_baseline_on_the_same_recipe():
+    student = TrialConfig(method="baseline", device="cpu", dataset_fingerprint="fp")
+    assert dataclasses.replace(student, role="teacher").key() != student.key()
+    with pytest.raises(UserError, match="a teacher trains on hard labels"):
+        dataclasses.replace(BASE, role="teacher")
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -120,7 +128,7 @@ def test_auto_device_is_resolved_in_the_key_and_at_plan_time(monkeypatch):
 
     monkeypatch.setattr(kdbench.config, "gpu_visible", lambda: False)
     assert dataclasses.replace(BASE, device="auto").key() == BASE.key()
-    raw = {"name": "t", "grid": {"datasets": ["eurosat"], "methods": ["teacher", "baseline"]}, "teacher": {"model": "vgg16"}}
+    raw = {"name": "t", "grid": {"datasets": ["eurosat"], "methods": ["baseline"]}, "teacher": {"model": "vgg16"}}
     assert {t.config.device for t in plan_trials(parse_ablation(raw, "t"))} == {"cpu"}
     monkeypatch.setattr(kdbench.config, "gpu_visible", lambda: True)
     assert dataclasses.replace(BASE, device="auto").key() == dataclasses.replace(BASE, device="cuda").key()
@@ -171,14 +179,18 @@ def test_a_pretrained_state_dict_file_is_keyed_by_its_content_not_its_path(tmp_p
 def test_plan_decides_packing_and_pack_trials_follows_it():
     raw = {
         "name": "t",
-        "grid": {"datasets": ["eurosat"], "methods": ["teacher", "baseline", "kd_kl"], "temperatures": [2.0, 4.0]},
+        "grid": {"datasets": ["eurosat"], "methods": ["baseline", "kd_kl"], "temperatures": [2.0, 4.0]},
         "teacher": {"model": "vgg16"},
         "loss": {"temperature": 4.0},
     }
     ablation = parse_ablation(raw, "t")
     single, packed = plan_trials(ablation), plan_trials(ablation, pack=4)
     assert not any(t.config.packed for t in single)
-    assert {t.config.method: t.config.packed for t in packed} == {"teacher": False, "baseline": True, "kd_kl": True}
+    assert {(t.role, t.config.method): t.config.packed for t in packed} == {
+        ("teacher", "baseline"): False,
+        ("student", "baseline"): True,
+        ("student", "kd_kl"): True,
+    }
     assert {t.key for t in single}.isdisjoint({t.key for t in packed if t.config.packed})
     units = pack_trials(packed, 4)
     # the baseline (no teacher) is a pack of one; the two kd_kl trials a pack of two; the teacher runs alone
@@ -203,18 +215,19 @@ def test_dry_run_keys_ignore_workers_threads_and_output_folder(tmp_path, capsys)
 # (issues 21-22: data fingerprints of file contents, typed results); before, they had not moved since issue 13.
 # They moved once more with issue 22's one vocabulary: a key's loss is {alpha, params} where params are the
 # method's settled hyperparameters (kd_kl: temperature, beta; kd_cos: gamma, on and, on probs, temperature;
-# kd_kl_cos: all four; the baseline and the teacher: {}), no longer the shared temperature/beta/gamma/cosine_on.
+# kd_kl_cos: all four; the baseline and the teacher: {}), no longer the shared temperature/beta/gamma/cosine_on,
+# and the trial's role (the teacher is a role, trained on hard labels, not a method named "teacher").
 GOLDEN_KEYS = [
-    ("teacher", {}, {}, "b4db01842098acdc"),
-    ("baseline", {}, {}, "32e17c85fcfe865e"),
-    ("kd_kl", {"temperature": 4.0, "beta": 1.0}, {}, "5430c73a35c5956e"),
-    ("kd_kl", {"temperature": 2.0, "beta": 0.5}, {"seed": 2}, "06ed41de153bf104"),
-    ("kd_cos", {"gamma": 1.0}, {}, "706e4fde516f030d"),
-    ("kd_cos", {"gamma": 2.0, "temperature": 8.0, "on": "probs"}, {}, "cdd7e3552ddff1e9"),
-    ("kd_kl_cos", {}, {}, "90712d1bbab3b447"),
-    ("kd_kl_cos", {"temperature": 1.0, "beta": 2.0, "gamma": 0.5, "on": "probs"}, {"packed": True}, "9e7e300900832d71"),
+    ("baseline", {}, {"role": "teacher"}, "f0fe4e6641d969d6"),
+    ("baseline", {}, {}, "b2c63b2230f77469"),
+    ("kd_kl", {"temperature": 4.0, "beta": 1.0}, {}, "4cb6060659dbbb24"),
+    ("kd_kl", {"temperature": 2.0, "beta": 0.5}, {"seed": 2}, "1620fa4838f4f4f4"),
+    ("kd_cos", {"gamma": 1.0}, {}, "403cef058ef370cd"),
+    ("kd_cos", {"gamma": 2.0, "temperature": 8.0, "on": "probs"}, {}, "44df67c9669c50cb"),
+    ("kd_kl_cos", {}, {}, "d15e606839b64ae7"),
+    ("kd_kl_cos", {"temperature": 1.0, "beta": 2.0, "gamma": 0.5, "on": "probs"}, {"packed": True}, "6d4b1fadd012571d"),
 ]
-GOLDEN_PLANS = {"quick": (15, "d38245eacad96b18"), "temperature": (144, "03dd25d768655f2d"), "weights": (153, "2978952c6ef8cc24")}
+GOLDEN_PLANS = {"quick": (15, "ed2cb64f041b694e"), "temperature": (144, "f0d9ff5a2b99d488"), "weights": (153, "21d2c81c0a2e1754")}
 
 
 @pytest.mark.parametrize(("method", "loss", "extra", "key"), GOLDEN_KEYS)
@@ -274,9 +287,9 @@ def test_a_method_loss_version_keys_that_method_only(monkeypatch):
 
     lskd = config("lskd")
     assert lskd.identity()["method_loss_version"] == METHODS["lskd"].loss_version == "2"
-    assert lskd.key() == "9aea894bb7611d2b"
+    assert lskd.key() == "fef3e135243c7337"
     assert not any("method_loss_version" in config(m).identity() for m in METHODS if m != "lskd")
     others = {m: config(m).key() for m in METHODS if m != "lskd"}
     monkeypatch.setattr(METHODS["lskd"], "loss_version", "3")
-    assert lskd.key() != "9aea894bb7611d2b"
+    assert lskd.key() != "fef3e135243c7337"
     assert {m: config(m).key() for m in others} == others

@@ -49,7 +49,7 @@ ABLATION = """
 name = "plugin"
 [grid]
 datasets = ["imagefolder:{folder}"]
-methods = ["teacher", "baseline", "gram"]
+methods = ["baseline", "gram"]
 seeds = [0]
 [grid.gram]
 weight = [1.0, 2.0]

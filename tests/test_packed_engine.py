@@ -58,13 +58,16 @@ def setup(tmp_path_factory):
         mp.setenv("KDBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "kdbench-cache"))
         mp.setenv("KDBENCH_NO_DOWNLOAD", "1")
         folder = make_image_folder(root / "data", classes=3, per_class=10, size=16)
-        run_trial(_cfg(folder, "teacher", model="resnet18", epochs=1), root / "teacher", progress=False, log=QUIET)
+        run_trial(
+            _cfg(folder, "baseline", model="resnet18", epochs=1, role="teacher"), root / "teacher", progress=False, log=QUIET
+        )
     return folder, str(root / "teacher" / "best.pt")
 
 
-def _cfg(folder, method, *, model="mobilenet_v2", epochs=2, loss=None, teacher=None, seed=0) -> TrialConfig:
+def _cfg(folder, method, *, model="mobilenet_v2", epochs=2, loss=None, teacher=None, seed=0, role="student") -> TrialConfig:
     return TrialConfig(
         method=method,
+        role=role,
         data=DataConfig(dataset=f"imagefolder:{folder}", resolution=16),
         recipe=Recipe(model=model, epochs=epochs, batch_size=32, lr=0.05),
         loss=loss or LossConfig(),
@@ -225,7 +228,7 @@ def test_non_finite_member_loss_is_named(setup):
     "change, needle",
     [
         (dict(seed=1), "seed"),
-        (dict(method="teacher"), "student"),
+        (dict(method="baseline", role="teacher"), "student"),
         (dict(model="resnet18"), "mobilenet_v2"),
         (dict(epochs=3), "recipe"),
         (dict(resolution=32), "data"),
@@ -236,8 +239,8 @@ def test_non_finite_member_loss_is_named(setup):
 def test_incompatible_trials_are_refused(tmp_path, change, needle):
     folder = tmp_path / "nowhere"  # refused before any data is read
 
-    def cfg(method="kd_kl", seed=0, model="mobilenet_v2", epochs=2, resolution=16, teacher="t.pt"):
-        c = _cfg(folder, method, model=model, epochs=epochs, teacher=teacher, seed=seed)
+    def cfg(method="kd_kl", seed=0, model="mobilenet_v2", epochs=2, resolution=16, teacher="t.pt", role="student"):
+        c = _cfg(folder, method, model=model, epochs=epochs, teacher=teacher, seed=seed, role=role)
         return dataclasses.replace(c, data=dataclasses.replace(c.data, resolution=resolution))
 
     cfgs = [cfg(), cfg(**change)]

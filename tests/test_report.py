@@ -68,11 +68,17 @@ def setting(cfg, name: str) -> float:
     return dict(cfg.loss.params).get(name, 1.0 if name == "temperature" else 0.0)
 
 
+def row_of(c) -> str:
+    """The report's row of a trial config: its method, or "teacher" for a teacher."""
+    return c.method if c.role == "student" else "teacher"
+
+
 def accuracy(trial) -> float:
     """A made-up but varied best-checkpoint test accuracy for ``trial``."""
     c = trial.config
-    value = METHOD_ACCURACY[c.method] + 0.013 * ((c.seed * 7 + len(c.method)) % 3) - 0.01 * (setting(c, "temperature") == 2.0)
-    if c.data.dataset == "rsscn7" and c.method == "teacher":
+    row = row_of(c)
+    value = METHOD_ACCURACY[row] + 0.013 * ((c.seed * 7 + len(row)) % 3) - 0.01 * (setting(c, "temperature") == 2.0)
+    if c.data.dataset == "rsscn7" and c.role == "teacher":
         value = 0.70  # weaker than its students: flagged
     return round(value - 0.005 * (setting(c, "gamma") == 0.5), 4)
 
@@ -263,7 +269,7 @@ def default_accuracies(trials, dataset: str, method: str, of=lambda t: 100 * acc
         t.config.seed: of(t)
         for t in trials
         if t.config.data.dataset == dataset
-        and t.config.method == method
+        and row_of(t.config) == method
         and is_run(t)
         and not is_failed(t)
         and setting(t.config, "temperature") in (1.0, 4.0)

@@ -26,10 +26,10 @@ def _accuracies(monkeypatch):
 def test_table_1_and_findings_list_every_method_at_its_default_point(tmp_path):
     raw = apply_overrides(load_raw(resolve_path("methods")), [*SHRINK, "grid.dkd.beta=[2.0,6.0]"])
     table = store_and_report(tmp_path, raw)
-    assert table["method"].tolist() == list(METHODS)  # all seven students and the teacher, in registry order
+    assert table["method"].tolist() == ["teacher", *METHODS]  # the teacher, then all seven students in registry order
     assert table["n"].eq(2).all() and table["planned"].eq(2).all()  # dkd's beta = 2 trials are not its default (6, methods.toml)
     md = (tmp_path / "report.md").read_text()
-    students = [get_method(m).label for m in METHODS if m not in ("teacher", "baseline")]
+    students = [get_method(m).label for m in METHODS if m != "baseline"]
     findings = md[md.index("Findings") :].split("\n\n")[1]
     assert all(label in findings for label in students)
     assert "DKD: alpha 1, beta 6, temperature 4; DIST: beta 2, gamma 2, temperature 4" in md

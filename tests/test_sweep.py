@@ -25,7 +25,7 @@ TINY = """
 name = "tiny"
 [grid]
 datasets = ["imagefolder:{folder}"]
-methods = ["teacher", "baseline", "kd_kl", "kd_kl_cos"]
+methods = ["baseline", "kd_kl", "kd_kl_cos"]
 seeds = [0]
 temperatures = [2.0, 4.0]
 [data]
@@ -58,7 +58,11 @@ def write_ablation(tmp_path: Path, folder: Path, teacher_epochs=1, student_epoch
 def store_rows(out: Path) -> list[dict]:
     db = sqlite3.connect(out / "store.sqlite")
     db.row_factory = sqlite3.Row
-    rows = [dict(r) for r in db.execute("SELECT key, method, status, completions, attempts, error, flags FROM trials")]
+    # "method" is the report's row name: a teacher's row is "teacher" (it trains by the baseline's method, on hard labels)
+    query = (
+        "SELECT key, IIF(role = 'teacher', 'teacher', method) AS method, status, completions, attempts, error, flags FROM trials"
+    )
+    rows = [dict(r) for r in db.execute(query)]
     db.close()
     return rows
 
@@ -71,14 +75,17 @@ def base_raw(**grid) -> dict:
 
 def test_plan_varies_each_method_only_along_its_axes_and_orders_teachers_first():
     raw = base_raw(
-        methods=["baseline", "kd_kl", "kd_cos", "kd_kl_cos", "teacher"],
+        methods=["baseline", "kd_kl", "kd_cos", "kd_kl_cos"],
         temperatures=[1.0, 4.0],
         kl_weights=[0.5, 1.0],
         cos_weights=[1.0],
         seeds=[0, 1],
     )
     trials = plan_trials(parse_ablation(raw, "t"))
-    count = {m: sum(t.config.method == m for t in trials) for m in ("teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos")}
+    count = {
+        m: sum(t.config.method == m for t in trials if t.role == "student") for m in ("baseline", "kd_kl", "kd_cos", "kd_kl_cos")
+    }
+    count["teacher"] = sum(t.role == "teacher" for t in trials)
     assert count == {"teacher": 2, "baseline": 2, "kd_kl": 8, "kd_cos": 2, "kd_kl_cos": 8}
     assert [t.role for t in trials[:2]] == ["teacher", "teacher"] and all(t.role == "student" for t in trials[2:])
     teacher_keys = {t.key for t in trials[:2]}
@@ -105,7 +112,7 @@ def test_a_closed_stdout_pipe_ends_the_run_quietly(tmp_path):
 
 
 def test_teacher_seed_gives_every_student_seed_the_one_teacher():
-    raw = base_raw(methods=["teacher", "baseline", "kd_kl"], seeds=[0, 1, 2])
+    raw = base_raw(methods=["baseline", "kd_kl"], seeds=[0, 1, 2])
     shared = plan_trials(parse_ablation({**raw, "teacher": {"model": "vgg16", "seed": 1}}, "t"))
     teachers = [t for t in shared if t.role == "teacher"]
     assert [t.config.seed for t in teachers] == [1]
@@ -121,7 +128,7 @@ def test_teacher_seed_gives_every_student_seed_the_one_teacher():
 
 def test_grid_points_without_a_soft_term_are_planned_once_as_the_method_they_are():
     """weights.toml's grid: (beta, gamma) = (0, 0) is the baseline, beta = 0 is KD (Cos), gamma = 0 is KD (KL)."""
-    raw = base_raw(methods=["teacher", "baseline", "kd_kl_cos"], kl_weights=[0.0, 0.5, 1.0], cos_weights=[0.0, 1.0])
+    raw = base_raw(methods=["baseline", "kd_kl_cos"], kl_weights=[0.0, 0.5, 1.0], cos_weights=[0.0, 1.0])
     trials = plan_trials(parse_ablation(raw, "t"))
     weights = lambda t: (dict(t.config.loss.params).get("beta", 0.0), dict(t.config.loss.params).get("gamma", 0.0))  # noqa: E731
     students = [(t.config.method, *weights(t)) for t in trials if t.role == "student"]
@@ -142,7 +149,7 @@ def test_shipped_weights_ablation_lists_no_ce_only_kd_trial(shared_data):
     kd = [t.config for t in trials if t.config.method.startswith("kd")]
     soft = [dict(c.loss.params) for c in kd]
     assert kd and not [p for p in soft if p.get("beta", 0) == 0 and p.get("gamma", 0) == 0]
-    assert sum(t.config.method == "baseline" for t in trials) == 9  # 3 datasets x 3 seeds, once each
+    assert sum(t.config.method == "baseline" and t.role == "student" for t in trials) == 9  # 3 datasets x 3 seeds, once each
 
 
 @pytest.mark.parametrize(
@@ -162,7 +169,7 @@ def test_the_default_point_is_named_in_the_grid_and_not_degenerate(loss, needle)
 
 
 def test_a_method_with_its_own_hyperparameters_varies_only_along_its_own_axes():
-    raw = base_raw(methods=["teacher", "dkd", "kd_kl"], temperatures=[2.0, 4.0], seeds=[0])
+    raw = base_raw(methods=["dkd", "kd_kl"], temperatures=[2.0, 4.0], seeds=[0])
     raw["grid"]["dkd"] = {"beta": [2.0, 8.0]}
     raw["methods"] = {"dkd": {"beta": 8.0, "temperature": 3.0}}
     ablation = parse_ablation(raw, "t")
@@ -174,7 +181,7 @@ def test_a_method_with_its_own_hyperparameters_varies_only_along_its_own_axes():
     assert len({t.key for t in dkd}) == 2
     assert sum(t.config.method == "kd_kl" for t in trials) == 2
     # the same point through --set keeps the key; a changed hyperparameter changes it
-    same = apply_overrides(base_raw(methods=["teacher", "dkd"], temperatures=[2.0, 4.0]), ["methods.dkd.temperature=3"])
+    same = apply_overrides(base_raw(methods=["dkd"], temperatures=[2.0, 4.0]), ["methods.dkd.temperature=3"])
     keys = {t.key for t in plan_trials(parse_ablation(same, "t")) if t.config.method == "dkd"}
     assert keys == {t.key for t in dkd if dict(t.config.loss.params)["beta"] == 8.0}
 
@@ -217,8 +224,8 @@ def test_overrides_set_nested_typed_values():
         (["methods.fitnets.beta=1"], "unknown method 'fitnets'"),
         (["methods.baseline.beta=2"], "baseline has no hyperparameters"),
         (["methods.dkd.gamma=1"], "unknown key methods.dkd.gamma"),
-        (["grid.methods=['teacher','dkd']", "methods.dkd.beta=-1"], "methods.dkd.beta must be >= 0 (a loss weight)"),
-        (["grid.methods=['teacher','dkd']", "grid.dkd.beta=[2.0,8.0]"], "name the default one in [methods.dkd]"),
+        (["grid.methods=['dkd']", "methods.dkd.beta=-1"], "methods.dkd.beta must be >= 0 (a loss weight)"),
+        (["grid.methods=['dkd']", "grid.dkd.beta=[2.0,8.0]"], "name the default one in [methods.dkd]"),
         (["grid.dkd.beta=[2.0,8.0]", "methods.dkd.beta=4"], "methods.dkd.beta = 4 is not in grid.dkd.beta"),
         (["grid.dkd.temperature=[0.0]"], "dkd.temperature must be > 0"),
         (["teacher.epochs='ten'"], "teacher.epochs must be int"),
@@ -314,7 +321,7 @@ def test_teacher_at_chance_fails_its_students_and_the_exit_status(tmp_path, caps
     folder = make_noise_folder(tmp_path / "d")
     ablation, out = write_ablation(tmp_path, folder), tmp_path / "out"
     # 15 validation images of 3 classes: enough for the binomial test to tell a good model from chance
-    sets = ["grid.methods=['teacher','baseline','kd_kl']", "grid.temperatures=[4.0]", "data.val_fraction=0.25"]
+    sets = ["grid.methods=['baseline','kd_kl']", "grid.temperatures=[4.0]", "data.val_fraction=0.25"]
     proc = call_main(
         sweep_main,
         ["--config", str(ablation), "--out", str(out), "--no-report", *[a for s in sets for a in ("--set", s)]],
@@ -400,7 +407,7 @@ def test_process_pool_workers_give_the_same_results(tmp_path):
         "--threads",
         "1",
         "--set",
-        "grid.methods=['teacher','kd_kl']",
+        "grid.methods=['kd_kl']",
     )
     pooled = torch_free_sweep(  # the driver plans, dispatches and records; the workers train and count FLOPs
         "--config",
@@ -413,7 +420,7 @@ def test_process_pool_workers_give_the_same_results(tmp_path):
         "--threads",
         "1",
         "--set",
-        "grid.methods=['teacher','kd_kl']",
+        "grid.methods=['kd_kl']",
     )
     assert serial.returncode == 0 and pooled.returncode == 0, pooled.stderr
 
@@ -443,7 +450,7 @@ def test_without_fvcore_a_trial_is_stored_without_complexity(monkeypatch):
 def test_pack_grouping_and_default():
     from kdbench.sweep.packs import default_pack_size, pack_trials
 
-    raw = base_raw(methods=["teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos"], temperatures=[2.0, 4.0], seeds=[0, 1])
+    raw = base_raw(methods=["baseline", "kd_kl", "kd_cos", "kd_kl_cos"], temperatures=[2.0, 4.0], seeds=[0, 1])
     trials = plan_trials(parse_ablation(raw, "t"), pack=4)
     units = pack_trials(trials, 4)
     assert [u.role for u in units[:2]] == ["teacher", "teacher"]
@@ -468,7 +475,8 @@ def test_sweep_with_packed_students_on_request(tmp_path):
     assert all(r["status"] == "done" and r["completions"] == 1 for r in rows)
     results = [json.loads((out / "trials" / r["key"] / "metrics.json").read_text()) for r in rows]
     k = {
-        r["config"]["method"] + str(r["config"]["loss"]["params"].get("temperature", 1.0)): (r.get("pack") or {}).get("k")
+        (r["config"]["method"] if r["config"]["role"] == "student" else "teacher")
+        + str(r["config"]["loss"]["params"].get("temperature", 1.0)): (r.get("pack") or {}).get("k")
         for r in results
     }
     # the four KD students train as a pack of 3 and a pack of 1; the baseline (no teacher) as a pack of 1, as planned

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kdbench.config import TrialConfig
-from kdbench.methods import get_method
 
 PACK_MODEL = "mobilenet_v2"
 
@@ -25,7 +24,7 @@ def compatible_key(cfg: TrialConfig) -> tuple:
     valid pack; a baseline may also join a pack whose keys differ from its own
     only in the teacher (:func:`check_pack` accepts at most one teacher).
     """
-    teacher = (cfg.teacher_checkpoint, cfg.teacher_id) if get_method(cfg.method).needs_teacher else None
+    teacher = (cfg.teacher_checkpoint, cfg.teacher_id) if cfg.method_impl.needs_teacher else None
     return (cfg.data, cfg.recipe, cfg.seed, cfg.device, teacher)
 
 
@@ -38,8 +37,8 @@ def check_pack(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike
     if len({Path(d).resolve() for d in out_dirs}) != len(out_dirs):
         raise ValueError("each trial of a pack needs its own output folder")
     for cfg in cfgs:
-        if get_method(cfg.method).role != "student":
-            raise ValueError(f"only student trials can be packed, got method {cfg.method!r}")
+        if cfg.role != "student":
+            raise ValueError(f"only student trials can be packed, got a {cfg.role}")
         if cfg.recipe.model != PACK_MODEL:
             raise ValueError(f"only {PACK_MODEL} students can be packed, got model {cfg.recipe.model!r}")
     keys = [cfg.key() for cfg in cfgs]
@@ -59,5 +58,4 @@ def check_pack(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike
 def packable(cfg: TrialConfig) -> bool:
     """A student trial the packed network can train: a MobileNetV2 student whose method needs no features
     (one teacher lookup of logits serves the pack; the packed network gives no per-member embedding)."""
-    method = get_method(cfg.method)
-    return method.role == "student" and cfg.recipe.model == PACK_MODEL and method.needs_from_teacher <= {"logits"}
+    return cfg.role == "student" and cfg.recipe.model == PACK_MODEL and cfg.method_impl.needs_from_teacher <= {"logits"}

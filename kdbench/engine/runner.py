@@ -92,7 +92,6 @@ from kdbench.engine.trial import (
 )
 from kdbench.errors import NonFiniteError, UserError, one_line
 from kdbench.finite import check_finite_state
-from kdbench.methods import get_method
 from kdbench.models import build_model
 from kdbench.packing import PackedMobileNetV2
 from kdbench.records import TrialResult
@@ -165,15 +164,13 @@ def run_trials(
     for out in outs:
         data.write_manifest(out / "manifest.csv")
     splits = _Splits(data, device)
-    teacher_cfg = next((cfg for cfg in cfgs if get_method(cfg.method).needs_teacher), None)
+    teacher_cfg = next((cfg for cfg in cfgs if cfg.method_impl.needs_teacher), None)
     teacher, teacher_info = (None, None)
     if teacher_cfg is not None:
-        needs = frozenset().union(*(get_method(cfg.method).needs_from_teacher for cfg in cfgs))
+        needs = frozenset().union(*(cfg.method_impl.needs_from_teacher for cfg in cfgs))
         teacher, teacher_info = teacher_source(teacher_cfg, needs, data, splits["train"][0], device, log)
         cfgs = [
-            dataclasses.replace(cfg, teacher_id=cfg.teacher_id or teacher_info["id"])
-            if get_method(cfg.method).needs_teacher
-            else cfg
+            dataclasses.replace(cfg, teacher_id=cfg.teacher_id or teacher_info["id"]) if cfg.method_impl.needs_teacher else cfg
             for cfg in cfgs
         ]
     members = [_member(cfg, out, data, teacher_info, packed, device) for cfg, out in zip(cfgs, outs)]
@@ -245,7 +242,7 @@ def _check(cfgs: Sequence[TrialConfig], out_dirs: Sequence[str | os.PathLike]) -
 def _member(
     cfg: TrialConfig, out: Path, data: PreparedData, teacher_info: dict | None, packed: bool, device: torch.device
 ) -> _Member:
-    method, loss_cfg = get_method(cfg.method), cfg.loss  # as the config settled it
+    method, loss_cfg = cfg.method_impl, cfg.loss  # as the config settled it
     label = f"{cfg.method} α {loss_cfg.alpha:g}, {method.describe(loss_cfg)} [{cfg.key()}]" if packed else method.name
     teacher_info = teacher_info if method.needs_teacher else None
     # a pack member's weights are copied out of the pack into a plain model of its own (its initial values do not matter)
@@ -406,7 +403,7 @@ def _member_result(m: _Member, splits: _Splits, t0: float) -> TrialResult:
     result = build_result(
         m.cfg, splits.data, m.teacher_info, m.model, best_path, m.best["epoch"], m.history, sets, t0, splits.device
     )
-    if m.loss.method.role == "teacher" and result.chance.at_chance and not m.cfg.allow_chance_teacher:
+    if m.cfg.role == "teacher" and result.chance.at_chance and not m.cfg.allow_chance_teacher:
         c = dataclasses.asdict(result.chance)
         raise UserError(
             f"teacher at chance level: best validation accuracy {c['accuracy']:.3f} on {c['n']} images is not "

@@ -1,9 +1,10 @@
 """Distillation methods: one module each in this package, found by the registry.
 
-A method says which recipe it trains (teacher or student), whether it needs a teacher, its loss and
-its hyperparameters.  Adding a method means adding one module here that defines a :class:`Method`
-subclass decorated with :func:`register`; nothing else branches on method names.  The registry
-(:data:`METHODS`) lists methods by their ``rank``: the order of every table and figure.
+A method is how a student learns: what it needs of the teacher, its loss and its hyperparameters.  The
+teacher is a role, not a method (``TrialConfig.role``): a teacher trains on hard labels, as the baseline
+does.  Adding a method means adding one module here that defines a :class:`Method` subclass decorated
+with :func:`register`; nothing else branches on method names.  The registry (:data:`METHODS`) lists
+methods by their ``rank``: the order of every table and figure.
 
 Every distilling student owns its hyperparameters: a frozen :class:`Params` dataclass with the published
 defaults (class attribute ``params``), carried in ``LossConfig.params`` and so in its trial key (ablation
@@ -11,7 +12,7 @@ axes ``[grid.<method>]``, default point ``[methods.<method>]``; ``python -m kdbe
 paper's methods (``kd_kl``, ``kd_cos``, ``kd_kl_cos``) are no exception: ``[loss] temperature`` and
 ``[grid] temperatures`` are only shorthand for their tables (kdbench.sweep.ablation).  A method resolves a
 degenerate point itself (:meth:`Method.resolve`): ``kd_kl_cos`` with ``gamma = 0`` is ``kd_kl``.  The
-baseline and the teacher have no hyperparameters.
+baseline has no hyperparameters.
 
 The cross-entropy weight ``alpha`` is shared by every student.  Methods import only data, models and
 losses, never the engine, the sweep or the report; and torch only inside the functions that compute a
@@ -122,12 +123,11 @@ def settings_text(params: tuple[tuple[str, Value], ...]) -> str:
 
 
 class Method:
-    """Base of every method: its name, role, what it needs of the teacher, its hyperparameters and its loss."""
+    """Base of every method: its name, what it needs of the teacher, its hyperparameters and its loss."""
 
     name: ClassVar[str]
     label: ClassVar[str]  # how reports name it
     rank: ClassVar[int]  # registry order: tables and figures list methods by it
-    role: ClassVar[str] = "student"  # which recipe it trains: "teacher" or "student"
     params: ClassVar[type[Params] | None] = None  # its hyperparameters (see the module docstring); None: it has none
     # What it needs from the teacher (:data:`NEEDS`); the student's outputs carry the same.  None: logits
     # for a method with hyperparameters (a distilling student), nothing otherwise.
@@ -206,15 +206,6 @@ class Method:
         for a method that needs nothing of it).
         """
         raise NotImplementedError
-
-
-class HardLabels(Method):
-    """Plain supervised training: ``CE(s, y)`` with weight 1; no hyperparameters."""
-
-    def loss(self, student, teacher, targets, cfg):
-        losses.check_logits(student.logits, None, targets)
-        ce = losses.cross_entropy_term(student.logits, targets)
-        return ce, {"ce": ce}
 
 
 class OwnParams(Method):

@@ -28,6 +28,14 @@ from kdbench.sweep.ablation import Ablation
 from kdbench.sweep.store import STORE_FILE, Store
 
 BENCH_FILE = "bench.json"
+TEACHER_ROW = "teacher"  # the ``method`` column's name for teacher trials (trained on hard labels, as the baseline)
+
+
+def row_name(plan: TrialPlan) -> str:
+    """A trial's row in every table: its method, or :data:`TEACHER_ROW` for a teacher (a role, not a method)."""
+    return TEACHER_ROW if plan.role == "teacher" else plan.method
+
+
 LOSS_AXES = ("temperature", "beta", "gamma")
 METRICS = {"accuracy": "acc", "macro_precision": "precision", "macro_recall": "recall", "macro_f1": "f1"}
 
@@ -65,8 +73,9 @@ class ReportData:
         return list(self.ablation.grid.seeds)
 
     def plan(self, method: str) -> TrialPlan:
-        """The plan of one of ``method``'s trials (label, rank, role, axes are the method's, the same for each)."""
-        return next(p for p in self.plans.values() if p.method == method)
+        """The plan of one of ``method``'s trials (label, rank, role, axes are the method's, the same for each);
+        ``method`` is a row name (:func:`row_name`)."""
+        return next(p for p in self.plans.values() if row_name(p) == method)
 
     def sweep_axes(self, method: str) -> tuple[str, ...]:
         """The grid axes (``temperature``, ``beta``, ``gamma``) along which ``method`` was swept."""
@@ -75,18 +84,20 @@ class ReportData:
     def label(self, method: str) -> str:
         """How the report names ``method``: its plan's label, or a grid point's where it has no trial of its own."""
         grid = (g for p in self.plans.values() for g in p.grid_points)
-        return next((p.label for p in self.plans.values() if p.method == method), None) or next(
+        return next((p.label for p in self.plans.values() if row_name(p) == method), None) or next(
             (g.label for g in grid if g.method == method), method
         )
 
     @property
     def methods(self) -> list[str]:
-        """The ablation's methods that have planned trials, in the order of every table and figure (their rank).
+        """The rows of every table and figure, in their order (rank): the teacher where one was trained
+        (:data:`TEACHER_ROW`), then the ablation's methods that have planned trials.
 
-        A method only planned as another's grid point (``kd_cos`` for ``kd_kl_cos`` at ``beta = 0``) or only as
-        its students' teacher is not one of them.
+        A method only planned as another's grid point (``kd_cos`` for ``kd_kl_cos`` at ``beta = 0``) is not one of them.
         """
-        ranked = {p.method: p.rank for p in self.plans.values() if p.method in self.ablation.grid.methods}
+        ranked = {
+            row_name(p): p.rank for p in self.plans.values() if p.role == "teacher" or p.method in self.ablation.grid.methods
+        }
         return sorted(ranked, key=ranked.get)
 
 
@@ -129,7 +140,7 @@ def load_report_data(out_dir: Path) -> ReportData:
 def trial_frame(rows: list[dict], ablation: Ablation, plans: dict[str, TrialPlan]) -> pd.DataFrame:
     """One row per trial, ordered by dataset (grid order), method (registry order), loss settings and seed.
 
-    Columns: the store's identity columns (key, role, dataset, method, model, seed,
+    Columns: the store's identity columns (key, role, dataset, method (the row name, :func:`row_name`), model, seed,
     temperature, beta, gamma, params, teacher_key, status, error, flags) with ``dataset`` the
     display name, ``source`` (the dataset string of the grid), ``label`` (the
     method's report name), ``settings`` (the loss settings the method varies by, as
@@ -187,6 +198,7 @@ def _record(row: dict, plan: TrialPlan) -> dict:
             k: row[k]
             for k in ("key", "role", "dataset", "method", "model", "seed", *LOSS_AXES, "params", "teacher_key", "status", "error")
         },
+        "method": row_name(plan),
         "label": plan.label,
         "settings": plan.settings,
         "flags": tuple(row["flags"] or ()),

@@ -15,7 +15,7 @@ import pandas as pd
 from kdbench.bench_summary import BENCH_COMMAND, speedups
 from kdbench.errors import UserError
 from kdbench.profile import FLOP_CONVENTION, compression
-from kdbench.report.load import BENCH_FILE, ReportData, int8_correct, test_correct
+from kdbench.report.load import BENCH_FILE, ReportData, int8_correct, row_name, test_correct
 from kdbench.report.stats import (
     BOOTSTRAP_RESAMPLES,
     CONFIDENCE,
@@ -158,7 +158,7 @@ def own_defaults(data: ReportData) -> list[tuple[str, str]]:
     return [
         (plan.label, plan.settings)
         for m in _methods(data)
-        for plan in [next((p for p in data.plans.values() if p.method == m and p.default), data.plan(m))]
+        for plan in [next((p for p in data.plans.values() if row_name(p) == m and p.default), data.plan(m))]
         if plan.own_params
     ]
 

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from kdbench.errors import UserError, cli_main, describe, log_errors_to, one_line, write_error_log
-from kdbench.methods import get_method
 from kdbench.sweep.ablation import load_ablation
 from kdbench.sweep.plan import plan_trials
 from kdbench.sweep.store import STORE_FILE
@@ -164,10 +163,10 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None
     )
     for t in trials:
         c, lo = t.config, t.config.loss
+        name = c.method if c.role == "student" else "teacher"
         print(
-            f"{t.key:<16}  {c.method:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
-            f"{lo.alpha:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}"
-            + (f"  {get_method(c.method).describe(lo)}" if lo.params else "")
+            f"{t.key:<16}  {name:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
+            f"{lo.alpha:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}" + (f"  {t.plan.settings}" if t.plan.settings else "")
         )
     warnings = []
     for dataset, name in names.items():

@@ -4,7 +4,7 @@ Layout::
 
     name = "quick"
     description = "..."
-    [grid]      # datasets, methods, seeds, temperatures, kl_weights (beta), cos_weights (gamma)
+    [grid]      # datasets, methods, seeds, teacher, temperatures, kl_weights (beta), cos_weights (gamma)
     [data]      # DataConfig fields except dataset (resolution, images_per_class, augment, ...)
     [teacher]   # Recipe of the teacher; plus ``seed``: one teacher, trained with that seed, for every student seed
     [student]   # Recipe of every student
@@ -57,8 +57,11 @@ TEACHER_DEFAULTS = {"model": "vgg16", "lr": 0.01}
 @dataclass(frozen=True)
 class Grid:
     datasets: tuple[str, ...] = ("eurosat", "ucmerced", "rsscn7")
-    methods: tuple[str, ...] = ("teacher", "baseline", "kd_kl", "kd_cos", "kd_kl_cos")
+    methods: tuple[str, ...] = ("baseline", "kd_kl", "kd_cos", "kd_kl_cos")  # students (kdbench.methods)
     seeds: tuple[int, ...] = (0,)
+    # The teacher is a role, not a method: it is trained for every student that distils, and with ``teacher`` on
+    # (the default) also where none does, so that the report compares the students with it.
+    teacher: bool = True
     temperatures: tuple[float, ...] = (4.0,)
     kl_weights: tuple[float, ...] = (1.0,)  # beta
     cos_weights: tuple[float, ...] = (1.0,)  # gamma
@@ -374,9 +377,14 @@ def _axes_type(params: type) -> type:
 
 def check_grid(grid: Grid) -> None:
     for f in dataclasses.fields(grid):
-        if not getattr(grid, f.name):
+        if f.name != "teacher" and not getattr(grid, f.name):
             raise UserError(f"grid.{f.name} is empty: the grid has no trials; give it at least one value")
     for name in grid.methods:
+        if name == "teacher":
+            raise UserError(
+                "grid.methods lists teacher: the teacher is a role, not a method (it is trained for every student that "
+                "distils, and reported unless grid.teacher = false): remove it from grid.methods"
+            )
         get_method(name)
     for t in grid.temperatures:
         if t <= 0:

@@ -7,7 +7,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kdbench.config import DataConfig, LossConfig, TrialConfig, device_type
+from kdbench.config import TEACHER_METHOD, DataConfig, LossConfig, TrialConfig, device_type
 from kdbench.engine.pack_rules import packable
 from kdbench.errors import UserError
 from kdbench.methods import Method, get_method
@@ -32,7 +32,7 @@ class PlannedTrial:
 
     @property
     def role(self) -> str:
-        return self.plan.role if self.plan is not None else self.members[0].role
+        return self.config.role
 
     @property
     def trials(self) -> tuple[PlannedTrial, ...]:
@@ -46,7 +46,8 @@ def plan_trials(
     """All trials of the ablation, deduplicated by key, each teacher before its students.
 
     One teacher per (dataset, teacher recipe, seed), or per dataset where the ablation fixes the
-    teacher's seed (``[teacher] seed``); a method's trials vary only
+    teacher's seed (``[teacher] seed``), where some student distils or the ablation reports the teacher
+    (``[grid] teacher``); a method's trials vary only
     along its ``[grid.<method>]`` axes (:meth:`Ablation.points`), which the ``[grid] temperatures`` shorthand fills
     for the paper's methods only, so the baseline is trained once per (dataset, seed) whatever the temperature
     grid.  A grid point that is really another method is planned as that method, once
@@ -59,14 +60,14 @@ def plan_trials(
     """
     grid = ablation.grid
     methods = [get_method(m) for m in grid.methods]
-    teacher_method = get_method("teacher")
     device = device_type(ablation.run.device)
     trials: dict[str, PlannedTrial] = {}
     for dataset, seed in itertools.product(grid.datasets, grid.seeds):
         data = dataclasses.replace(ablation.data, dataset=dataset)
         data_id = fingerprint(data) if fingerprint else None
         teacher = TrialConfig(
-            method="teacher",
+            method=TEACHER_METHOD,
+            role="teacher",
             data=data,
             recipe=ablation.teacher,
             loss=LossConfig(),
@@ -76,12 +77,9 @@ def plan_trials(
             allow_chance_teacher=ablation.run.allow_chance_teacher,
         )
         teacher_key = teacher.key()
-        if any(m.role == "teacher" or m.needs_teacher for m in methods):
-            teacher_plan = _resolution(teacher_method, teacher.loss, (), ablation)
-            trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher, plan=teacher_plan))
+        if grid.teacher or any(m.needs_teacher for m in methods):
+            trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher, plan=_teacher_plan()))
         for method in methods:
-            if method.role == "teacher":
-                continue
             for point in ablation.points(method.name):
                 method.check(point, f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)")
                 real, loss = method.resolve(point)
@@ -113,6 +111,13 @@ def plan_trials(
     return ordered
 
 
+def _teacher_plan() -> TrialPlan:
+    """A teacher's plan: the report's first row, ``Teacher``, trained on hard labels with no settings."""
+    return TrialPlan(
+        role="teacher", method=TEACHER_METHOD, label="Teacher", rank=0, own_params=False, settings="", axes=(), default=True
+    )
+
+
 def _resolution(method: Method, loss: LossConfig, grid_points: tuple[GridPoint, ...], ablation: Ablation) -> TrialPlan:
     """What the report needs to know of a trial, decided here once: :class:`kdbench.records.TrialPlan`.
 
@@ -124,7 +129,7 @@ def _resolution(method: Method, loss: LossConfig, grid_points: tuple[GridPoint, 
         name == other and same(value, value_default) for (name, value), (other, value_default) in zip(loss.params, default.params)
     )
     return TrialPlan(
-        role=method.role,
+        role="student",
         method=method.name,
         label=method.label,
         rank=method.rank,
