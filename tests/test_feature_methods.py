@@ -128,3 +128,22 @@ def test_a_pair_whose_stages_cannot_be_matched_is_refused_when_planning(tmp_path
     (tmp_path / "f.toml").write_text(ABLATION.format(folder=folder))
     proc = run_cli("kdbench.sweep", "--config", str(tmp_path / "f.toml"), "--dry-run", "--set", override)
     assert_one_line_error(proc, needle)
+
+
+def test_the_cost_estimate_charges_a_feature_student_its_online_teacher(tmp_path):
+    """A logit student shares the teacher's one pass over the views (the cache); a feature student runs it on every batch."""
+    from kdbench.sweep.ablation import load_ablation
+    from kdbench.sweep.cost import online
+    from kdbench.sweep.plan import plan_trials
+
+    (tmp_path / "f.toml").write_text(ABLATION.format(folder=tmp_path))
+    ablation, _, _ = load_ablation(str(tmp_path / "f.toml"), ['grid.methods=["teacher", "kd_kl", "fitnet", "at", "rkd"]'])
+    trials = plan_trials(ablation)
+    teacher = next(t for t in trials if t.role == "teacher")
+    assert {t.config.method: online(teacher, t) for t in trials if t.role == "student"} == {
+        "kd_kl": False,
+        "fitnet": True,
+        "at": True,
+        "rkd": True,
+    }
+    assert not any(t.config.packed for t in plan_trials(ablation, pack=4) if t.config.method != "kd_kl")

@@ -98,12 +98,8 @@ def _extractor(model: nn.Module, model_name: str | None, stages: list[int]) -> n
     nodes = stage_nodes(model_name) if model_name else None
     if nodes is None:
         raise UserError(f"kdbench maps no stages of {model_name or type(model).__name__}: see kdbench/stages.py")
-    train_nodes, eval_nodes = get_graph_node_names(model)
-    if train_nodes[-1] != eval_nodes[-1]:
-        raise UserError(
-            f"{model_name} ends in another node in training ({train_nodes[-1]}) than in evaluation ({eval_nodes[-1]})"
-        )
-    return create_feature_extractor(model, {nodes[i]: STAGE_NEEDS[i] for i in stages} | {train_nodes[-1]: "logits"})
+    output = get_graph_node_names(model)[0][-1]  # the node of the model's output (its classifier's last layer)
+    return create_feature_extractor(model, {nodes[i]: STAGE_NEEDS[i] for i in stages} | {output: "logits"})
 
 
 @torch.no_grad()

@@ -98,7 +98,7 @@ from kdbench.engine.trial import (
     with_fingerprint,
 )
 from kdbench.errors import NonFiniteError, UserError, one_line
-from kdbench.finite import check_finite_state
+from kdbench.finite import TRAINING_HINT, check_finite_state
 from kdbench.methods import get_method
 from kdbench.models import build_model
 from kdbench.packing import PackedMobileNetV2
@@ -286,16 +286,14 @@ def _init_model(members: Sequence[_Member], num_classes: int, device: torch.devi
 def _build_parts(members: Sequence[_Member], tap: FeatureTap, teacher, resolution: int, device: torch.device, log) -> None:
     """Each member's learnable parts (:meth:`kdbench.methods.Method.make_parts`), built from the shapes of the
     student's and the teacher's features right after the seeded student, on the device; set as ``method.parts``."""
-    shapes = None
+    shapes = ({}, {})
+    if tap.wanted:  # features: probing their shapes costs a forward pass of each model
+        teacher_tap = getattr(teacher, "tap", None)  # an online teacher's (a cached teacher has no features)
+        teacher_shapes = feature_shapes(teacher_tap, resolution, device) if teacher_tap is not None else {}
+        shapes = (feature_shapes(tap, resolution, device), teacher_shapes)
     for m in members:
         method = m.loss.method
-        if shapes is None and method.needs_from_teacher - {"logits"}:  # probing costs a forward of each model
-            teacher_tap = getattr(teacher, "tap", None)
-            shapes = (
-                feature_shapes(tap, resolution, device),
-                feature_shapes(teacher_tap, resolution, device) if teacher_tap is not None else {},
-            )
-        parts = method.make_parts(*(shapes or ({}, {})), m.cfg.loss)
+        parts = method.make_parts(*shapes, m.cfg.loss)
         method.parts = parts.to(device, memory_format=memory_format(device)) if parts is not None else None
         if parts is not None:
             n = sum(p.numel() for p in parts.parameters())
@@ -401,12 +399,11 @@ def _train(
     _load_members(model, members)
 
 
-def _check_finite_member(m: _Member, where: str, hint: str | None = None) -> None:
+def _check_finite_member(m: _Member, where: str, hint: str = TRAINING_HINT) -> None:
     """check_finite_state of the member's model and of its method's learnable parts."""
-    hints = {} if hint is None else {"hint": hint}
-    check_finite_state(m.model, where, **hints)
+    check_finite_state(m.model, where, hint)
     if m.loss.method.parts is not None:
-        check_finite_state(m.loss.method.parts, f"{where} ({m.loss.method.name}'s learnable parts)", **hints)
+        check_finite_state(m.loss.method.parts, f"{where} ({m.loss.method.name}'s learnable parts)", hint)
 
 
 def _epoch_line(members: Sequence[_Member], stats: Sequence[EpochStats], epoch: int, epochs: int, packed: bool) -> str:

@@ -182,6 +182,11 @@ def teacher_source(
 
     The logit cache where the augmentation is a finite view group and logits are all that is needed;
     the teacher online otherwise (the record says why).
+
+    Raises:
+        UserError: no teacher checkpoint, one of other classes, without provenance (unless trusted) or trained on
+            this run's held-out images, or stage features asked of a pair whose stages cannot be matched
+            (:func:`kdbench.stages.check_pair`).
     """
     if not needs:
         return None, None
