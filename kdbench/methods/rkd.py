@@ -18,7 +18,8 @@ images, not the features themselves::
   carry no gradient.  No learnable parts.
 * The input is mdistiller's ``pooled_feat``: for MobileNetV2 and ResNet students and teachers exactly the
   classifier's input (before dropout); for VGG, which pools to 7x7 and has two hidden linear layers,
-  kdbench's analogue, the global average of its last stage (512-d; mdistiller's CIFAR VGG has no hidden layers).
+  kdbench's analogue, the global average of its last stage (``features.30``, after its last max-pool; 512-d;
+  mdistiller's CIFAR VGG averages its last block, before any pool, and has no hidden layers).
 
 Reference: mdistiller commit a08d46f, mdistiller/distillers/RKD.py; tests/test_rkd.py checks this loss against a
 re-derivation of it in float64.
