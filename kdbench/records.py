@@ -201,7 +201,9 @@ class TrialResult:
     ``config`` is the trial's identity (:meth:`kdbench.config.TrialConfig.identity`), ``history`` one
     dict per epoch (training loss, accuracy and loss terms, validation metrics, LR, speed), ``data``
     the dataset folder, split counts and skipped files, ``teacher`` the record of the teacher it
-    distilled from (None for a teacher or a baseline), ``pack`` the pack it trained in (None alone).
+    distilled from (None for a teacher or a baseline), ``pack`` the pack it trained in (None alone),
+    ``method_parts`` its method's learnable parts, trained with the student and not deployed (``{"parameters":
+    n}``; None for a method without any, e.g. FitNet's regressor is counted here and not with the student).
     """
 
     key: str
@@ -220,6 +222,7 @@ class TrialResult:
     timings: Timings
     environment: dict[str, Any]
     pack: dict[str, Any] | None = None
+    method_parts: dict[str, Any] | None = None
     format: str = RESULT_FORMAT
 
 

@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("helpers", ("kdbench", "kdbench.errors", "kdbench.digest", "kdbench.durable", "kdbench.machine", "kdbench.finite")),
     ("records", ("kdbench.records",)),
     ("data", ("kdbench.data",)),  # with DataConfig and its checks (kdbench.data.config)
-    ("models", ("kdbench.models", "kdbench.packing")),
+    ("models", ("kdbench.models", "kdbench.packing", "kdbench.stages")),  # stages: the stage table, torch-free
     ("losses", ("kdbench.losses",)),  # with LossConfig and its checks
     ("methods", ("kdbench.methods",)),
     # a trial: its recipe and key (kdbench.config: the key holds the engine's, the losses' and the method's
@@ -53,6 +53,7 @@ TORCH_FREE = (
     "kdbench.data.presets",
     "kdbench.data.select",
     "kdbench.data.specs",
+    "kdbench.stages",
     "kdbench.losses",
     "kdbench.methods",
     "kdbench.config",

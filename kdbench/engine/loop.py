@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -116,16 +117,23 @@ def train_members_epoch(
     device: torch.device,
     desc: str,
     progress: bool,
+    tap: FeatureTap | None = None,
 ) -> list[EpochStats]:
     """One epoch for one model (``stacked=False``: logits ``[B, C]``) or a pack (``[K, B, C]``).
 
     Each step minimises ``sum_i L_i`` with ``L_i = members[i].method.loss(logits[i], ...)``
-    over the batches of :func:`epoch_batches`, with one teacher lookup per batch.  The
+    over the batches of :func:`epoch_batches`, with one teacher lookup per batch.  The model runs
+    through ``tap`` (a :class:`FeatureTap` of it recording the features the members need; one is made
+    for the epoch when None, which gives the embedding but no stages), and each member's learnable parts
+    (``method.parts``) train with it.  The
     running sums stay on the device and are read (a sync) after every step on the CPU and
     every ``SYNC_EVERY`` steps on CUDA: a NaN/inf loss stops the epoch there with a
     NonFiniteError naming the members concerned.  Returns one EpochStats per member.
     """
     model.train()
+    for m in members:
+        if m.method.parts is not None:
+            m.method.parts.train()
     n = len(images)
     steps = steps_per_epoch(n, batch_size)
     check_every = 1 if device.type == "cpu" else SYNC_EVERY
@@ -134,10 +142,11 @@ def train_members_epoch(
     bar = tqdm(total=steps * min(batch_size, n), desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
     batches = epoch_batches(images, labels, aug, batch_size=batch_size, seed=seed, epoch=epoch, device=device)
     needs = frozenset().union(*(m.method.needs_from_teacher for m in members))
-    with FeatureTap(model, needs) as tap:  # the student's features a member needs, from its own forward pass
+    # the student's features a member needs, from its own forward pass
+    with nullcontext(tap) if tap is not None else FeatureTap(model, needs) as tap:
         for step, (positions, batch_views, x, y) in enumerate(batches):
             with autocast(device):
-                logits = model(x)
+                logits = tap(x)
             logits = full_precision(logits) if stacked else full_precision(logits).unsqueeze(0)
             features = {name: full_precision(v) for name, v in tap.take().items()}
             teacher_out = teacher(positions, batch_views, x) if teacher is not None else None

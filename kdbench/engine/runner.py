@@ -11,6 +11,10 @@ trial through it).  The model is the only thing that depends on how many trials 
   :class:`~kdbench.packing.PackedMobileNetV2`, member ``i`` initialised as its trial alone
   would be (:mod:`kdbench.engine.packed` says why the results are those trials' results).
 
+A method that needs features (:data:`kdbench.methods.NEEDS`) gets the student's through one
+:class:`~kdbench.engine.features.FeatureTap` of the run, and its learnable parts, built right after the
+seeded student, train with it in the same optimiser.
+
 All the rest is one code path: the data on the device, the batches of
 :func:`~kdbench.engine.loop.train_members_epoch` (``epoch_seed(seed, epoch)``) with one
 teacher lookup per batch, the optimiser and LR schedule over the model's parameters, and
@@ -21,7 +25,8 @@ checkpoint, ``metrics.json``, ``test_logits.pt``); a packed member's result adds
 ``"pack": {"k", "members"}`` (and ``"dropped"``), a trial trained alone has no ``"pack"``.
 
 Resume: ONE state file per call, ``state.pt`` (format ``kdbench-run-state-v1``) in the
-FIRST member's folder: the model's weights (plain or packed), the optimiser and schedule,
+FIRST member's folder: the model's weights (plain or packed), each member's method's learnable
+parts (:meth:`kdbench.methods.Method.make_parts`: FitNet's regressor; never in ``best.pt``), the optimiser and schedule,
 each member's identity (:func:`~kdbench.engine.trial.resume_identity`), history and best
 epoch, and the members dropped so far.  It is written atomically after each epoch, before
 any member's ``best.pt``, so a killed run resumes after its last finished epoch; killed
@@ -52,6 +57,7 @@ or scored.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -67,6 +73,7 @@ from kdbench.data.prepare import PreparedData, prepare_data
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import display_name
 from kdbench.durable import atomic_torch_save, atomic_write_json, remove_stale_temps
+from kdbench.engine.features import FeatureTap, feature_shapes
 from kdbench.engine.loop import (
     EpochStats,
     MemberLoss,
@@ -91,7 +98,7 @@ from kdbench.engine.trial import (
     with_fingerprint,
 )
 from kdbench.errors import NonFiniteError, UserError, one_line
-from kdbench.finite import check_finite_state
+from kdbench.finite import TRAINING_HINT, check_finite_state
 from kdbench.models import build_model
 from kdbench.packing import PackedMobileNetV2
 from kdbench.records import TrialResult
@@ -182,7 +189,10 @@ def run_trials(
         for m in alive:
             m.history, m.best = [], None
         try:
-            _train(model, alive, teacher, splits, packed, progress, log, state_path, dropped)
+            needs = frozenset().union(*(m.loss.method.needs_from_teacher for m in alive))
+            with FeatureTap(model, needs, alive[0].cfg.recipe.model) as tap:  # the student's features, traced once
+                _build_parts(alive, tap, teacher, cfgs[0].data.resolution, device, log)
+                _train(model, tap, alive, teacher, splits, packed, progress, log, state_path, dropped)
             results = _each_member(alive, [partial(_member_result, m, splits, t0) for m in alive], packed)
             scored = {m.identity: result for m, result in zip(alive, results)}
             break
@@ -270,6 +280,23 @@ def _init_model(members: Sequence[_Member], num_classes: int, device: torch.devi
     return m.model
 
 
+def _build_parts(members: Sequence[_Member], tap: FeatureTap, teacher, resolution: int, device: torch.device, log) -> None:
+    """Each member's learnable parts (:meth:`kdbench.methods.Method.make_parts`), built from the shapes of the
+    student's and the teacher's features right after the seeded student, on the device; set as ``method.parts``."""
+    shapes = ({}, {})
+    if tap.wanted:  # features: probing their shapes costs a forward pass of each model
+        teacher_tap = getattr(teacher, "tap", None)  # an online teacher's (a cached teacher has no features)
+        teacher_shapes = feature_shapes(teacher_tap, resolution, device) if teacher_tap is not None else {}
+        shapes = (feature_shapes(tap, resolution, device), teacher_shapes)
+    for m in members:
+        method = m.loss.method
+        parts = method.make_parts(*shapes, m.cfg.loss)
+        method.parts = parts.to(device, memory_format=memory_format(device)) if parts is not None else None
+        if parts is not None:
+            n = sum(p.numel() for p in parts.parameters())
+            log(f"{method.name}: learnable parts of {n:,} parameters, trained with the student, not deployed")
+
+
 def _load_members(model: nn.Module, members: Sequence[_Member]) -> None:
     """Copy a pack's weights into each member's plain torchvision model (a plain model is its member's already)."""
     if isinstance(model, PackedMobileNetV2):
@@ -300,6 +327,7 @@ def _each_member(members: Sequence[_Member], calls: Sequence[Callable[[], object
 
 def _train(
     model: nn.Module,
+    tap: FeatureTap,
     members: list[_Member],
     teacher,
     splits: _Splits,
@@ -309,11 +337,15 @@ def _train(
     state_path: Path,
     dropped: dict[str, str],
 ) -> None:
-    """The epochs not yet done (resuming from the state file) and their records; the members' models end with the last weights."""
+    """The epochs not yet done (resuming from the state file) and their records; the members' models end with the last weights.
+
+    ``model`` runs through ``tap``; the members' learnable parts (``method.parts``) train with it, in one optimiser.
+    """
     first = members[0].cfg
     recipe, device, k = first.recipe, splits.device, len(members)
     train_images, train_labels = splits["train"]
-    optimizer = make_optimizer(model.parameters(), recipe)
+    parts = [m.loss.method.parts for m in members if m.loss.method.parts is not None]
+    optimizer = make_optimizer(itertools.chain(model.parameters(), *(p.parameters() for p in parts)), recipe)
     scheduler = make_scheduler(optimizer, recipe, len(train_images))
     what = f"pack of {k}" if packed else first.method
     for epoch in range(_resume(state_path, members, model, optimizer, scheduler, packed, log), recipe.epochs):
@@ -333,10 +365,11 @@ def _train(
             device=device,
             desc=f"{what} {display_name(first.data.dataset)} epoch {epoch + 1}/{recipe.epochs}",
             progress=progress,
+            tap=tap,
         )
         _load_members(model, members)
         where = f"of the model after training epoch {epoch + 1}"  # checked before it is validated or saved
-        _each_member(members, [partial(check_finite_state, m.model, where) for m in members], packed)
+        _each_member(members, [partial(_check_finite_member, m, where) for m in members], packed)
         growth = [
             partial(
                 check_loss_growth,
@@ -361,6 +394,13 @@ def _train(
                 _save_best(m)
         log(_epoch_line(members, stats, epoch + 1, recipe.epochs, packed))
     _load_members(model, members)
+
+
+def _check_finite_member(m: _Member, where: str, hint: str = TRAINING_HINT) -> None:
+    """check_finite_state of the member's model and of its method's learnable parts."""
+    check_finite_state(m.model, where, hint)
+    if m.loss.method.parts is not None:
+        check_finite_state(m.loss.method.parts, f"{where} ({m.loss.method.name}'s learnable parts)", hint)
 
 
 def _epoch_line(members: Sequence[_Member], stats: Sequence[EpochStats], epoch: int, epochs: int, packed: bool) -> str:
@@ -401,7 +441,17 @@ def _member_result(m: _Member, splits: _Splits, t0: float) -> TrialResult:
     sets = {s: splits[s] for s in ("val", "test")}
     best_path = m.out / "best.pt"
     result = build_result(
-        m.cfg, splits.data, m.teacher_info, m.model, best_path, m.best["epoch"], m.history, sets, t0, splits.device
+        m.cfg,
+        splits.data,
+        m.teacher_info,
+        m.model,
+        best_path,
+        m.best["epoch"],
+        m.history,
+        sets,
+        t0,
+        splits.device,
+        m.loss.method.parts,
     )
     if m.cfg.role == "teacher" and result.chance.at_chance and not m.cfg.allow_chance_teacher:
         c = dataclasses.asdict(result.chance)
@@ -474,7 +524,10 @@ def _resume(path: Path, members: Sequence[_Member], model: nn.Module, optimizer,
     where = f"of the {'pack ' if packed else ''}resume state {path} (epoch {state['epoch']})"
     who = "this pack" if packed else "this trial"
     hint = f"it cannot be resumed (an older kdbench saved it unchecked): delete {path} to train {who} anew"
-    _each_member(members, [partial(check_finite_state, m.model, where, hint) for m in members], packed)
+    for m, parts in zip(members, state.get("parts") or [None] * len(members)):  # the same trials: the same parts
+        if parts is not None:
+            m.loss.method.parts.load_state_dict(parts)
+    _each_member(members, [partial(_check_finite_member, m, where, hint) for m in members], packed)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     for m, history, best in zip(members, state["history"], state["best"]):
@@ -513,7 +566,8 @@ def _save_state(path: Path, members: Sequence[_Member], model: nn.Module, optimi
             "members": [m.identity for m in members],
             "dropped": dict(dropped),
             "epoch": epoch,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "state_dict": _cpu_state(model),
+            "parts": [_cpu_state(m.loss.method.parts) for m in members],  # each member's learnable parts, or None
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "history": [m.history for m in members],
@@ -521,3 +575,7 @@ def _save_state(path: Path, members: Sequence[_Member], model: nn.Module, optimi
         },
         path,
     )
+
+
+def _cpu_state(module: nn.Module | None) -> dict | None:
+    return None if module is None else {k: v.detach().cpu() for k, v in module.state_dict().items()}

@@ -26,17 +26,22 @@ from kdbench.methods import Outputs
 
 
 class OnlineTeacher:
-    """Runs the teacher on each augmented batch (any augmentation); provides its logits and the features ``needs`` names."""
+    """Runs the teacher on each augmented batch (any augmentation); provides its logits and the features ``needs`` names.
 
-    def __init__(self, model: nn.Module, source: str, needs: frozenset[str] = frozenset({"logits"})):
+    ``model_name`` (the torchvision name) is needed for stage features (:class:`FeatureTap`).
+    """
+
+    def __init__(
+        self, model: nn.Module, source: str, needs: frozenset[str] = frozenset({"logits"}), model_name: str | None = None
+    ):
         self.model = model.eval()
         self.source = source
-        self.tap = FeatureTap(self.model, needs)
+        self.tap = FeatureTap(self.model, needs, model_name)
 
     @torch.no_grad()
     def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> Outputs:
         with autocast(inputs.device):
-            logits = full_precision(self.model(inputs))
+            logits = full_precision(self.tap(inputs))
         check_finite_teacher(logits, self.source)
         return Outputs(logits, {name: full_precision(v) for name, v in self.tap.take().items()})
 

@@ -42,6 +42,7 @@ from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
 from kdbench.models import load_model_checkpoint, save_checkpoint
 from kdbench.records import RESULT_FORMAT, TrialResult, from_json
+from kdbench.stages import check_pair, uses_stages
 
 METRICS_FILE = "metrics.json"
 TEST_LOGITS_FILE = "test_logits.pt"  # the best-val checkpoint's logits on the test split
@@ -119,12 +120,14 @@ def build_result(
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]],
     t0: float,
     device: torch.device,
+    parts: torch.nn.Module | None = None,
 ) -> TrialResult:
     """A trial's result: val and test metrics of the best-on-validation checkpoint and of the last weights, and its record.
 
     The test metrics carry the per-image ``predictions`` (class indices, in the order of ``test_targets``), so
     the report can pair two trials image by image; the best checkpoint's test logits are saved beside it
-    (:data:`TEST_LOGITS_FILE`).  NaN/inf logits (or weights in ``best_checkpoint``) raise a NonFiniteError.
+    (:data:`TEST_LOGITS_FILE`).  ``parts``, the method's learnable parts, are counted apart from the model.
+    NaN/inf logits (or weights in ``best_checkpoint``) raise a NonFiniteError.
     """
     batch_size = cfg.recipe.eval_batch_size
     test_images, test_labels = sets["test"]
@@ -167,6 +170,7 @@ def build_result(
             "train_images_per_s": sum(h["images_per_s"] for h in history) / max(len(history), 1),
         },
         "environment": environment(device),
+        "method_parts": None if parts is None else {"parameters": sum(p.numel() for p in parts.parameters())},
     }
     return from_json(TrialResult, result, f"the result of trial {result['key']}")
 
@@ -178,6 +182,11 @@ def teacher_source(
 
     The logit cache where the augmentation is a finite view group and logits are all that is needed;
     the teacher online otherwise (the record says why).
+
+    Raises:
+        UserError: no teacher checkpoint, one of other classes, without provenance (unless trusted) or trained on
+            this run's held-out images, or stage features asked of a pair whose stages cannot be matched
+            (:func:`kdbench.stages.check_pair`).
     """
     if not needs:
         return None, None
@@ -190,6 +199,8 @@ def teacher_source(
             f"teacher {path} was trained on classes {ckpt['classes'][:3]}... ({len(ckpt['classes'])}), "
             f"this run has {data.classes[:3]}... ({len(data.classes)}): use a teacher of the same dataset and class subset"
         )
+    if uses_stages(needs):
+        check_pair(cfg.method, ckpt["model"], cfg.recipe.model, cfg.data.resolution)
     record = check_teacher_provenance(cfg, path, ckpt.get("provenance"), data)
     model = model.to(device, memory_format=memory_format(device)).eval()
     for p in model.parameters():
@@ -201,7 +212,7 @@ def teacher_source(
     if not aug.cacheable or features:
         why = f"augmentation {aug.name} is continuous" if not aug.cacheable else f"the logit cache holds no {', '.join(features)}"
         log(f"{why}: running the teacher online")
-        return OnlineTeacher(model, str(path), needs), {**info, "mode": "online", "why": why}
+        return OnlineTeacher(model, str(path), needs, ckpt["model"]), {**info, "mode": "online", "why": why}
     cache = cache_path(path, digest, data.digests_of("train"), cfg.data.resolution, aug, device)
     t0 = time.perf_counter()
     teacher: CachedTeacher = cached_teacher(

@@ -32,16 +32,21 @@ from typing import TYPE_CHECKING, ClassVar
 from kdbench import losses
 from kdbench.errors import UserError
 from kdbench.losses import LossConfig
+from kdbench.stages import POOLED, STAGE_NEEDS
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 METHODS: dict[str, type[Method]] = {}
 
 # What a method can ask of the teacher (and gets of the student alike), besides nothing at all:
 # "logits" ``[B, C]``; "embedding" ``[B, D]``, the input of the model's last linear layer (the
-# penultimate features of every torchvision classifier), which only the online teacher provides.
-NEEDS = ("logits", "embedding")
+# penultimate features of every torchvision classifier); "stage:0" .. "stage:4" ``[B, C_i, H_i, W_i]``,
+# the outputs of the model's downsampling stages (kdbench.stages, strides 2 to 32), and "pooled"
+# ``[B, C_4]``, the global average of stage 4.  Only the online teacher provides features; a method
+# needing stages is refused at planning for a teacher/student pair whose stages kdbench cannot match.
+NEEDS = ("logits", "embedding", POOLED, *STAGE_NEEDS)
 PLUGINS_ENV = "KDBENCH_METHODS"  # more method modules to register, comma-separated (importable module names)
 
 
@@ -54,6 +59,14 @@ class Outputs:
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Add ``cls`` to the registry (a class decorator).
+
+    Raises:
+        UserError: ``cls.needs`` names something no model provides (:data:`NEEDS`).
+    """
+    unknown = sorted(set(cls.needs or ()) - set(NEEDS))
+    if unknown:
+        raise UserError(f"method {cls.name} needs {unknown[0]!r}, which no model provides: use {', '.join(NEEDS)}")
     METHODS[cls.name] = cls
     return cls
 
@@ -136,6 +149,10 @@ class Method:
     # trial): part of its trials' keys where not empty (TrialConfig.identity), so no other method's key moves.
     loss_version: ClassVar[str] = ""
 
+    # This method's learnable parts (FitNet's regressor), trained with the student but not part of it: set by
+    # the engine to what :meth:`make_parts` returned, on the method instance of one trial.
+    parts: nn.Module | None = None
+
     @property
     def needs_from_teacher(self) -> frozenset[str]:
         """What the engine must provide of the teacher (and of the student) for :meth:`loss`."""
@@ -196,6 +213,20 @@ class Method:
     def describe(self, loss: LossConfig) -> str:
         """The settings of an effective ``loss`` that this method's trials vary by, for logs and reports."""
         return settings_text(loss.params)
+
+    def make_parts(
+        self, student: Mapping[str, tuple[int, ...]], teacher: Mapping[str, tuple[int, ...]], cfg: LossConfig
+    ) -> nn.Module | None:
+        """This method's learnable parts, or None (the default: it has none).
+
+        ``student`` and ``teacher`` map each feature :attr:`needs` names to its shape without the batch
+        dimension; ``cfg`` is already :meth:`effective_loss`, so every setting a part has comes from this
+        method's :class:`Params` (and so is in the trial key).  The engine builds the parts once per trial, right
+        after the seeded student (the same seed gives the same initial weights), sets :attr:`parts`, trains them
+        with the student (same optimiser), saves them in the resume state and never in ``best.pt``: they are
+        not deployed, and their parameters are counted apart from the student's (``method_parts`` of the result).
+        """
+        return None
 
     def loss(
         self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor, cfg: LossConfig

@@ -99,12 +99,19 @@ def estimate_seconds(trial: PlannedTrial, n: DatasetCounts) -> float:
     return sum((epochs * n.train + evaluated / EVAL_SPEEDUP) / train_rate(t) + TRIAL_OVERHEAD_S for t in trial.trials)
 
 
+def online(teacher: PlannedTrial, student: PlannedTrial) -> bool:
+    """Whether the student runs its teacher on every training batch: a continuous augmentation, or a method that
+    needs the teacher's features, which the logit cache does not hold (kdbench.engine.trial.teacher_source)."""
+    features = student.config.method_impl.needs_from_teacher - {"logits"}
+    return AUGMENTATIONS[teacher.config.data.augment].views is None or bool(features)
+
+
 def teacher_seconds(teacher: PlannedTrial, student: PlannedTrial, n: DatasetCounts) -> float:
     """The teacher's inference for one distilled student: one pass over every training image in every view to
-    fill the logit cache (shared by all its students, so counted for the first), or, with a continuous
-    augmentation, a forward pass on every training batch (kdbench.engine.teacher)."""
+    fill the logit cache (shared by all its students, so counted for the first), or, run online (:func:`online`),
+    a forward pass on every training batch (kdbench.engine.teacher)."""
     views = AUGMENTATIONS[teacher.config.data.augment].views
-    images = n.train * student.config.recipe.epochs if views is None else n.train * len(views)
+    images = n.train * student.config.recipe.epochs if online(teacher, student) else n.train * len(views)
     return images / (EVAL_SPEEDUP * train_rate(teacher))
 
 
@@ -117,7 +124,7 @@ def sweep_seconds(trials: list[PlannedTrial], counts: dict[tuple, DatasetCounts]
         total += estimate_seconds(t, n)
         for m in t.trials:
             teacher = teachers.get(m.teacher_key)
-            if teacher is None or (teacher.key in cached and AUGMENTATIONS[teacher.config.data.augment].views):
+            if teacher is None or (teacher.key in cached and not online(teacher, m)):
                 continue
             cached.add(teacher.key)
             total += teacher_seconds(teacher, m, n)

@@ -12,6 +12,7 @@ from kdbench.engine.pack_rules import packable
 from kdbench.errors import UserError
 from kdbench.methods import Method, get_method
 from kdbench.records import GridPoint, TrialPlan
+from kdbench.stages import check_pair, uses_stages
 from kdbench.sweep.ablation import Ablation, same
 
 
@@ -57,6 +58,10 @@ def plan_trials(
     ``fingerprint(data)`` (kdbench.data.select.data_fingerprint) names the dataset's files, and
     with ``pack > 1`` every packable student is planned ``packed`` (kdbench.sweep.packs
     then trains exactly those in packs, a lone one as a pack of one).
+
+    Raises:
+        UserError: a method's settings are invalid, a method distils stage features from a teacher/student
+            pair whose stages cannot be matched (:func:`kdbench.stages.check_pair`), or there are no trials.
     """
     grid = ablation.grid
     methods = [get_method(m) for m in grid.methods]
@@ -80,6 +85,8 @@ def plan_trials(
         if grid.teacher or any(m.needs_teacher for m in methods):
             trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher, plan=_teacher_plan()))
         for method in methods:
+            if uses_stages(method.needs_from_teacher):  # a pair whose stages cannot be matched: refused here, in one line
+                check_pair(method.name, ablation.teacher.model, ablation.student.model, data.resolution)
             for point in ablation.points(method.name):
                 method.check(point, f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)")
                 real, loss = method.resolve(point)

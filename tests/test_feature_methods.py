@@ -1,0 +1,149 @@
+"""FitNet, AT and RKD end to end: planned, trained (online teacher, learnable parts) and reported by a sweep;
+a resumed FitNet trial equals an uninterrupted one; a pair whose stages cannot be matched is refused when planning."""
+
+import dataclasses
+import json
+import sqlite3
+
+import pytest
+import torch
+from conftest import assert_one_line_error, make_image_folder, run_cli
+
+from kdbench.config import DataConfig, LossConfig, Recipe, TrialConfig
+from kdbench.engine.runner import run_trial
+from kdbench.models import load_model_checkpoint
+
+ABLATION = """
+name = "features"
+[grid]
+datasets = ["imagefolder:{folder}"]
+methods = ["teacher", "fitnet", "at", "rkd"]
+seeds = [0]
+[data]
+resolution = 32
+[teacher]
+model = "vgg16"
+epochs = 1
+batch_size = 8
+lr = 0.01
+[student]
+model = "mobilenet_v2"
+epochs = 2
+batch_size = 8
+[run]
+device = "cpu"
+allow_chance_teacher = true
+"""
+
+TERMS = {"fitnet": ["hint"], "at": ["at"], "rkd": ["distance", "angle"]}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    folder = make_image_folder(root / "data", classes=3, per_class=10, size=32)
+    (root / "features.toml").write_text(ABLATION.format(folder=folder))
+    proc = run_cli("kdbench.sweep", "--config", str(root / "features.toml"), "--out", str(root / "out"), "--threads", "1")
+    return root, proc
+
+
+def test_fitnet_at_and_rkd_are_planned_trained_and_reported_by_a_sweep(sweep):
+    root, proc = sweep
+    out = root / "out"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trials: 4 total, 4 done, 0 failed" in proc.stdout
+    db = sqlite3.connect(out / "store.sqlite")
+    rows = {m: json.loads(r) for m, r in db.execute("SELECT method, result FROM trials WHERE method != 'teacher'")}
+    db.close()
+    assert sorted(rows) == ["at", "fitnet", "rkd"]
+    for method, result in rows.items():
+        assert result["teacher"]["mode"] == "online" and "the logit cache holds no" in result["teacher"]["why"]
+        for term in TERMS[method]:
+            assert all(torch.isfinite(torch.tensor(h[f"term_{term}"])) for h in result["history"]), method
+    # FitNet's regressor (VGG16 stage 2: 512 channels; MobileNetV2's: 32): counted apart, not in the student
+    assert rows["fitnet"]["method_parts"] == {"parameters": 32 * 512 + 512 + 2 * 512}
+    assert rows["at"]["method_parts"] is None and rows["rkd"]["method_parts"] is None
+    report = (out / "report.md").read_text()
+    assert all(label in report for label in ("FitNet", "AT", "RKD", "weight 100", "distance 25, angle 50"))
+
+
+def test_the_student_checkpoint_is_a_plain_student_and_the_resume_state_holds_the_regressor(sweep):
+    root, proc = sweep
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    db = sqlite3.connect(root / "out" / "store.sqlite")
+    ((key,),) = db.execute("SELECT key FROM trials WHERE method = 'fitnet'").fetchall()
+    db.close()
+    (folder,) = [p for p in (root / "out" / "trials").iterdir() if key.startswith(p.name)]
+    model, ckpt = load_model_checkpoint(folder / "best.pt")  # loads strictly into a plain torchvision mobilenet_v2
+    assert type(model).__name__ == "MobileNetV2" and not any(k.startswith(("0.", "1.")) for k in ckpt["state_dict"])
+    state = torch.load(folder / "state.pt", weights_only=True)
+    (parts,) = state["parts"]
+    assert parts["0.weight"].shape == (512, 32, 1, 1) and "1.running_var" in parts
+
+
+def test_a_resumed_fitnet_trial_equals_an_uninterrupted_one(tmp_path):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=8, size=32)
+    data = DataConfig(dataset=f"imagefolder:{folder}", resolution=32)
+    quiet = lambda m: None  # noqa: E731
+    teacher = TrialConfig(method="teacher", data=data, recipe=Recipe(model="resnet18", epochs=1, batch_size=8), device="cpu")
+    run_trial(dataclasses.replace(teacher, allow_chance_teacher=True), tmp_path / "t", progress=False, log=quiet)
+    cfg = TrialConfig(
+        method="fitnet",
+        data=data,
+        recipe=Recipe(model="mobilenet_v2", epochs=3, batch_size=8, lr=0.01),
+        loss=LossConfig(params=(("weight", 10.0),)),
+        device="cpu",
+        teacher_checkpoint=str(tmp_path / "t" / "best.pt"),
+    )
+    lines = []
+    a = run_trial(cfg, tmp_path / "a", progress=False, log=lines.append)
+    assert "fitnet: learnable parts of 4,480 parameters, trained with the student, not deployed" in lines  # 32 -> 128 channels
+
+    def crash_after_epoch_1(message):  # an epoch is logged once its resume state is written
+        if message.startswith("epoch 1/3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_trial(cfg, tmp_path / "b", progress=False, log=crash_after_epoch_1)
+    lines = []
+    b = run_trial(cfg, tmp_path / "b", progress=False, log=lines.append)
+    assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
+    assert [h["term_hint"] for h in b.history] == [h["term_hint"] for h in a.history]
+    assert [h["train_loss"] for h in b.history] == [h["train_loss"] for h in a.history]
+    assert b.last.test == a.last.test and b.best.test == a.best.test
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        (
+            'teacher.model="efficientnet_b0"',
+            "fitnet distils stage features, and kdbench maps no stages of the teacher efficientnet_b0",
+        ),
+        ("data.resolution=48", "data.resolution must be a multiple of 32"),
+    ],
+)
+def test_a_pair_whose_stages_cannot_be_matched_is_refused_when_planning(tmp_path, override, needle):
+    folder = make_image_folder(tmp_path / "data", classes=3, per_class=4, size=16)
+    (tmp_path / "f.toml").write_text(ABLATION.format(folder=folder))
+    proc = run_cli("kdbench.sweep", "--config", str(tmp_path / "f.toml"), "--dry-run", "--set", override)
+    assert_one_line_error(proc, needle)
+
+
+def test_the_cost_estimate_charges_a_feature_student_its_online_teacher(tmp_path):
+    """A logit student shares the teacher's one pass over the views (the cache); a feature student runs it on every batch."""
+    from kdbench.sweep.ablation import load_ablation
+    from kdbench.sweep.cost import online
+    from kdbench.sweep.plan import plan_trials
+
+    (tmp_path / "f.toml").write_text(ABLATION.format(folder=tmp_path))
+    ablation, _, _ = load_ablation(str(tmp_path / "f.toml"), ['grid.methods=["teacher", "kd_kl", "fitnet", "at", "rkd"]'])
+    trials = plan_trials(ablation)
+    teacher = next(t for t in trials if t.role == "teacher")
+    assert {t.config.method: online(teacher, t) for t in trials if t.role == "student"} == {
+        "kd_kl": False,
+        "fitnet": True,
+        "at": True,
+        "rkd": True,
+    }
+    assert not any(t.config.packed for t in plan_trials(ablation, pack=4) if t.config.method != "kd_kl")
