@@ -163,9 +163,8 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None
     )
     for t in trials:
         c, lo = t.config, t.config.loss
-        name = c.method if c.role == "student" else "teacher"
         print(
-            f"{t.key:<16}  {name:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
+            f"{t.key:<16}  {t.name:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
             f"{lo.alpha:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}" + (f"  {t.plan.settings}" if t.plan.settings else "")
         )
     warnings = []

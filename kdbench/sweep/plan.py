@@ -36,6 +36,11 @@ class PlannedTrial:
         return self.config.role
 
     @property
+    def name(self) -> str:
+        """How logs name it: ``teacher``, or the student's method."""
+        return "teacher" if self.role == "teacher" else self.config.method
+
+    @property
     def trials(self) -> tuple[PlannedTrial, ...]:
         """The store's trials this unit runs: its members, or itself."""
         return self.members or (self,)

@@ -75,7 +75,7 @@ def run_sweep(
             store.mark_running(trial.key)
         c = unit.config
         name = names.get(c.data.dataset, c.data.dataset)
-        what = f"pack of {len(unit.members)} students" if unit.members else c.method
+        what = f"pack of {len(unit.members)} students" if unit.members else unit.name
         bar.set_postfix_str(f"{what} {name} seed {c.seed}")
 
     units_by_key = {u.key: u for u in units}
@@ -105,15 +105,15 @@ def run_sweep(
             counts["done" if fresh else "already"] += 1  # another sweep on this store may have recorded it first
             acc = outcome.result.best.test.accuracy
             how = "recovered from its metrics.json" if outcome.recovered else f"{outcome.seconds:.0f}s"
-            bar.write(f"done   {c.method:<10} {name:<10} seed {c.seed} test acc {acc:.4f} ({how}) [{outcome.key}]")
+            bar.write(f"done   {trial.name:<10} {name:<10} seed {c.seed} test acc {acc:.4f} ({how}) [{outcome.key}]")
             if ctx.int8 is not None and (fresh or outcome.recovered):  # not of a retrained copy the store does not hold
                 store.record_int8(outcome.key, outcome.int8, outcome.int8_error)
                 if outcome.int8_error:
-                    bar.write(f"no INT8 {c.method:<9} {name:<10} seed {c.seed}: {outcome.int8_error} [{outcome.key}]")
+                    bar.write(f"no INT8 {trial.name:<9} {name:<10} seed {c.seed}: {outcome.int8_error} [{outcome.key}]")
         else:
             store.record_failed(outcome.key, outcome.error)
             counts["failed"] += 1
-            bar.write(f"FAILED {c.method:<10} {name:<10} seed {c.seed}: {outcome.error} [{outcome.key}]")
+            bar.write(f"FAILED {trial.name:<10} {name:<10} seed {c.seed}: {outcome.error} [{outcome.key}]")
         bar.update(1)
 
     try:
