@@ -17,7 +17,7 @@ ABLATION = """
 name = "features"
 [grid]
 datasets = ["imagefolder:{folder}"]
-methods = ["teacher", "fitnet", "at", "rkd"]
+methods = ["fitnet", "at", "rkd"]
 seeds = [0]
 [data]
 resolution = 32
@@ -53,7 +53,7 @@ def test_fitnet_at_and_rkd_are_planned_trained_and_reported_by_a_sweep(sweep):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "trials: 4 total, 4 done, 0 failed" in proc.stdout
     db = sqlite3.connect(out / "store.sqlite")
-    rows = {m: json.loads(r) for m, r in db.execute("SELECT method, result FROM trials WHERE method != 'teacher'")}
+    rows = {m: json.loads(r) for m, r in db.execute("SELECT method, result FROM trials WHERE role = 'student'")}
     db.close()
     assert sorted(rows) == ["at", "fitnet", "rkd"]
     for method, result in rows.items():
@@ -85,7 +85,9 @@ def test_a_resumed_fitnet_trial_equals_an_uninterrupted_one(tmp_path):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=8, size=32)
     data = DataConfig(dataset=f"imagefolder:{folder}", resolution=32)
     quiet = lambda m: None  # noqa: E731
-    teacher = TrialConfig(method="teacher", data=data, recipe=Recipe(model="resnet18", epochs=1, batch_size=8), device="cpu")
+    teacher = TrialConfig(
+        method="baseline", role="teacher", data=data, recipe=Recipe(model="resnet18", epochs=1, batch_size=8), device="cpu"
+    )
     run_trial(dataclasses.replace(teacher, allow_chance_teacher=True), tmp_path / "t", progress=False, log=quiet)
     cfg = TrialConfig(
         method="fitnet",
@@ -137,7 +139,7 @@ def test_the_cost_estimate_charges_a_feature_student_its_online_teacher(tmp_path
     from kdbench.sweep.plan import plan_trials
 
     (tmp_path / "f.toml").write_text(ABLATION.format(folder=tmp_path))
-    ablation, _, _ = load_ablation(str(tmp_path / "f.toml"), ['grid.methods=["teacher", "kd_kl", "fitnet", "at", "rkd"]'])
+    ablation, _, _ = load_ablation(str(tmp_path / "f.toml"), ['grid.methods=["kd_kl", "fitnet", "at", "rkd"]'])
     trials = plan_trials(ablation)
     teacher = next(t for t in trials if t.role == "teacher")
     assert {t.config.method: online(teacher, t) for t in trials if t.role == "student"} == {
