@@ -10,7 +10,16 @@ import torch
 from scipy import stats
 
 from kdbench.engine.metrics import confusion_matrix, summarize
-from kdbench.report.stats import Difference, bootstrap_difference, mcnemar_exact, paired_difference, verdict
+from kdbench.report.stats import (
+    Difference,
+    _sampled_distribution,
+    bootstrap_difference,
+    disagreement,
+    holm,
+    mcnemar_exact,
+    paired_difference,
+    verdict,
+)
 
 
 def test_t_interval_uses_the_tabled_quantile():
@@ -60,8 +69,8 @@ def test_bootstrap_widens_with_disagreeing_seeds_and_is_reproducible():
 
 def test_identical_classifiers_have_a_zero_interval_and_mcnemar_p_of_one():
     a, _ = _pair(100, 0.7, 0.7, seed=5)
-    d = bootstrap_difference({0: a}, {0: a.copy()})
-    assert (d.mean, d.low, d.high) == (0.0, 0.0, 0.0)
+    d = bootstrap_difference(dict.fromkeys(range(3), a), dict.fromkeys(range(3), a.copy()))
+    assert (d.mean, d.low, d.high, d.p) == (0.0, 0.0, 0.0, 1.0)
     assert verdict(d) == "no significant difference"
     assert mcnemar_exact(a, a) == 1.0
 
@@ -74,11 +83,83 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_images():
     assert mcnemar_exact(reference, method) == pytest.approx(22 / 1024)
 
 
-def test_gain_only_when_the_interval_excludes_zero():
-    assert verdict(Difference(2.0, 0.5, 3.5, 3)) == "gain"
-    assert verdict(Difference(-2.0, -3.5, -0.5, 3)) == "loss"
-    assert verdict(Difference(5.83, -0.1, 11.0, 1)) == "no significant difference"
-    assert verdict(Difference(1.0, math.nan, math.nan, 1)) == "no interval"
+def test_gain_only_when_the_interval_excludes_zero_the_adjusted_p_is_small_and_three_seeds_are_paired():
+    assert verdict(Difference(2.0, 0.5, 3.5, 3, p=0.01)) == "gain"
+    assert verdict(Difference(-2.0, -3.5, -0.5, 3, p=0.01)) == "loss"
+    assert verdict(Difference(2.0, 0.5, 3.5, 3, p=0.01), p_adjusted=0.06) == "no significant difference"  # Holm
+    assert verdict(Difference(5.83, -0.1, 11.0, 3, p=0.06)) == "no significant difference"
+    assert verdict(Difference(1.0, math.nan, math.nan, 3)) == "no interval"
+    # one or two seeds: the interval is shown, but no verdict, however far it is from 0
+    assert verdict(Difference(9.0, 5.0, 13.0, 2, p=1e-6)) == verdict(Difference(9.0, 5.0, 13.0, 1, p=1e-6)) == "too few seeds"
+
+
+def _brute_force(d: np.ndarray) -> dict[float, float]:
+    """The two-way bootstrap distribution by enumerating every draw of seeds and of images (tiny ``d`` only)."""
+    import itertools
+
+    n_seeds, n_images = d.shape
+    dist: dict[float, float] = {}
+    for seeds in itertools.product(range(n_seeds), repeat=n_seeds):
+        for images in itertools.product(range(n_images), repeat=n_images):
+            value = round(100 * d[np.ix_(seeds, images)].mean(), 9)
+            dist[value] = dist.get(value, 0.0) + 1 / (n_seeds**n_seeds * n_images**n_images)
+    return dist
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        np.array([[1, 0, 0, -1, 1]]),  # one seed
+        np.array([[1, 1, 0, -1, 0], [0, 1, 0, 0, -1]]),  # two seeds, shared images
+        np.array([[1, 0, -1, 0], [1, 1, 0, 0], [0, -1, 0, 1]]),  # three seeds
+        np.array([[2, -1, 0, 1], [0, 1, -2, 1]]),  # differences of differences (INT8 drops): values in [-2, 2]
+    ],
+)
+def test_the_exact_bootstrap_is_the_enumerated_distribution(d):
+    """Every resample enumerated by brute force: quantiles and p-value equal the exact computation's."""
+    dist = _brute_force(d)
+    values = np.array(sorted(dist))
+    cdf = np.cumsum([dist[v] for v in values])
+    a = {s: np.clip(row, 0, None) for s, row in enumerate(d)}  # correct - reference = d
+    b = {s: np.clip(-row, 0, None) for s, row in enumerate(d)}
+    ours = bootstrap_difference(a, b)
+    assert ours.exact and ours.mean == pytest.approx(100 * d.mean())
+    assert ours.low == pytest.approx(values[np.searchsorted(cdf, 0.025 - 1e-9)])
+    assert ours.high == pytest.approx(values[np.searchsorted(cdf, 0.975 - 1e-9)])
+    below, above = sum(p for v, p in dist.items() if v <= 0), sum(p for v, p in dist.items() if v >= 0)
+    assert ours.p == pytest.approx(min(1.0, 2 * min(below, above)), abs=1e-12)
+
+
+def test_the_exact_bootstrap_agrees_with_a_large_monte_carlo_and_does_not_vary():
+    rng = np.random.default_rng(7)
+    a = {s: rng.random(400) < 0.80 for s in range(3)}
+    b = {s: rng.random(400) < 0.77 for s in range(3)}
+    exact = bootstrap_difference(a, b)
+    sampled = _sampled_distribution(np.stack([a[s].astype(float) - b[s] for s in range(3)]), 200_000)
+    low, high = np.percentile(sampled, [2.5, 97.5])
+    one_image = 100 / 400 / 3  # the lattice step of the statistic
+    assert abs(exact.low - low) <= 2 * one_image and abs(exact.high - high) <= 2 * one_image
+    assert exact.p == pytest.approx(2 * min((sampled <= 0).mean(), (sampled >= 0).mean()), abs=0.005)
+    assert bootstrap_difference(a, b) == exact  # nothing is sampled: the same numbers on any machine, any run
+
+
+def test_an_endpoint_on_zero_is_no_gain():
+    """One seed, 3 images right only for the method and none only for the reference out of 40: the exact 2.5 %
+    quantile is 0 (P(no discordant image drawn) = (37/40)^40 = 4.4 % > 2.5 %), so the interval touches 0."""
+    method = np.array([True] * 3 + [False] * 37)
+    d = bootstrap_difference(dict.fromkeys(range(3), method), dict.fromkeys(range(3), np.zeros(40, dtype=bool)))
+    assert d.low == 0.0 and d.p > 0.05 and verdict(d) == "no significant difference"
+
+
+def test_holm_is_the_step_down_adjustment():
+    # sorted p: 0.01, 0.02, 0.04 -> 3 * 0.01, max(0.03, 2 * 0.02), max(0.04, 1 * 0.04)
+    assert holm([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.04, 0.03, math.nan, 0.04], nan_ok=True)
+
+
+def test_a_verdict_at_odds_with_every_mcnemar_test_is_flagged():
+    assert "no seed's McNemar" in disagreement("gain", (0.2, 0.06, 0.5))
+    assert "every seed's McNemar" in disagreement("no significant difference", (0.01, 0.03, 0.001))
+    assert disagreement("gain", (0.2, 0.01, 0.5)) == disagreement("too few seeds", (0.01,)) == ""
 
 
 def test_macro_metrics_and_confusion_matrix_by_hand():

@@ -6,9 +6,9 @@ import pandas as pd
 
 from kdbench.errors import one_line
 from kdbench.report.load import ReportData
+from kdbench.report.stats import MIN_SEEDS
 from kdbench.report.tables import CLAIM_METHOD, PAPER, PAPER_BEST_ACCURACY, PAPER_LABEL, Table, claim_verdict
 
-MIN_SEEDS = 3  # fewer finished seeds than this: spreads and intervals are not meaningful
 BEST_LAST_GAP = 1.0  # percentage points between best-val-checkpoint and last-epoch accuracy worth a note
 
 
@@ -44,7 +44,12 @@ def findings(accuracy: Table, claim: Table | None, int8: Table | None = None) ->
             lines.append(f"{dataset}: no method could be compared with the baseline (no paired finished trials).")
             continue
         gains = judged[judged["verdict"] == "gain"]
-        if gains.empty:
+        if judged["verdict"].eq("too few seeds").all():
+            head = (
+                f"with fewer than {MIN_SEEDS} seeds there is no verdict (training noise is not measured); the "
+                "differences from the baseline student are"
+            )
+        elif gains.empty:
             head = "no distillation method is significantly better than the baseline student"
         else:
             head = f"{', '.join(gains['label'])} significantly better than the baseline student"
@@ -67,9 +72,11 @@ def _int8_finding(dataset: str, rows: pd.DataFrame) -> list[str]:
     if baseline.empty or baseline["int8_n"].iloc[0] == 0 or kd.empty:
         return []
     b = baseline.iloc[0]
-    changed = kd[kd["drop_vs_baseline_verdict"] != "no significant difference"]
+    changed = kd[kd["drop_vs_baseline_verdict"].isin(["gain", "loss"])]
     head = (
-        "distillation changes how much accuracy INT8 costs: "
+        f"with fewer than {MIN_SEEDS} seeds there is no verdict on whether distillation changes how much accuracy INT8 costs"
+        if kd["drop_vs_baseline_verdict"].eq("too few seeds").all()
+        else "distillation changes how much accuracy INT8 costs: "
         + ", ".join(f"{r.label} loses {'less' if r.drop_vs_baseline_verdict == 'gain' else 'more'}" for r in changed.itertuples())
         + " than the baseline student"
         if len(changed)
@@ -101,7 +108,9 @@ def _teacher_gap(dataset: str, group: pd.DataFrame) -> list[str]:
     meaning = {
         "gain": "the teacher is significantly ahead: this is the gap distillation can close",
         "loss": "the teacher is significantly behind its students: distillation cannot be expected to help",
-        "no significant difference": "the teacher is not significantly ahead: distillation has little to transfer",
+        "no significant difference": f"the teacher is not significantly ahead, but the interval cannot rule out a gap "
+        f"of up to {t['diff_high']:+.2f} pp",
+        "too few seeds": f"no verdict with fewer than {MIN_SEEDS} seeds; the interval reaches {t['diff_high']:+.2f} pp",
     }[t["verdict"]]
     return [
         f"{dataset}: teacher {t['best_mean']:.2f}% against baseline student {b['best_mean']:.2f}%, "
@@ -126,8 +135,10 @@ _VERDICT_PROSE = {
     "gain": "a significant gain",
     "loss": "a significant loss",
     "no significant difference": "no significant difference",
+    "too few seeds": f"no verdict (fewer than {MIN_SEEDS} seeds)",
 }
 _CLAIM_PROSE = {
+    "not judged": f"is not judged (fewer than {MIN_SEEDS} seeds: no verdict)",
     "holds": "holds",
     "contradicted": "is contradicted (a significant loss)",
     "not shown": "is not shown (no significant gain over every method)",
@@ -211,7 +222,8 @@ def _few_seeds(data: ReportData, accuracy: pd.DataFrame) -> list[str]:
         )
     return [
         f"Fewer than {MIN_SEEDS} finished seeds ({where}): standard deviations are not meaningful there (one seed has "
-        "none), and the Δ intervals there hold test-image noise but little or no seed-to-seed noise."
+        "none), and the Δ intervals there hold test-image noise but little or no seed-to-seed noise, so they carry no "
+        "gain/loss verdict, no best-student mark and no verdict on the paper's claim."
     ]
 
 

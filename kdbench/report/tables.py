@@ -17,10 +17,13 @@ from kdbench.errors import UserError
 from kdbench.profile import FLOP_CONVENTION, compression
 from kdbench.report.load import BENCH_FILE, ReportData, int8_correct, row_name, test_correct
 from kdbench.report.stats import (
-    BOOTSTRAP_RESAMPLES,
     CONFIDENCE,
+    EXACT_MAX_SEEDS,
+    MIN_SEEDS,
     Difference,
     bootstrap_difference,
+    disagreement,
+    holm,
     mcnemar_exact,
     paired_difference,
     summarize,
@@ -33,7 +36,8 @@ PAPER_BEST_ACCURACY = 99.04  # percent, the paper's best reported test accuracy;
 PAPER_LABEL = "paper (reported)"
 BEST_MARK = "★"
 MISSING = "—"
-VERDICT_TEXT = {"gain": "gain", "loss": "loss", "no significant difference": "n.s."}
+VERDICT_TEXT = {"gain": "gain", "loss": "loss", "no significant difference": "n.s.", "too few seeds": "no verdict"}
+BORDERLINE_MARK = "†"  # the bootstrap verdict and the per-seed McNemar tests disagree (stats.disagreement)
 MISSING_BENCH_NOTE = (
     f"No {BENCH_FILE} in the sweep folder: CPU latency and throughput were not measured, so speed-ups and the "
     f"accuracy-vs-latency plot are left out. To add them, write {BENCH_FILE} into this folder with the inference benchmark, "
@@ -72,15 +76,49 @@ def mean_std(mean: float, std: float) -> str:
     return number(mean) if math.isnan(std) else f"{number(mean)} ± {number(std)}"
 
 
-def difference_text(diff: Difference, seeds: int) -> str:
-    """A paired difference in pp with its bootstrap interval and verdict, or why there is none."""
+def difference_text(diff: Difference, seeds: int, call: str, flag: str = "") -> str:
+    """A paired difference in pp with its bootstrap interval and verdict ``call`` (:func:`judge`), or why there is
+    none; :data:`BORDERLINE_MARK` where ``flag`` says the verdict is borderline."""
     if diff.n == 0 or math.isnan(diff.mean):
         return MISSING
     pairs = f"; {diff.n} of {seeds} seeds paired" if diff.n < seeds else ""
     if math.isnan(diff.low):
         return f"{number(diff.mean, sign=True)} (no interval{pairs})"
     interval = f"[{number(diff.low, sign=True)}, {number(diff.high, sign=True)}]"
-    return f"{number(diff.mean, sign=True)} {interval} {VERDICT_TEXT[verdict(diff)]}{pairs}"
+    mark = f" {BORDERLINE_MARK}" if flag else ""
+    return f"{number(diff.mean, sign=True)} {interval} {VERDICT_TEXT[call]}{mark}{pairs}"
+
+
+def judge(frame: pd.DataFrame, family: pd.Series | None, prefix: str = "diff", mcnemar: str | None = "mcnemar_p") -> pd.DataFrame:
+    """``frame`` with the verdicts of its ``<prefix>_*`` bootstrap differences (:func:`kdbench.report.stats.verdict`).
+
+    ``family`` labels the rows whose comparisons form one family for Holm's adjustment (NaN: a row without a
+    comparison); None: no adjustment (``<prefix>_p_holm`` is the p-value itself).  Adds ``<prefix>_p_holm``,
+    ``<verdict column>`` (``verdict`` for ``diff``, else ``<prefix>_verdict``) and ``<prefix>_flag``: why the verdict
+    is borderline against the per-seed McNemar p-values in column ``mcnemar`` (:func:`kdbench.report.stats.disagreement`).
+    """
+    p = frame[f"{prefix}_p"].astype(float)
+    adjusted = p.copy()
+    if family is not None:
+        for _, rows in frame.groupby(family, sort=False, dropna=True):
+            adjusted.loc[rows.index] = holm(list(p.loc[rows.index]))
+    calls = [verdict(_boot(r, prefix), a) if r[f"{prefix}_n"] else "" for (_, r), a in zip(frame.iterrows(), adjusted)]
+    flags = [disagreement(call, r[mcnemar]) if mcnemar and call else "" for call, (_, r) in zip(calls, frame.iterrows())]
+    column = "verdict" if prefix == "diff" else f"{prefix}_verdict"
+    return frame.assign(**{f"{prefix}_p_holm": adjusted, column: calls, f"{prefix}_flag": flags})
+
+
+def verdict_rules(family: str) -> str:
+    """The note that states the verdict rules of a table whose comparisons form ``family``."""
+    return (
+        f"Verdicts: a gain (or loss) only where the {CONFIDENCE:.0%} interval excludes 0, the Holm-adjusted p-value over "
+        f"{family} is below {1 - CONFIDENCE:.2f} (statsmodels; the CSV has diff_p and diff_p_holm), and at least "
+        f"{MIN_SEEDS} seeds are paired: with fewer, training noise (which one or two seeds cannot measure) can exceed "
+        f"the test-image interval, so the difference and its interval are shown with no verdict. The bootstrap "
+        f"distribution is computed exactly (up to {EXACT_MAX_SEEDS} seeds), not sampled, so no verdict rests on "
+        f"Monte-Carlo noise. {BORDERLINE_MARK}: borderline, the verdict disagrees with the per-seed McNemar tests "
+        "(the CSV's diff_flag says how)."
+    )
 
 
 def p_values_text(p_values: tuple[float, ...]) -> str:
@@ -98,6 +136,9 @@ def accuracy_table(data: ReportData) -> Table:
     shared = data.ablation.teacher_seed is not None
     rows = [_accuracy_row(trials, dataset, method, shared) for dataset in data.datasets for method in _methods(data)]
     frame = pd.DataFrame(rows)
+    # two families of comparisons with the baseline: the students' (every dataset) and the teacher's
+    family = frame["role"].where(frame["method"] != "baseline")
+    frame = judge(frame, family)
     frame["best_student"] = _best_student(frame)
     frame["star"] = _star(frame)
     ci = f"{CONFIDENCE:.0%}"
@@ -110,7 +151,8 @@ def accuracy_table(data: ReportData) -> Table:
             "Macro F1 %": frame["f1"].map(number),
             "Test acc. %, last epoch": [mean_std(m, s) for m, s in zip(frame["last_mean"], frame["last_std"])],
             f"Δ vs baseline, pp [{ci} CI]": [
-                "reference" if r.method == "baseline" else difference_text(_boot(r), len(data.seeds)) for r in frame.itertuples()
+                "reference" if r.method == "baseline" else difference_text(_boot(r), len(data.seeds), r.verdict, r.diff_flag)
+                for r in frame.itertuples()
             ],
             "McNemar p per seed": ["" if r.method == "baseline" else p_values_text(r.mcnemar_p) for r in frame.itertuples()],
         }
@@ -130,9 +172,9 @@ def accuracy_table(data: ReportData) -> Table:
         "the CSV, macro precision and recall) are means over seeds. Seeds: finished / planned.",
         f"Δ: test accuracy minus the student baseline's in percentage points, paired by seed and by test image; "
         f"{ci} interval of a two-way bootstrap that resamples both the seeds and the test images "
-        f"({BOOTSTRAP_RESAMPLES} resamples, percentile interval), so it holds test-set noise as well as seed noise. "
-        "A difference is a gain (or a loss) only where the interval excludes 0; otherwise it is no significant "
-        "difference. The CSV also has the Student-t interval over seeds alone (diff_t_low, diff_t_high).",
+        "(percentile interval), so it holds test-set noise as well as seed noise. The CSV also has the Student-t "
+        "interval over seeds alone (diff_t_low, diff_t_high).",
+        verdict_rules("the students' comparisons with the baseline on every dataset (the teacher's are a family of their own)"),
         "McNemar p per seed: exact two-sided McNemar test of the method against the baseline on the same test images, "
         "one p-value per seed (binomial test of the images only one of the two gets right).",
         *(
@@ -148,8 +190,10 @@ def accuracy_table(data: ReportData) -> Table:
     return Table("accuracy", "Table 1. Test accuracy per method", _round(frame), display, notes, group="Dataset")
 
 
-def _boot(row) -> Difference:
-    return Difference(row.diff_mean, row.diff_low, row.diff_high, row.diff_n)
+def _boot(row, prefix: str = "diff") -> Difference:
+    """The bootstrap difference stored in ``row``'s ``<prefix>_mean/low/high/n/p`` (a tuple or a Series)."""
+    get = row.get if isinstance(row, pd.Series) else lambda k: getattr(row, k)
+    return Difference(*(get(f"{prefix}_{k}") for k in ("mean", "low", "high", "n", "p")))
 
 
 def own_defaults(data: ReportData) -> list[tuple[str, str]]:
@@ -187,8 +231,7 @@ def _accuracy_row(trials: pd.DataFrame, dataset: str, method: str, shared_teache
         **{m: summarize(list(done[f"best_{m}"])).mean for m in ("precision", "recall", "f1")},
         "last_mean": last.mean,
         "last_std": last.std,
-        **comparison,
-        "verdict": comparison["verdict"] if method != "baseline" else "",
+        **(comparison if method != "baseline" else dict.fromkeys(comparison, math.nan) | {"diff_n": 0, "mcnemar_p": ()}),
     }
 
 
@@ -204,8 +247,9 @@ def _every_seed(teacher: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
 
 
 def compare(done: pd.DataFrame, reference: pd.DataFrame) -> dict:
-    """``done``'s trials against ``reference``'s, paired by seed and test image: the bootstrap Δ (``diff_*``) and its
-    verdict, the Student-t interval over seeds alone (``diff_t_*``) and the exact McNemar p-value of each seed."""
+    """``done``'s trials against ``reference``'s, paired by seed and test image: the bootstrap Δ (``diff_*``, its
+    p-value ``diff_p``; :func:`judge` gives the verdict), the Student-t interval over seeds alone (``diff_t_*``)
+    and the exact McNemar p-value of each seed."""
     by_seed_t = paired_difference(_by_seed(done), _by_seed(reference))
     correct, paired = _paired_correct(done, reference)
     boot = bootstrap_difference(correct, paired)
@@ -214,7 +258,7 @@ def compare(done: pd.DataFrame, reference: pd.DataFrame) -> dict:
         "diff_low": boot.low,
         "diff_high": boot.high,
         "diff_n": boot.n,
-        "verdict": verdict(boot),
+        "diff_p": boot.p,
         "diff_t_low": by_seed_t.low,
         "diff_t_high": by_seed_t.high,
         "mcnemar_p": tuple(mcnemar_exact(correct[s], paired[s]) for s in sorted(correct.keys() & paired.keys())),
@@ -272,20 +316,22 @@ def claim_table(data: ReportData) -> Table | None:
         for dataset in data.datasets
         for m in methods
     ]
-    frame = pd.DataFrame(rows)
+    frame = judge(pd.DataFrame(rows), pd.DataFrame(rows)["dataset"])
     ci, name = f"{CONFIDENCE:.0%}", data.label(CLAIM_METHOD)
     display = pd.DataFrame(
         {
             "Dataset": frame["dataset"],
             f"{name} against": frame["label"],
-            f"Δ, pp [{ci} CI]": [difference_text(_boot(r), len(data.seeds)) for r in frame.itertuples()],
+            f"Δ, pp [{ci} CI]": [difference_text(_boot(r), len(data.seeds), r.verdict, r.diff_flag) for r in frame.itertuples()],
             "McNemar p per seed": frame["mcnemar_p"].map(p_values_text),
         }
     )
     notes = (
         f"The paper's claim is that its loss ({name}) beats the baseline student and the single-loss KD students. "
         f"Δ: test accuracy of {name} minus that of the method named, default point, paired by seed and test image, "
-        f"with the {ci} two-way bootstrap interval of Table 1; gain or loss only where the interval excludes 0.",
+        f"with the {ci} two-way bootstrap interval of Table 1. The claim holds on a dataset only where every "
+        "comparison is a gain.",
+        verdict_rules("each dataset's comparisons (conservative for the claim, which needs every one of them)"),
     )
     frame = frame.assign(mcnemar_p=frame["mcnemar_p"].map(p_values_text))
     return Table("claim", f"Table 1b. {name} against each other student", _round(frame), display, notes, group="Dataset")
@@ -293,8 +339,10 @@ def claim_table(data: ReportData) -> Table | None:
 
 def claim_verdict(claim: pd.DataFrame) -> str:
     """``holds`` when every comparison of the paper's method is a gain, ``contradicted`` when one is a loss,
-    ``not shown`` otherwise."""
+    ``not judged`` when one has too few seeds for a verdict, ``not shown`` otherwise."""
     verdicts = set(claim["verdict"])
+    if "too few seeds" in verdicts:
+        return "not judged"
     if verdicts == {"gain"}:
         return "holds"
     return "contradicted" if "loss" in verdicts else "not shown"
@@ -479,13 +527,13 @@ def int8_table(data: ReportData) -> Table | None:
                     "diff_low": boot.low,
                     "diff_high": boot.high,
                     "diff_n": boot.n,
-                    "verdict": verdict(boot),
+                    "diff_p": boot.p,
                     "mcnemar_p": tuple(mcnemar_exact(correct[k], reference[k]) for k in sorted(correct)),
                     "drop_vs_baseline_mean": vs_base.mean,
                     "drop_vs_baseline_low": vs_base.low,
                     "drop_vs_baseline_high": vs_base.high,
                     "drop_vs_baseline_n": vs_base.n,
-                    "drop_vs_baseline_verdict": verdict(vs_base),
+                    "drop_vs_baseline_p": vs_base.p,
                     "bytes_fp32": first.bytes_fp32 if first else math.nan,
                     "bytes_int8": first.bytes_int8 if first else math.nan,
                     "quantize_s": quantized["int8"].map(lambda r: r.quantize_s).mean() if len(quantized) else math.nan,
@@ -493,6 +541,9 @@ def int8_table(data: ReportData) -> Table | None:
                 }
             )
     frame = pd.DataFrame(rows)
+    frame = judge(frame, frame["diff_n"].where(frame["diff_n"] > 0).notna())  # every INT8 - fp32 comparison: one family
+    kd = frame["drop_vs_baseline_n"] > 0
+    frame = judge(frame, kd.where(kd), prefix="drop_vs_baseline", mcnemar=None)
     ci = f"{CONFIDENCE:.0%}"
     settings = next((r.settings for r in data.done["int8"] if r is not None), None)
     counts = sorted({r.calibration_count for r in data.done["int8"] if r is not None})
@@ -503,7 +554,9 @@ def int8_table(data: ReportData) -> Table | None:
             "Seeds": [f"{n}/{planned}" for n, planned in zip(frame["int8_n"], frame["n"])],
             "fp32 acc. %": [mean_std(m, s) for m, s in zip(frame["fp32_mean"], frame["fp32_std"])],
             "INT8 acc. %": [mean_std(m, s) for m, s in zip(frame["int8_mean"], frame["int8_std"])],
-            f"INT8 − fp32, pp [{ci} CI]": [difference_text(_boot(r), len(data.seeds)) for r in frame.itertuples()],
+            f"INT8 − fp32, pp [{ci} CI]": [
+                difference_text(_boot(r), len(data.seeds), r.verdict, r.diff_flag) for r in frame.itertuples()
+            ],
             "McNemar p per seed": frame["mcnemar_p"].map(p_values_text),
             f"INT8 drop − baseline's, pp [{ci} CI]": [_drop_text(r, len(data.seeds)) for r in frame.itertuples()],
             "Size MB fp32 / INT8": [
@@ -533,6 +586,7 @@ def int8_table(data: ReportData) -> Table | None:
         "two-way bootstrap interval of Table 1; McNemar p per seed: exact test of the INT8 model against its fp32 model.",
         "INT8 drop − baseline's: the KD student's INT8 − fp32 difference minus the baseline student's, paired by seed and "
         "test image: whether distillation changes how much accuracy INT8 costs (gain: KD loses less).",
+        verdict_rules("the table's INT8 − fp32 comparisons (and, apart, over its KD students' drops against the baseline's)"),
         "Size: the ONNX files on disk (fp32 export / INT8 model). Latency: median of one forward pass of the whole batch "
         f"on the CPU from {BENCH_FILE} (random weights, at the benchmarked input size nearest the trained one): PyTorch "
         "fp32, ONNX Runtime fp32 and ONNX Runtime INT8; — where it was not timed.",
@@ -556,8 +610,7 @@ def _drop_text(row, seeds: int) -> str:
         return "reference"
     if row.role != "student":
         return ""
-    drop = Difference(row.drop_vs_baseline_mean, row.drop_vs_baseline_low, row.drop_vs_baseline_high, row.drop_vs_baseline_n)
-    return difference_text(drop, seeds)
+    return difference_text(_boot(row, "drop_vs_baseline"), seeds, row.drop_vs_baseline_verdict)
 
 
 def _slug(runtime: str) -> str:
