@@ -8,6 +8,7 @@ from pathlib import Path
 from kdbench.config import Recipe
 from kdbench.data.specs import get_spec
 from kdbench.report import figures
+from kdbench.report.across import across_table
 from kdbench.report.document import Block, Bullets, FigureBlock, Heading, Paragraph, TableBlock
 from kdbench.report.load import BENCH_FILE, ReportData
 from kdbench.report.notes import findings, int8_missing, report_notes
@@ -34,7 +35,7 @@ from kdbench.report.tables import (
 
 def build_tables(data: ReportData) -> dict[str, Table]:
     """Every table this store supports, by CSV name (ablation and latency tables only when there is data for them)."""
-    tables = [accuracy_table(data), *filter(None, [claim_table(data)]), complexity_table(data)]
+    tables = [accuracy_table(data), *filter(None, [claim_table(data), across_table(data)]), complexity_table(data)]
     if data.bench is not None:
         tables.append(latency_table(data))
     tables += filter(None, [int8_table(data)])
@@ -69,6 +70,25 @@ def draw_figures(data: ReportData, tables: dict[str, Table], folder: Path) -> di
             "error bars ±1 standard deviation across seeds (none with one seed), "
             f"dots single seeds ({len(data.seeds)} planned). Dashed line: {PAPER_LABEL}, "
             "for reference only.",
+        ),
+        (
+            "forest",
+            lambda: figures.forest_figure(
+                tables["accuracy"].data,
+                tables["claim"].data if "claim" in tables else None,
+                tables["across"].data if "across" in tables else None,
+            ),
+            f"Every difference of Tables 1, 1b and 1c with its {CONFIDENCE:.0%} interval, per dataset and pooled over "
+            "datasets (bold), zero dashed: left, each student against the baseline student; right, the paper's method "
+            "against each other student. Filled markers: a gain or loss by the verdict rules of the tables; hollow: "
+            "no significant difference, or no verdict (fewer than 3 seeds).",
+        ),
+        (
+            "critical_difference",
+            lambda: figures.critical_difference_figure(data),
+            "Critical-difference diagram (Demšar, JMLR 2006; scikit-posthocs): the students' mean ranks over (dataset, "
+            "seed) blocks, 1 = most accurate; students joined by a bar are not significantly different by the Nemenyi "
+            "post-hoc test after the Friedman test (Table 1c).",
         ),
         (
             "accuracy_vs_cost",
@@ -121,9 +141,11 @@ def report_blocks(data: ReportData, tables: dict[str, Table], figs: dict[str, Fi
     if data.ablation.description:
         blocks.append(Paragraph(description(data)))
     blocks += [Heading("What ran"), Bullets(tuple(run_summary(data)))]
-    blocks += [Heading("Findings"), Bullets(tuple(findings(tables["accuracy"], tables.get("claim"), tables.get("int8"))))]
+    lines = findings(tables["accuracy"], tables.get("claim"), tables.get("int8"), tables.get("across"))
+    blocks += [Heading("Findings"), Bullets(tuple(lines))]
     blocks += [Heading("Notes"), Bullets(tuple(report_notes(data, tables["accuracy"])))]
-    blocks += _section("1. Accuracy", [tables["accuracy"], *filter(None, [tables.get("claim")])], [figs.get("accuracy")])
+    accuracy = [tables["accuracy"], *filter(None, [tables.get("claim"), tables.get("across")])]
+    blocks += _section("1. Accuracy", accuracy, [figs.get("accuracy"), figs.get("forest"), figs.get("critical_difference")])
     speed = [tables["latency"]] if "latency" in tables else [Paragraph(MISSING_BENCH_NOTE)]
     if "int8" in tables:
         speed.append(tables["int8"] if data.done["int8"].notna().any() else Paragraph(int8_missing(data)))

@@ -324,3 +324,96 @@ def _cost_points(data: ReportData) -> pd.DataFrame:
         rank = points.groupby(["dataset", "model"]).cumcount()
         points["offset"] = rank - points.groupby(["dataset", "model"])["method"].transform("count").sub(1) / 2
     return points
+
+
+def forest_figure(accuracy: pd.DataFrame, claim: pd.DataFrame | None, across: pd.DataFrame | None) -> plt.Figure | None:
+    """Every difference with its interval, per dataset and pooled, zero marked: each student against the baseline
+    (left) and the paper's method against each other student (right); filled markers where the verdict is a gain
+    or a loss.  From the CSV frames of Tables 1, 1b and 1c."""
+    panels = [("against the baseline", _forest_rows(accuracy[accuracy["role"] == "student"], across, "diff"))]
+    if claim is not None and len(claim):
+        panels.append(("the paper's method against each", _forest_rows(claim, across, "claim")))
+    panels = [(title, rows) for title, rows in panels if len(rows)]
+    if not panels:
+        return None
+    height = 0.9 + 0.22 * max(len(rows) for _, rows in panels)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(WIDTH, height), squeeze=False)
+        for ax, (title, rows) in zip(axes[0], panels):
+            y = np.arange(len(rows))[::-1]
+            judged = rows["verdict"].isin(["gain", "loss"]).to_numpy()
+            for filled in (True, False):
+                pick = judged == filled
+                ax.errorbar(
+                    rows["mean"][pick],
+                    y[pick],
+                    xerr=[(rows["mean"] - rows["low"])[pick], (rows["high"] - rows["mean"])[pick]],
+                    fmt="o",
+                    color="0.15",
+                    markerfacecolor="0.15" if filled else "white",
+                    markersize=4,
+                    capsize=2,
+                    linewidth=1,
+                )
+            ax.axvline(0, color="0.4", linewidth=0.8, linestyle="--")
+            ax.set_yticks(y, [plain(t) for t in rows["name"]])
+            ax.set(xlabel="Δ test accuracy, pp", title=title)
+            for tick, pooled in zip(ax.get_yticklabels(), rows["pooled"]):
+                tick.set_fontweight("bold" if pooled else "normal")
+        fig.tight_layout()
+    return fig
+
+
+def _forest_rows(per_dataset: pd.DataFrame, across: pd.DataFrame | None, prefix: str) -> pd.DataFrame:
+    """name, mean, low, high, verdict, pooled: one row per dataset and comparison with an interval, then the pooled ones."""
+    done = per_dataset[per_dataset["diff_low"].notna()]
+    rows = [
+        {
+            "name": f"{r.dataset}: {r.label}",
+            "mean": r.diff_mean,
+            "low": r.diff_low,
+            "high": r.diff_high,
+            "verdict": r.verdict,
+            "pooled": False,
+        }
+        for r in done.itertuples()
+    ]
+    if across is not None:
+        verdict_column = "verdict" if prefix == "diff" else f"{prefix}_verdict"
+        pooled = across[across[f"{prefix}_low"].notna()] if f"{prefix}_low" in across else across.iloc[0:0]
+        rows += [
+            {
+                "name": f"pooled: {r['label']}",
+                "mean": r[f"{prefix}_mean"],
+                "low": r[f"{prefix}_low"],
+                "high": r[f"{prefix}_high"],
+                "verdict": r[verdict_column],
+                "pooled": True,
+            }
+            for _, r in pooled.iterrows()
+        ]
+    return pd.DataFrame(rows, columns=["name", "mean", "low", "high", "verdict", "pooled"])
+
+
+def critical_difference_figure(data: ReportData) -> plt.Figure | None:
+    """The critical-difference diagram of the students' mean ranks over (dataset, seed) blocks (scikit-posthocs,
+    Nemenyi post-hoc tests after Friedman; Demšar, JMLR 2006); None where Friedman is not defined."""
+    import scikit_posthocs
+
+    from kdbench.report.across import nemenyi, student_ranks
+
+    students = [m for m in data.methods if data.plan(m).role == "student"]
+    if len(data.datasets) < 2:
+        return None
+    ranks = student_ranks(_default_done(data), students)
+    p_values = nemenyi(ranks)
+    if p_values is None:
+        return None
+    names = {m: plain(data.label(m)) for m in ranks.columns}
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(WIDTH, 0.6 + 0.25 * len(names)))
+        scikit_posthocs.critical_difference_diagram(
+            ranks.mean().rename(names), p_values.rename(index=names, columns=names), ax=ax
+        )
+        fig.tight_layout()
+    return fig

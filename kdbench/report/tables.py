@@ -102,7 +102,7 @@ def judge(frame: pd.DataFrame, family: pd.Series | None, prefix: str = "diff", m
     if family is not None:
         for _, rows in frame.groupby(family, sort=False, dropna=True):
             adjusted.loc[rows.index] = holm(list(p.loc[rows.index]))
-    calls = [verdict(_boot(r, prefix), a) if r[f"{prefix}_n"] else "" for (_, r), a in zip(frame.iterrows(), adjusted)]
+    calls = [verdict(boot_of(r, prefix), a) if r[f"{prefix}_n"] else "" for (_, r), a in zip(frame.iterrows(), adjusted)]
     flags = [disagreement(call, r[mcnemar]) if mcnemar and call else "" for call, (_, r) in zip(calls, frame.iterrows())]
     column = "verdict" if prefix == "diff" else f"{prefix}_verdict"
     return frame.assign(**{f"{prefix}_p_holm": adjusted, column: calls, f"{prefix}_flag": flags})
@@ -151,7 +151,7 @@ def accuracy_table(data: ReportData) -> Table:
             "Macro F1 %": frame["f1"].map(number),
             "Test acc. %, last epoch": [mean_std(m, s) for m, s in zip(frame["last_mean"], frame["last_std"])],
             f"Δ vs baseline, pp [{ci} CI]": [
-                "reference" if r.method == "baseline" else difference_text(_boot(r), len(data.seeds), r.verdict, r.diff_flag)
+                "reference" if r.method == "baseline" else difference_text(boot_of(r), len(data.seeds), r.verdict, r.diff_flag)
                 for r in frame.itertuples()
             ],
             "McNemar p per seed": ["" if r.method == "baseline" else p_values_text(r.mcnemar_p) for r in frame.itertuples()],
@@ -190,7 +190,7 @@ def accuracy_table(data: ReportData) -> Table:
     return Table("accuracy", "Table 1. Test accuracy per method", _round(frame), display, notes, group="Dataset")
 
 
-def _boot(row, prefix: str = "diff") -> Difference:
+def boot_of(row, prefix: str = "diff") -> Difference:
     """The bootstrap difference stored in ``row``'s ``<prefix>_mean/low/high/n/p`` (a tuple or a Series)."""
     get = row.get if isinstance(row, pd.Series) else lambda k: getattr(row, k)
     return Difference(*(get(f"{prefix}_{k}") for k in ("mean", "low", "high", "n", "p")))
@@ -251,7 +251,7 @@ def compare(done: pd.DataFrame, reference: pd.DataFrame) -> dict:
     p-value ``diff_p``; :func:`judge` gives the verdict), the Student-t interval over seeds alone (``diff_t_*``)
     and the exact McNemar p-value of each seed."""
     by_seed_t = paired_difference(_by_seed(done), _by_seed(reference))
-    correct, paired = _paired_correct(done, reference)
+    correct, paired = paired_correct(done, reference)
     boot = bootstrap_difference(correct, paired)
     return {
         "diff_mean": boot.mean,
@@ -269,7 +269,7 @@ def _by_seed(trials: pd.DataFrame) -> dict[int, float]:
     return dict(zip(trials["seed"], trials["best_acc"]))
 
 
-def _paired_correct(done: pd.DataFrame, reference: pd.DataFrame) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+def paired_correct(done: pd.DataFrame, reference: pd.DataFrame) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """seed -> per-test-image correctness of ``done``'s and ``reference``'s trials, for the seeds both have on the same images."""
     correct, paired = {}, {}
     base = {t.seed: t.result for t in reference.itertuples()}
@@ -322,7 +322,9 @@ def claim_table(data: ReportData) -> Table | None:
         {
             "Dataset": frame["dataset"],
             f"{name} against": frame["label"],
-            f"Δ, pp [{ci} CI]": [difference_text(_boot(r), len(data.seeds), r.verdict, r.diff_flag) for r in frame.itertuples()],
+            f"Δ, pp [{ci} CI]": [
+                difference_text(boot_of(r), len(data.seeds), r.verdict, r.diff_flag) for r in frame.itertuples()
+            ],
             "McNemar p per seed": frame["mcnemar_p"].map(p_values_text),
         }
     )
@@ -337,10 +339,11 @@ def claim_table(data: ReportData) -> Table | None:
     return Table("claim", f"Table 1b. {name} against each other student", _round(frame), display, notes, group="Dataset")
 
 
-def claim_verdict(claim: pd.DataFrame) -> str:
-    """``holds`` when every comparison of the paper's method is a gain, ``contradicted`` when one is a loss,
-    ``not judged`` when one has too few seeds for a verdict, ``not shown`` otherwise."""
-    verdicts = set(claim["verdict"])
+def claim_verdict(calls) -> str:
+    """The paper's claim from the verdicts ``calls`` of its method's comparisons: ``holds`` when every one is a gain,
+    ``contradicted`` when one is a loss, ``not judged`` when one has too few seeds for a verdict, ``not shown``
+    otherwise."""
+    verdicts = set(calls)
     if "too few seeds" in verdicts:
         return "not judged"
     if verdicts == {"gain"}:
@@ -555,7 +558,7 @@ def int8_table(data: ReportData) -> Table | None:
             "fp32 acc. %": [mean_std(m, s) for m, s in zip(frame["fp32_mean"], frame["fp32_std"])],
             "INT8 acc. %": [mean_std(m, s) for m, s in zip(frame["int8_mean"], frame["int8_std"])],
             f"INT8 − fp32, pp [{ci} CI]": [
-                difference_text(_boot(r), len(data.seeds), r.verdict, r.diff_flag) for r in frame.itertuples()
+                difference_text(boot_of(r), len(data.seeds), r.verdict, r.diff_flag) for r in frame.itertuples()
             ],
             "McNemar p per seed": frame["mcnemar_p"].map(p_values_text),
             f"INT8 drop − baseline's, pp [{ci} CI]": [_drop_text(r, len(data.seeds)) for r in frame.itertuples()],
@@ -610,7 +613,7 @@ def _drop_text(row, seeds: int) -> str:
         return "reference"
     if row.role != "student":
         return ""
-    return difference_text(_boot(row, "drop_vs_baseline"), seeds, row.drop_vs_baseline_verdict)
+    return difference_text(boot_of(row, "drop_vs_baseline"), seeds, row.drop_vs_baseline_verdict)
 
 
 def _slug(runtime: str) -> str:
