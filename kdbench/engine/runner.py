@@ -192,7 +192,7 @@ def run_trials(
         try:
             needs = frozenset().union(*(m.loss.method.needs_from_teacher for m in alive))
             with FeatureTap(model, needs, alive[0].cfg.recipe.model) as tap:  # the student's features, traced once
-                _build_parts(alive, tap, teacher, cfgs[0].data.resolution, splits["train"][1], log)
+                _build_parts(alive, tap, teacher, cfgs[0].data.resolution, splits["train"][1], device, log)
                 _train(model, tap, alive, teacher, splits, packed, progress, log, state_path, dropped)
             results = _each_member(alive, [partial(_member_result, m, splits, t0) for m in alive], packed)
             scored = {m.identity: result for m, result in zip(alive, results)}
@@ -281,11 +281,12 @@ def _init_model(members: Sequence[_Member], num_classes: int, device: torch.devi
     return m.model
 
 
-def _build_parts(members: Sequence[_Member], tap: FeatureTap, teacher, resolution: int, train_labels: torch.Tensor, log) -> None:
+def _build_parts(
+    members: Sequence[_Member], tap: FeatureTap, teacher, resolution: int, train_labels: torch.Tensor, device: torch.device, log
+) -> None:
     """Each member's learnable parts (:meth:`kdbench.methods.Method.make_parts`), built from the shapes of the
-    student's and the teacher's features right after the seeded student, on the device (that of ``train_labels``,
-    the training split's labels, which a method needing ``"index"`` gets); set as ``method.parts``."""
-    device = train_labels.device
+    student's and the teacher's features right after the seeded student, on the device; set as ``method.parts``.
+    A method needing ``"index"`` also gets ``train_labels``, the training split's labels."""
     shapes = ({}, {})
     if tap.wanted:  # features: probing their shapes costs a forward pass of each model
         teacher_tap = getattr(teacher, "tap", None)  # an online teacher's (a cached teacher has no features)

@@ -54,6 +54,12 @@ NEEDS = ("logits", "embedding", POOLED, *STAGE_NEEDS, INDEX)
 PLUGINS_ENV = "KDBENCH_METHODS"  # more method modules to register, comma-separated (importable module names)
 
 
+def teacher_features(needs: frozenset[str]) -> frozenset[str]:
+    """What of ``needs`` only the teacher run online provides: its features (the logit cache holds logits only;
+    the batch's index is the engine's)."""
+    return frozenset(needs) - {"logits", INDEX}
+
+
 @dataclasses.dataclass(frozen=True)
 class Outputs:
     """What a model produced for one batch: its ``logits`` ``[B, C]`` and the ``features`` a method needs, by name."""
@@ -254,7 +260,7 @@ class Method:
     def built_parts(self, what: str) -> nn.Module:
         """:attr:`parts`, for a method's loss; ValueError naming ``what`` (``"a regressor"``) when they are not set."""
         if self.parts is None:
-            raise ValueError(f"{self.name} trains {what}: build them with make_parts and set them as the method's parts first")
+            raise ValueError(f"{self.name} trains {what}: build its parts with make_parts and set them as its parts first")
         return self.parts
 
     def loss(

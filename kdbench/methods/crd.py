@@ -124,7 +124,7 @@ def draw_negatives(bank: nn.Module, index: torch.Tensor, k: int) -> torch.Tensor
     generator.set_state(bank.rng.cpu())
     labels = bank.labels
     other = labels[None, :] != labels[index.cpu()][:, None]  # [B, N]
-    drawn = torch.multinomial(other.double(), k, replacement=False, generator=generator)
+    drawn = torch.multinomial(other.float(), k, replacement=False, generator=generator)
     bank.rng.copy_(generator.get_state())
     return drawn
 
