@@ -1,5 +1,6 @@
-"""FitNet, AT and RKD end to end: planned, trained (online teacher, learnable parts) and reported by a sweep;
-a resumed FitNet trial equals an uninterrupted one; a pair whose stages cannot be matched is refused when planning."""
+"""FitNet, AT, RKD, CRD and ReviewKD end to end: planned, trained (online teacher, learnable parts) and reported by a
+sweep; a resumed FitNet or CRD trial (CRD: its memory bank and negatives too) equals an uninterrupted one; a pair whose
+stages cannot be matched is refused when planning."""
 
 import dataclasses
 import json
@@ -17,7 +18,7 @@ ABLATION = """
 name = "features"
 [grid]
 datasets = ["imagefolder:{folder}"]
-methods = ["fitnet", "at", "rkd"]
+methods = ["fitnet", "at", "rkd", "crd", "reviewkd"]  # and their teacher (a role: trained for them)
 seeds = [0]
 [data]
 resolution = 32
@@ -35,7 +36,7 @@ device = "cpu"
 allow_chance_teacher = true
 """
 
-TERMS = {"fitnet": ["hint"], "at": ["at"], "rkd": ["distance", "angle"]}
+TERMS = {"fitnet": ["hint"], "at": ["at"], "rkd": ["distance", "angle"], "crd": ["crd"], "reviewkd": ["hcl"]}
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +48,15 @@ def sweep(tmp_path_factory):
     return root, proc
 
 
-def test_fitnet_at_and_rkd_are_planned_trained_and_reported_by_a_sweep(sweep):
+def test_the_feature_methods_are_planned_trained_and_reported_by_a_sweep(sweep):
     root, proc = sweep
     out = root / "out"
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "trials: 4 total, 4 done, 0 failed" in proc.stdout
+    assert "trials: 6 total, 6 done, 0 failed" in proc.stdout
     db = sqlite3.connect(out / "store.sqlite")
     rows = {m: json.loads(r) for m, r in db.execute("SELECT method, result FROM trials WHERE role = 'student'")}
     db.close()
-    assert sorted(rows) == ["at", "fitnet", "rkd"]
+    assert sorted(rows) == ["at", "crd", "fitnet", "reviewkd", "rkd"]
     for method, result in rows.items():
         assert result["teacher"]["mode"] == "online" and "the logit cache holds no" in result["teacher"]["why"]
         for term in TERMS[method]:
@@ -63,8 +64,13 @@ def test_fitnet_at_and_rkd_are_planned_trained_and_reported_by_a_sweep(sweep):
     # FitNet's regressor (VGG16 stage 2: 512 channels; MobileNetV2's: 32): counted apart, not in the student
     assert rows["fitnet"]["method_parts"] == {"parameters": 32 * 512 + 512 + 2 * 512}
     assert rows["at"]["method_parts"] is None and rows["rkd"]["method_parts"] is None
+    # CRD's embeddings of the pooled features (MobileNetV2: 1280-d, VGG16: 512-d) to 128-d; the memory bank is buffers
+    assert rows["crd"]["method_parts"] == {"parameters": 1280 * 128 + 128 + 512 * 128 + 128}
+    assert rows["reviewkd"]["method_parts"]["parameters"] > 0
     report = (out / "report.md").read_text()
-    assert all(label in report for label in ("FitNet", "AT", "RKD", "weight 100", "distance 25, angle 50"))
+    labels = ("FitNet", "AT", "RKD", "CRD", "ReviewKD", "weight 100", "distance 25, angle 50")
+    settings = (r"CRD: weight 0.8, feat\_dim 128, nce\_k 16384", r"ReviewKD: weight 1, max\_mid\_channel 512")  # markdown
+    assert all(label in report for label in (*labels, *settings))
 
 
 def test_the_student_checkpoint_is_a_plain_student_and_the_resume_state_holds_the_regressor(sweep):
@@ -81,25 +87,33 @@ def test_the_student_checkpoint_is_a_plain_student_and_the_resume_state_holds_th
     assert parts["0.weight"].shape == (512, 32, 1, 1) and "1.running_var" in parts
 
 
-def test_a_resumed_fitnet_trial_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize(
+    ("method", "params", "term", "parts"),
+    [
+        ("fitnet", (("weight", 10.0),), "hint", "4,480"),  # 32 -> 128 channels
+        ("crd", (), "crd", f"{1280 * 128 + 128 + 512 * 128 + 128:,}"),  # pooled 1280-d and 512-d to 128-d; the bank is buffers
+    ],
+)
+def test_a_resumed_trial_equals_an_uninterrupted_one(tmp_path, method, params, term, parts):
+    """The resume state holds the learnable parts: FitNet's regressor; CRD's heads, memory bank, Z and generator."""
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=8, size=32)
     data = DataConfig(dataset=f"imagefolder:{folder}", resolution=32)
     quiet = lambda m: None  # noqa: E731
     teacher = TrialConfig(
-        method="baseline", role="teacher", data=data, recipe=Recipe(model="resnet18", epochs=1, batch_size=8), device="cpu"
+        role="teacher", method="baseline", data=data, recipe=Recipe(model="resnet18", epochs=1, batch_size=8), device="cpu"
     )
     run_trial(dataclasses.replace(teacher, allow_chance_teacher=True), tmp_path / "t", progress=False, log=quiet)
     cfg = TrialConfig(
-        method="fitnet",
+        method=method,
         data=data,
         recipe=Recipe(model="mobilenet_v2", epochs=3, batch_size=8, lr=0.01),
-        loss=LossConfig(params=(("weight", 10.0),)),
+        loss=LossConfig(params=params),
         device="cpu",
         teacher_checkpoint=str(tmp_path / "t" / "best.pt"),
     )
     lines = []
     a = run_trial(cfg, tmp_path / "a", progress=False, log=lines.append)
-    assert "fitnet: learnable parts of 4,480 parameters, trained with the student, not deployed" in lines  # 32 -> 128 channels
+    assert f"{method}: learnable parts of {parts} parameters, trained with the student, not deployed" in lines
 
     def crash_after_epoch_1(message):  # an epoch is logged once its resume state is written
         if message.startswith("epoch 1/3"):
@@ -110,7 +124,7 @@ def test_a_resumed_fitnet_trial_equals_an_uninterrupted_one(tmp_path):
     lines = []
     b = run_trial(cfg, tmp_path / "b", progress=False, log=lines.append)
     assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
-    assert [h["term_hint"] for h in b.history] == [h["term_hint"] for h in a.history]
+    assert [h[f"term_{term}"] for h in b.history] == [h[f"term_{term}"] for h in a.history]
     assert [h["train_loss"] for h in b.history] == [h["train_loss"] for h in a.history]
     assert b.last.test == a.last.test and b.best.test == a.best.test
 
@@ -139,7 +153,8 @@ def test_the_cost_estimate_charges_a_feature_student_its_online_teacher(tmp_path
     from kdbench.sweep.plan import plan_trials
 
     (tmp_path / "f.toml").write_text(ABLATION.format(folder=tmp_path))
-    ablation, _, _ = load_ablation(str(tmp_path / "f.toml"), ['grid.methods=["kd_kl", "fitnet", "at", "rkd"]'])
+    methods = 'grid.methods=["kd_kl", "fitnet", "at", "rkd", "crd", "reviewkd"]'
+    ablation, _, _ = load_ablation(str(tmp_path / "f.toml"), [methods])
     trials = plan_trials(ablation)
     teacher = next(t for t in trials if t.role == "teacher")
     assert {t.config.method: online(teacher, t) for t in trials if t.role == "student"} == {
@@ -147,5 +162,7 @@ def test_the_cost_estimate_charges_a_feature_student_its_online_teacher(tmp_path
         "fitnet": True,
         "at": True,
         "rkd": True,
+        "crd": True,
+        "reviewkd": True,
     }
     assert not any(t.config.packed for t in plan_trials(ablation, pack=4) if t.config.method != "kd_kl")

@@ -19,14 +19,14 @@ SHRINK = ['grid.datasets=["eurosat"]', "grid.seeds=[0,1]", "data.resolution=32",
 
 @pytest.fixture(autouse=True)
 def _accuracies(monkeypatch):
-    for i, name in enumerate(("dkd", "dist", "lskd", "fitnet", "at", "rkd")):
+    for i, name in enumerate(("dkd", "dist", "lskd", "fitnet", "at", "rkd", "crd", "reviewkd")):
         monkeypatch.setitem(test_report.METHOD_ACCURACY, name, 0.83 + 0.01 * i)
 
 
 def test_table_1_and_findings_list_every_method_at_its_default_point(tmp_path):
     raw = apply_overrides(load_raw(resolve_path("methods")), [*SHRINK, "grid.dkd.beta=[2.0,6.0]"])
     table = store_and_report(tmp_path, raw)
-    assert table["method"].tolist() == ["teacher", *METHODS]  # the teacher, then all ten students in registry order
+    assert table["method"].tolist() == ["teacher", *METHODS]  # the teacher, then all twelve students in registry order
     assert table["n"].eq(2).all() and table["planned"].eq(2).all()  # dkd's beta = 2 trials are not its default (6, methods.toml)
     md = (tmp_path / "report.md").read_text()
     students = [get_method(m).label for m in METHODS if m != "baseline"]

@@ -21,7 +21,7 @@ from kdbench.engine.metrics import confusion_matrix, summarize
 from kdbench.engine.runtime import autocast, full_precision, memory_format
 from kdbench.errors import NonFiniteError
 from kdbench.finite import check_finite_logits
-from kdbench.methods import Method, Outputs
+from kdbench.methods import INDEX, Method, Outputs
 
 
 @dataclass
@@ -125,7 +125,8 @@ def train_members_epoch(
     over the batches of :func:`epoch_batches`, with one teacher lookup per batch.  The model runs
     through ``tap`` (a :class:`FeatureTap` of it recording the features the members need; one is made
     for the epoch when None, which gives the embedding but no stages), and each member's learnable parts
-    (``method.parts``) train with it.  The
+    (``method.parts``) train with it.  A member needing ``"index"`` finds the batch's positions in the training
+    split among the student's features (on the CPU).  The
     running sums stay on the device and are read (a sync) after every step on the CPU and
     every ``SYNC_EVERY`` steps on CUDA: a NaN/inf loss stops the epoch there with a
     NonFiniteError naming the members concerned.  Returns one EpochStats per member.
@@ -149,6 +150,8 @@ def train_members_epoch(
                 logits = tap(x)
             logits = full_precision(logits) if stacked else full_precision(logits).unsqueeze(0)
             features = {name: full_precision(v) for name, v in tap.take().items()}
+            if INDEX in needs:
+                features[INDEX] = positions  # on the CPU, as drawn
             teacher_out = teacher(positions, batch_views, x) if teacher is not None else None
             losses, scalars, layout = _member_losses(members, logits, features, teacher_out, y)
             optimizer.zero_grad(set_to_none=True)

@@ -99,6 +99,7 @@ from kdbench.engine.trial import (
 )
 from kdbench.errors import NonFiniteError, UserError, one_line
 from kdbench.finite import TRAINING_HINT, check_finite_state
+from kdbench.methods import INDEX
 from kdbench.models import build_model
 from kdbench.packing import PackedMobileNetV2
 from kdbench.records import TrialResult
@@ -191,7 +192,7 @@ def run_trials(
         try:
             needs = frozenset().union(*(m.loss.method.needs_from_teacher for m in alive))
             with FeatureTap(model, needs, alive[0].cfg.recipe.model) as tap:  # the student's features, traced once
-                _build_parts(alive, tap, teacher, cfgs[0].data.resolution, device, log)
+                _build_parts(alive, tap, teacher, cfgs[0].data.resolution, splits["train"][1], device, log)
                 _train(model, tap, alive, teacher, splits, packed, progress, log, state_path, dropped)
             results = _each_member(alive, [partial(_member_result, m, splits, t0) for m in alive], packed)
             scored = {m.identity: result for m, result in zip(alive, results)}
@@ -280,9 +281,12 @@ def _init_model(members: Sequence[_Member], num_classes: int, device: torch.devi
     return m.model
 
 
-def _build_parts(members: Sequence[_Member], tap: FeatureTap, teacher, resolution: int, device: torch.device, log) -> None:
+def _build_parts(
+    members: Sequence[_Member], tap: FeatureTap, teacher, resolution: int, train_labels: torch.Tensor, device: torch.device, log
+) -> None:
     """Each member's learnable parts (:meth:`kdbench.methods.Method.make_parts`), built from the shapes of the
-    student's and the teacher's features right after the seeded student, on the device; set as ``method.parts``."""
+    student's and the teacher's features right after the seeded student, on the device; set as ``method.parts``.
+    A method needing ``"index"`` also gets ``train_labels``, the training split's labels."""
     shapes = ({}, {})
     if tap.wanted:  # features: probing their shapes costs a forward pass of each model
         teacher_tap = getattr(teacher, "tap", None)  # an online teacher's (a cached teacher has no features)
@@ -290,7 +294,8 @@ def _build_parts(members: Sequence[_Member], tap: FeatureTap, teacher, resolutio
         shapes = (feature_shapes(tap, resolution, device), teacher_shapes)
     for m in members:
         method = m.loss.method
-        parts = method.make_parts(*shapes, m.cfg.loss)
+        labels = {"train_labels": train_labels.cpu()} if INDEX in method.needs_from_teacher else {}
+        parts = method.make_parts(*shapes, m.cfg.loss, **labels)
         method.parts = parts.to(device, memory_format=memory_format(device)) if parts is not None else None
         if parts is not None:
             n = sum(p.numel() for p in parts.parameters())

@@ -40,6 +40,7 @@ from kdbench.engine.runtime import environment, memory_format
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
+from kdbench.methods import teacher_features
 from kdbench.models import load_model_checkpoint, save_checkpoint
 from kdbench.records import RESULT_FORMAT, TrialResult, from_json
 from kdbench.stages import check_pair, uses_stages
@@ -208,7 +209,7 @@ def teacher_source(
     aug = AUGMENTATIONS[cfg.data.augment]
     digest = checkpoint_digest(path)
     info = {"checkpoint": str(path), "model": ckpt["model"], "id": cfg.teacher_id or digest, "digest": digest, **record}
-    features = sorted(needs - {"logits"})
+    features = sorted(teacher_features(needs))
     if not aug.cacheable or features:
         why = f"augmentation {aug.name} is continuous" if not aug.cacheable else f"the logit cache holds no {', '.join(features)}"
         log(f"{why}: running the teacher online")

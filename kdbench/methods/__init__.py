@@ -46,8 +46,18 @@ METHODS: dict[str, type[Method]] = {}
 # the outputs of the model's downsampling stages (kdbench.stages, strides 2 to 32), and "pooled"
 # ``[B, C_4]``, the global average of stage 4.  Only the online teacher provides features; a method
 # needing stages is refused at planning for a teacher/student pair whose stages kdbench cannot match.
-NEEDS = ("logits", "embedding", POOLED, *STAGE_NEEDS)
+# "index" is not a model's: the batch's positions in the training split ``[B]`` (int64, on the CPU, where the
+# engine draws them), which the engine puts in the student's features (CRD's memory bank is indexed by them;
+# :meth:`Method.make_parts` then gets the training split's labels in the same order).
+INDEX = "index"
+NEEDS = ("logits", "embedding", POOLED, *STAGE_NEEDS, INDEX)
 PLUGINS_ENV = "KDBENCH_METHODS"  # more method modules to register, comma-separated (importable module names)
+
+
+def teacher_features(needs: frozenset[str]) -> frozenset[str]:
+    """What of ``needs`` only the teacher run online provides: its features (the logit cache holds logits only;
+    the batch's index is the engine's)."""
+    return frozenset(needs) - {"logits", INDEX}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,13 +95,16 @@ class Params:
     """A method's hyperparameters: fields whose defaults are the published ones.
 
     A field named in ``choices`` is a word, one of the listed values (e.g. ``on``: ``logits`` or ``probs``);
-    every other field is a float.  Fields named in ``positive`` (temperatures) must be > 0; every other
-    float field is a loss weight, >= 0.  With every weight at 0 the student is the baseline: a method
-    that says so itself (``reduces``: it resolves such a point to the baseline, :meth:`Method.resolve`)
-    accepts it, any other refuses it.
+    every other field is a float.  Fields named in ``positive`` (temperatures) must be > 0, those in
+    ``integers`` (sizes and counts: CRD's embedding size) whole numbers >= 1, those in ``fractions``
+    (CRD's memory momentum) in ``[0, 1)``; every other float field is a loss weight, >= 0.  With every
+    weight at 0 the student is the baseline: a method that says so itself (``reduces``: it resolves such a
+    point to the baseline, :meth:`Method.resolve`) accepts it, any other refuses it.
     """
 
     positive: ClassVar[tuple[str, ...]] = ()
+    integers: ClassVar[tuple[str, ...]] = ()
+    fractions: ClassVar[tuple[str, ...]] = ()
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     reduces: ClassVar[bool] = False
 
@@ -106,6 +119,14 @@ class Params:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UserError(f"{where}.{f.name} must be a finite number, got {value!r}")
+            if f.name in self.integers:
+                if value < 1 or value != int(value):
+                    raise UserError(f"{where}.{f.name} must be a whole number >= 1, got {value:g}")
+                continue
+            if f.name in self.fractions:
+                if not 0 <= value < 1:
+                    raise UserError(f"{where}.{f.name} must be in [0, 1), got {value:g}")
+                continue
             if f.name in self.positive and value <= 0:
                 raise UserError(f"{where}.{f.name} must be > 0, got {value:g}")
             if f.name not in self.positive:
@@ -121,9 +142,9 @@ class Params:
         return tuple((f.name, _value(getattr(self, f.name))) for f in dataclasses.fields(self))
 
     def weights(self) -> dict[str, float]:
-        """The loss weights (fields neither positive nor choices) by name."""
-        names = (f.name for f in dataclasses.fields(self))
-        return {n: getattr(self, n) for n in names if n not in self.positive and n not in self.choices}
+        """The loss weights (fields neither positive, integers, fractions nor choices) by name."""
+        others = {*self.positive, *self.integers, *self.fractions, *self.choices}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in others}
 
 
 def _value(value: Value) -> Value:
@@ -215,18 +236,32 @@ class Method:
         return settings_text(loss.params)
 
     def make_parts(
-        self, student: Mapping[str, tuple[int, ...]], teacher: Mapping[str, tuple[int, ...]], cfg: LossConfig
+        self,
+        student: Mapping[str, tuple[int, ...]],
+        teacher: Mapping[str, tuple[int, ...]],
+        cfg: LossConfig,
+        *,
+        train_labels: torch.Tensor | None = None,
     ) -> nn.Module | None:
         """This method's learnable parts, or None (the default: it has none).
 
         ``student`` and ``teacher`` map each feature :attr:`needs` names to its shape without the batch
         dimension; ``cfg`` is already :meth:`effective_loss`, so every setting a part has comes from this
-        method's :class:`Params` (and so is in the trial key).  The engine builds the parts once per trial, right
-        after the seeded student (the same seed gives the same initial weights), sets :attr:`parts`, trains them
-        with the student (same optimiser), saves them in the resume state and never in ``best.pt``: they are
-        not deployed, and their parameters are counted apart from the student's (``method_parts`` of the result).
+        method's :class:`Params` (and so is in the trial key).  A method that needs ``"index"`` also gets
+        ``train_labels``, the training split's labels ``[N]`` (int64, on the CPU) in the order the index refers to
+        (CRD's memory bank and negatives); no other method is passed it.  The engine builds the parts once per trial,
+        right after the seeded student (the same seed gives the same initial weights and whatever a part draws from
+        torch's global generator), sets :attr:`parts`, trains them with the student (same optimiser), saves them,
+        buffers included, in the resume state and never in ``best.pt``: they are not deployed, and their parameters
+        are counted apart from the student's (``method_parts`` of the result).
         """
         return None
+
+    def built_parts(self, what: str) -> nn.Module:
+        """:attr:`parts`, for a method's loss; ValueError naming ``what`` (``"a regressor"``) when they are not set."""
+        if self.parts is None:
+            raise ValueError(f"{self.name} trains {what}: build its parts with make_parts and set them as its parts first")
+        return self.parts
 
     def loss(
         self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor, cfg: LossConfig

@@ -83,7 +83,5 @@ class FitNet(OwnParams):
         return regressor(c_s, c_t)
 
     def distill(self, student, teacher, targets, p: FitNetParams):
-        if self.parts is None:
-            raise ValueError("fitnet trains a regressor: build it with make_parts and set it as the method's parts first")
-        term = hint_loss(student.features[HINT], teacher.features[HINT], self.parts)
+        term = hint_loss(student.features[HINT], teacher.features[HINT], self.built_parts("a regressor"))
         return p.weight * term, {"hint": term}

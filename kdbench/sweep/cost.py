@@ -23,6 +23,7 @@ from kdbench.data.index import scan_folder
 from kdbench.data.locate import data_root, locate_dataset
 from kdbench.data.presets import AUGMENTATIONS
 from kdbench.data.specs import get_spec
+from kdbench.methods import teacher_features
 from kdbench.sweep.plan import PlannedTrial
 
 CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 9.5, "vgg16_bn": 8.5, "resnet18": 66.0, "mobilenet_v2": 100.0}
@@ -102,7 +103,7 @@ def estimate_seconds(trial: PlannedTrial, n: DatasetCounts) -> float:
 def online(teacher: PlannedTrial, student: PlannedTrial) -> bool:
     """Whether the student runs its teacher on every training batch: a continuous augmentation, or a method that
     needs the teacher's features, which the logit cache does not hold (kdbench.engine.trial.teacher_source)."""
-    features = student.config.method_impl.needs_from_teacher - {"logits"}
+    features = teacher_features(student.config.method_impl.needs_from_teacher)
     return AUGMENTATIONS[teacher.config.data.augment].views is None or bool(features)
 
 
