@@ -444,12 +444,15 @@ def test_files_and_pdf(report):
     pdf = (report / "report.pdf").read_bytes()
     assert pdf.startswith(b"%PDF") and pdf_pages(pdf) > 1
     tables = {p.stem for p in (report / "tables").glob("*.csv")}
-    assert tables == {"accuracy", "claim", "complexity", "latency", "temperature", "loss_weights", "incomplete", "trials"}
+    expected = {"accuracy", "claim", "across", "complexity", "latency", "temperature", "loss_weights", "incomplete", "trials"}
+    assert tables == expected
     figures = {p.stem for p in (report / "figures").glob("*.png")}
     assert {p.stem for p in (report / "figures").glob("*.svg")} == figures
     expected = {
         "accuracy",
         "accuracy_vs_cost",
+        "forest",
+        "critical_difference",
         "temperature",
         "loss_weights",
         "training_curves",

@@ -118,7 +118,7 @@ def nemenyi(ranks: pd.DataFrame) -> pd.DataFrame | None:
     import scikit_posthocs
 
     return (
-        scikit_posthocs.posthoc_nemenyi_friedman(ranks.to_numpy() * -1.0)
+        scikit_posthocs.posthoc_nemenyi_friedman(ranks.to_numpy())  # blocks x students; it ranks each block
         .set_axis(ranks.columns, axis=0)
         .set_axis(ranks.columns, axis=1)
     )
