@@ -150,10 +150,11 @@ def test_default_sweep_on_two_own_sets_writes_the_report(tmp_path):
     md = (out / "report.md").read_text()
     assert (out / "report.pdf").read_bytes()[:4] == b"%PDF"
     figures = {p.name for p in (out / "figures").iterdir()}
-    expected = ["accuracy", "accuracy_vs_cost", "training_curves", *(f"confusion_{slug}" for slug in names.values())]
+    expected = ["accuracy", "forest", "critical_difference", "accuracy_vs_cost", "training_curves"]
+    expected += [f"confusion_{slug}" for slug in names.values()]
     assert figures == {f"{stem}.{ext}" for stem in expected for ext in ("png", "svg")}
     tables = {p.stem for p in (out / "tables").glob("*.csv")}
-    assert tables == {"accuracy", "claim", "complexity", "incomplete", "trials"}
+    assert tables == {"accuracy", "claim", "across", "complexity", "incomplete", "trials"}
     for name in ("accuracy", "claim", "complexity", "trials"):
         text = (out / "tables" / f"{name}.csv").read_text()
         assert all(n in text for n in names) and "imagefolder:" not in text, name
