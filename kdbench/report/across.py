@@ -28,6 +28,7 @@ from kdbench.report.tables import (
     difference_text,
     judge,
     number,
+    one_family,
     paired_correct,
     verdict_rules,
 )
@@ -50,8 +51,8 @@ def across_table(data: ReportData) -> Table | None:
             row |= {"claim_n": 0}
         rows.append(row)
     frame = pd.DataFrame(rows)
-    frame = judge(frame, _family(frame["diff_n"] > 0), mcnemar=None)
-    frame = judge(frame, _family(frame["claim_n"] > 0), prefix="claim", mcnemar=None)
+    frame = judge(frame, one_family(frame["diff_n"] > 0), mcnemar=None)
+    frame = judge(frame, one_family(frame["claim_n"] > 0), prefix="claim", mcnemar=None)
     friedman = friedman_test(ranks)
     ci, name, seeds = f"{CONFIDENCE:.0%}", data.label(CLAIM_METHOD), len(data.seeds)
     display = pd.DataFrame(
@@ -80,11 +81,6 @@ def across_table(data: ReportData) -> Table | None:
     )
     frame = frame.assign(friedman_p=friedman.pvalue if friedman else math.nan)
     return Table("across", "Table 1c. Across datasets: ranks and pooled differences", frame.round(4), display, notes)
-
-
-def _family(members: pd.Series) -> pd.Series:
-    """One Holm family of the rows where ``members`` is True (NaN elsewhere)."""
-    return pd.Series("family", index=members.index).where(members)
 
 
 def student_ranks(trials: pd.DataFrame, students: list[str]) -> pd.DataFrame:

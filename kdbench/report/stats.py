@@ -139,6 +139,8 @@ def pooled_difference(
     exactly; the pooled one, the distribution of their mean, is estimated from :data:`POOLED_DRAWS` seeded draws
     of each (the endpoints' Monte-Carlo error is ~0.01 pp).  ``n`` is the fewest seeds paired on any dataset.
     """
+    if not pairs:
+        return Difference(math.nan, math.nan, math.nan, 0)
     rng = np.random.default_rng(BOOTSTRAP_SEED)
     means, draws, seeds = [], [], []
     for correct, reference in pairs:
@@ -150,8 +152,6 @@ def pooled_difference(
         draws.append(rng.choice(values, size=POOLED_DRAWS, p=pmf))
         means.append(100 * float(d.mean()))
         seeds.append(len(shared))
-    if not pairs:
-        return Difference(math.nan, math.nan, math.nan, 0)
     pooled = np.mean(draws, axis=0)
     return _from_distribution(float(np.mean(means)), pooled, None, min(seeds), confidence, exact=False)
 

@@ -108,6 +108,11 @@ def judge(frame: pd.DataFrame, family: pd.Series | None, prefix: str = "diff", m
     return frame.assign(**{f"{prefix}_p_holm": adjusted, column: calls, f"{prefix}_flag": flags})
 
 
+def one_family(members: pd.Series) -> pd.Series:
+    """A :func:`judge` family: one Holm family of the rows where ``members`` is True (NaN, no comparison, elsewhere)."""
+    return pd.Series("family", index=members.index).where(members)
+
+
 def verdict_rules(family: str) -> str:
     """The note that states the verdict rules of a table whose comparisons form ``family``."""
     return (
@@ -316,7 +321,8 @@ def claim_table(data: ReportData) -> Table | None:
         for dataset in data.datasets
         for m in methods
     ]
-    frame = judge(pd.DataFrame(rows), pd.DataFrame(rows)["dataset"])
+    frame = pd.DataFrame(rows)
+    frame = judge(frame, frame["dataset"])
     ci, name = f"{CONFIDENCE:.0%}", data.label(CLAIM_METHOD)
     display = pd.DataFrame(
         {
@@ -544,9 +550,8 @@ def int8_table(data: ReportData) -> Table | None:
                 }
             )
     frame = pd.DataFrame(rows)
-    frame = judge(frame, frame["diff_n"].where(frame["diff_n"] > 0).notna())  # every INT8 - fp32 comparison: one family
-    kd = frame["drop_vs_baseline_n"] > 0
-    frame = judge(frame, kd.where(kd), prefix="drop_vs_baseline", mcnemar=None)
+    frame = judge(frame, one_family(frame["diff_n"] > 0))  # every INT8 - fp32 comparison
+    frame = judge(frame, one_family(frame["drop_vs_baseline_n"] > 0), prefix="drop_vs_baseline", mcnemar=None)
     ci = f"{CONFIDENCE:.0%}"
     settings = next((r.settings for r in data.done["int8"] if r is not None), None)
     counts = sorted({r.calibration_count for r in data.done["int8"] if r is not None})
