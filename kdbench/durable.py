@@ -43,6 +43,17 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """Create or replace ``path`` with what ``write(f)`` writes into a binary file object, atomically and durably."""
+    with atomic_file(path) as f:
+        write(f)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file that replaces ``path`` atomically and durably when the block ends without an error.
+
+    For writers that stream (several files at once, chunk by chunk); :func:`atomic_write` is its one-call form.
+    On an error the temporary file is removed and ``path`` keeps its old content.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -50,7 +61,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     try:
         with _open(tmp, "wb") as f:
             recording = _Recording(f)
-            write(recording)
+            yield recording
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -289,8 +289,7 @@ def _build_parts(
     A method needing ``"index"`` also gets ``train_labels``, the training split's labels."""
     shapes = ({}, {})
     if tap.wanted:  # features: probing their shapes costs a forward pass of each model
-        teacher_tap = getattr(teacher, "tap", None)  # an online teacher's (a cached teacher has no features)
-        teacher_shapes = feature_shapes(teacher_tap, resolution, device) if teacher_tap is not None else {}
+        teacher_shapes = teacher.feature_shapes(resolution, device) if teacher is not None else {}
         shapes = (feature_shapes(tap, resolution, device), teacher_shapes)
     for m in members:
         method = m.loss.method

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from kdbench import machine
+from kdbench.config import PRECISION
 from kdbench.errors import UserError
 
 
@@ -38,10 +39,23 @@ def full_precision(outputs: torch.Tensor) -> torch.Tensor:
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on CUDA (faster convolutions with tensor cores), contiguous on CPU."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    """channels_last on every device: models, images and teacher inputs are all laid out NHWC.
+
+    On CUDA it feeds tensor-core convolutions; on CPU it is never slower in fp32 training, measured
+    per model (``benchmarks/cpu_formats.py``, BENCHMARKS.md "CPU memory format and precision"):
+    MobileNetV2 1.68-1.80x and ResNet-18 1.12x on an AMD EPYC VM, MobileNetV2 1.44-2.0x on an
+    Intel Xeon VM.  The format is not in a trial's key (it changes rounding, not the computation);
+    each result records it (:func:`environment`).
+    """
+    return torch.channels_last
 
 
 def environment(device: torch.device) -> dict:
-    """Hardware and library versions (:func:`kdbench.machine.environment`) with this process's torch threads."""
-    return machine.environment(str(device), torch.get_num_threads())
+    """Hardware and library versions (:func:`kdbench.machine.environment`) with this process's torch threads,
+    and how the trial computed: its memory format and its precision (:data:`kdbench.config.PRECISION`)."""
+    layout = "channels_last" if memory_format(device) == torch.channels_last else "contiguous"
+    return {
+        **machine.environment(str(device), torch.get_num_threads()),
+        "memory_format": layout,
+        "precision": PRECISION[device.type],
+    }

@@ -5,13 +5,16 @@ With a finite augmentation (the D4 group by default), a KD batch is a set of
 to fixed logits.  :func:`build_logit_cache` runs the teacher once over every
 training image in every view and stores ``[N_train, V, C]`` logits next to the
 teacher checkpoint; :class:`CachedTeacher` then answers a batch by indexing,
-exactly what :class:`OnlineTeacher` computes on the same augmented batch.
+exactly what :class:`OnlineTeacher` computes on the same augmented batch.  The
+teacher's features are cached alike (:mod:`kdbench.engine.feature_cache`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +22,7 @@ from kdbench.data.decode import CACHE_FORMAT
 from kdbench.data.presets import Augmentation, apply_view, normalize
 from kdbench.digest import json_digest
 from kdbench.durable import atomic_torch_save, file_lock
-from kdbench.engine.features import FeatureTap
+from kdbench.engine.features import FeatureTap, feature_shapes
 from kdbench.engine.runtime import autocast, full_precision, memory_format
 from kdbench.finite import check_finite_logits
 from kdbench.methods import Outputs
@@ -45,18 +48,32 @@ class OnlineTeacher:
         check_finite_teacher(logits, self.source)
         return Outputs(logits, {name: full_precision(v) for name, v in self.tap.take().items()})
 
+    def feature_shapes(self, resolution: int, device: torch.device) -> dict[str, tuple[int, ...]]:
+        """The shape (without the batch dimension) of each feature it provides, from one blank eval-mode pass."""
+        return feature_shapes(self.tap, resolution, device)
+
 
 class CachedTeacher:
-    """Looks the teacher's logits up by (position in the training split, view); it holds no features."""
+    """Looks the teacher's logits ``[N_train, V, C]`` up by (position in the training split, view), and its features
+    (:mod:`kdbench.engine.feature_cache`: read-only arrays ``[N_train, V, *shape]``, fp16 or fp32) alike."""
 
-    def __init__(self, logits: torch.Tensor, views: tuple[int, ...]):
+    def __init__(self, logits: torch.Tensor, views: tuple[int, ...], features: Mapping[str, np.ndarray] | None = None):
         self.logits = logits  # [N_train, V, C]
+        self.features = dict(features or {})
         self.view_slot = torch.full((8,), -1, dtype=torch.long)
         self.view_slot[list(views)] = torch.arange(len(views))
 
     def __call__(self, train_positions: torch.Tensor, views: torch.Tensor, inputs: torch.Tensor) -> Outputs:
-        slots = self.view_slot[views.cpu()].to(self.logits.device)
-        return Outputs(self.logits[train_positions.to(self.logits.device), slots])
+        positions, slots = train_positions.cpu(), self.view_slot[views.cpu()]
+        logits = self.logits[positions.to(self.logits.device), slots.to(self.logits.device)]
+        rows = positions.numpy(), slots.numpy()
+        dtype = torch.get_default_dtype()
+        features = {name: torch.from_numpy(a[rows]).to(inputs.device, dtype) for name, a in self.features.items()}
+        return Outputs(logits, features)
+
+    def feature_shapes(self, resolution: int, device: torch.device) -> dict[str, tuple[int, ...]]:
+        """The shape (without the batch dimension) of each cached feature."""
+        return {name: tuple(a.shape[2:]) for name, a in self.features.items()}
 
 
 def check_finite_teacher(logits: torch.Tensor, source: str) -> None:

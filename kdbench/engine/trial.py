@@ -37,6 +37,7 @@ from kdbench.engine import RESULTS_VERSION
 from kdbench.engine.loop import EpochStats, evaluate, logit_metrics, lr_factor, predict, steps_per_epoch
 from kdbench.engine.metrics import chance_test
 from kdbench.engine.runtime import environment, memory_format
+from kdbench.engine.feature_cache import cache_bytes, feature_arrays, fits, storage_dtype
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
@@ -181,8 +182,9 @@ def teacher_source(
 ):
     """The teacher's outputs for a KD trial, providing ``needs`` (:data:`kdbench.methods.NEEDS`), and a record of it.
 
-    The logit cache where the augmentation is a finite view group and logits are all that is needed;
-    the teacher online otherwise (the record says why).
+    Where the augmentation is a finite view group: the logit cache, and the feature cache for the features
+    ``needs`` names (:mod:`kdbench.engine.feature_cache`) unless it would not fit; the teacher online
+    otherwise (the record says why).
 
     Raises:
         UserError: no teacher checkpoint, one of other classes, without provenance (unless trusted) or trained on
@@ -210,16 +212,34 @@ def teacher_source(
     digest = checkpoint_digest(path)
     info = {"checkpoint": str(path), "model": ckpt["model"], "id": cfg.teacher_id or digest, "digest": digest, **record}
     features = sorted(teacher_features(needs))
-    if not aug.cacheable or features:
-        why = f"augmentation {aug.name} is continuous" if not aug.cacheable else f"the logit cache holds no {', '.join(features)}"
-        log(f"{why}: running the teacher online")
-        return OnlineTeacher(model, str(path), needs, ckpt["model"]), {**info, "mode": "online", "why": why}
+    online = OnlineTeacher(model, str(path), needs, ckpt["model"])
+    if not aug.cacheable:
+        return _online(online, info, f"augmentation {aug.name} is continuous", log)
     cache = cache_path(path, digest, data.digests_of("train"), cfg.data.resolution, aug, device)
+    if features:
+        shapes = online.feature_shapes(cfg.data.resolution, device)
+        too_big = fits(cache_bytes(len(train_images), len(aug.views), shapes, storage_dtype()), cache.parent)
+        if too_big:
+            return _online(online, info, too_big, log)
     t0 = time.perf_counter()
-    teacher: CachedTeacher = cached_teacher(
-        model, cache, train_images, aug, batch_size=cfg.recipe.eval_batch_size, device=device, source=str(path)
-    )
-    return teacher, {**info, "mode": "cache", "cache": str(cache), "cache_load_s": time.perf_counter() - t0}
+    batch = cfg.recipe.eval_batch_size
+    teacher: CachedTeacher = cached_teacher(model, cache, train_images, aug, batch_size=batch, device=device, source=str(path))
+    extra = {}
+    if features:
+        arrays = feature_arrays(
+            model, ckpt["model"], cache, features, train_images, aug, batch_size=batch, device=device, source=str(path)
+        )
+        teacher = CachedTeacher(teacher.logits, aug.views, arrays)
+        extra = {
+            "features": {name: {"shape": list(a.shape[2:]), "dtype": str(a.dtype), "file": str(a.filename)} for name, a in arrays.items()},
+            "feature_cache_bytes": sum(a.nbytes for a in arrays.values()),
+        }
+    return teacher, {**info, "mode": "cache", "cache": str(cache), "cache_load_s": time.perf_counter() - t0, **extra}
+
+
+def _online(teacher: OnlineTeacher, info: dict, why: str, log) -> tuple[OnlineTeacher, dict]:
+    log(f"{why}: running the teacher online")
+    return teacher, {**info, "mode": "online", "why": why}
 
 
 def check_teacher_provenance(cfg: TrialConfig, path: Path, prov: dict | None, data: PreparedData) -> dict:

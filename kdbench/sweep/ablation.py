@@ -6,6 +6,7 @@ Layout::
     description = "..."
     [grid]      # datasets, methods, seeds, teacher, temperatures, kl_weights (beta), cos_weights (gamma)
     [data]      # DataConfig fields except dataset (resolution, images_per_class, augment, ...)
+    [data.ucmerced]  # a dataset's own values of those fields, over [data] (its resolution, test share, ...)
     [teacher]   # Recipe of the teacher; plus ``seed``: one teacher, trained with that seed, for every student seed
     [student]   # Recipe of every student
     [loss]      # alpha (CE weight); shorthand: cosine_on and the default point (temperature, beta, gamma) on the grid
@@ -144,9 +145,16 @@ class Ablation:
     teacher_seed: int | None = None
     # every method with hyperparameters in grid.methods: from [methods.X] and [grid.X] and the shorthand; see the docstring
     methods: dict[str, MethodSettings] = field(default_factory=dict)
+    # ``[data.<dataset>]``: each listed dataset's own DataConfig ([data] with that table's values over it; dataset set)
+    dataset_data: tuple[tuple[str, DataConfig], ...] = ()
     # The --set overrides applied to the file, as given: load_ablation records them (not a key of a file), so the
     # report can say that ``description`` was written for the file's own settings, not for what ran
     overrides: tuple[str, ...] = ()
+
+    def data_for(self, dataset: str) -> DataConfig:
+        """The data settings of ``dataset``: its ``[data.<dataset>]`` table over ``[data]``, with ``dataset`` set."""
+        own = dict(self.dataset_data)
+        return own[dataset] if dataset in own else dataclasses.replace(self.data, dataset=dataset)
 
     def points(self, name: str) -> list[LossConfig]:
         """The loss settings of every grid point of method ``name`` (before :meth:`kdbench.methods.Method.resolve`)."""
@@ -217,14 +225,23 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
     if "teacher_seed" in raw and not isinstance(raw["teacher_seed"], int):
         raise UserError(f"{source}: teacher.seed must be an integer, got {raw['teacher_seed']!r}")
     raw, fixed, axes = _method_tables(raw)
+    raw, own_data = _dataset_tables(raw)
     ablation = from_dict(Ablation, raw, "ablation")
     check_grid(ablation.grid)
     ablation = dataclasses.replace(ablation, loss=default_point(ablation.loss, ablation.grid, source))
     fixed, axes = expand_shorthand(ablation.loss, ablation.grid, fixed, axes)
     methods = method_settings(fixed, axes, ablation.grid, source, alpha=ablation.loss.alpha)
     ablation = dataclasses.replace(ablation, methods=methods)
+    stray = sorted(set(own_data) - set(ablation.grid.datasets))
+    if stray:
+        raise UserError(f"{source}: [data.{stray[0]}] names no dataset of grid.datasets ({', '.join(ablation.grid.datasets)})")
+    base = dataclasses.asdict(ablation.data)
+    dataset_data = tuple(
+        (name, from_dict(DataConfig, {**base, **table, "dataset": name}, f"data.{name}")) for name, table in own_data.items()
+    )
+    ablation = dataclasses.replace(ablation, dataset_data=dataset_data)
     for dataset in ablation.grid.datasets:
-        check_data(dataclasses.replace(ablation.data, dataset=dataset), "data")
+        check_data(ablation.data_for(dataset), f"data.{dataset}" if dataset in own_data else "data")
     dataset_names(ablation.grid.datasets)  # a dataset listed twice, two imagefolders with one label
     check_recipe(ablation.teacher, "teacher")
     check_recipe(ablation.student, "student")
@@ -304,6 +321,18 @@ def _method_tables(raw: dict) -> tuple[dict, dict, dict]:
     axes = {k: v for k, v in grid.items() if isinstance(v, dict)}
     grid = {k: v for k, v in grid.items() if k not in axes}
     return {**{k: v for k, v in raw.items() if k != "methods"}, "grid": grid}, fixed, axes
+
+
+def _dataset_tables(raw: dict) -> tuple[dict, dict]:
+    """``raw`` without the ``[data.<dataset>]`` tables, and those tables by dataset."""
+    data = raw.get("data", {})
+    if not isinstance(data, dict):
+        return raw, {}
+    own = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for name, table in own.items():
+        if "dataset" in table:
+            raise UserError(f"data.{name}.dataset is not a key: the table's name is its dataset")
+    return {**raw, "data": {k: v for k, v in data.items() if k not in own}}, own
 
 
 def method_settings(fixed: dict, axes: dict, grid: Grid, source: str, alpha: float = 1.0) -> dict[str, MethodSettings]:

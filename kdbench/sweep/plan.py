@@ -73,7 +73,7 @@ def plan_trials(
     device = device_type(ablation.run.device)
     trials: dict[str, PlannedTrial] = {}
     for dataset, seed in itertools.product(grid.datasets, grid.seeds):
-        data = dataclasses.replace(ablation.data, dataset=dataset)
+        data = ablation.data_for(dataset)
         data_id = fingerprint(data) if fingerprint else None
         teacher = TrialConfig(
             method=TEACHER_METHOD,
