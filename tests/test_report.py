@@ -364,6 +364,24 @@ def test_one_teacher_for_every_seed_is_paired_with_each_baseline_seed(tmp_path):
     assert "Fewer than 3 finished seeds" not in md
 
 
+def test_with_several_splits_each_split_and_seed_is_a_replicate_paired_with_its_splits_teacher(tmp_path):
+    raw = {
+        **RAW,
+        "grid": {"datasets": ["eurosat"], "seeds": [0, 1], "split_seeds": [0, 5]},
+        "teacher": {"epochs": 3, "seed": 0},
+        "loss": {},
+    }
+    table = store_and_report(tmp_path, raw).set_index("method")
+    assert (table.loc["teacher", "n"], table.loc["teacher", "planned"], table.loc["teacher", "diff_n"]) == (
+        2,
+        2,
+        4,
+    )  # one per split
+    assert (table.loc["kd_kl", "n"], table.loc["kd_kl", "planned"], table.loc["kd_kl", "diff_n"]) == (4, 4, 4)
+    trials = csv(tmp_path, "trials")
+    assert sorted(set(trials["seed"])) == ["split 0, seed 0", "split 0, seed 1", "split 5, seed 0", "split 5, seed 1"]
+
+
 def test_paired_interval_by_hand(report, trials):
     """eurosat kd_kl vs baseline over 3 seeds: mean ± t(0.975, 2) * sd / sqrt(3)."""
     kd, base = default_accuracies(trials, "eurosat", "kd_kl"), default_accuracies(trials, "eurosat", "baseline")

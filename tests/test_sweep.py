@@ -482,3 +482,48 @@ def test_sweep_with_packed_students_on_request(tmp_path):
     # the four KD students train as a pack of 3 and a pack of 1; the baseline (no teacher) as a pack of 1, as planned
     assert k.pop("teacher1.0") is None and k.pop("baseline1.0") == 1 and sorted(k.values()) == [1, 3, 3, 3], k
     assert all(r["config"]["packed"] == (r.get("pack") is not None) for r in results)
+
+
+def test_split_seeds_give_each_split_its_own_teacher_and_leave_keys_of_one_split_alone():
+    raw = base_raw(methods=["baseline", "kd_kl"], seeds=[0, 1])
+    raw = {**raw, "teacher": {"model": "vgg16", "seed": 0}}
+    one = plan_trials(parse_ablation(raw, "t"))
+    assert one == plan_trials(parse_ablation({**raw, "grid": {**raw["grid"], "split_seeds": [0]}}, "t"))
+    both = plan_trials(parse_ablation({**raw, "grid": {**raw["grid"], "split_seeds": [0, 3]}}, "t"))
+    teachers = {t.config.data.split_seed: t for t in both if t.role == "teacher"}
+    assert sorted(teachers) == [0, 3] and teachers[0].key in {t.key for t in one}
+    kd = [t for t in both if t.config.method == "kd_kl"]
+    assert sorted((t.config.data.split_seed, t.config.seed) for t in kd) == [(0, 0), (0, 1), (3, 0), (3, 1)]
+    assert all(t.teacher_key == teachers[t.config.data.split_seed].key for t in kd)  # a student distils from its split's teacher
+    with pytest.raises(UserError, match=r"^grid.split_seeds must be different integers >= 0, got \[1, 1\]"):
+        parse_ablation({**raw, "grid": {**raw["grid"], "split_seeds": [1, 1]}}, "t")
+
+
+def test_a_dataset_table_overrides_data_for_that_dataset_only():
+    raw = base_raw(methods=["baseline"], seeds=[0])
+    raw = {**raw, "grid": {**raw["grid"], "datasets": ["eurosat", "rsscn7"]}, "data": {"resolution": 64}}
+    plain = {t.config.data.dataset: t for t in plan_trials(parse_ablation(raw, "t"))}
+    own = parse_ablation({**raw, "data": {"resolution": 64, "rsscn7": {"resolution": 96, "test_fraction": 0.5}}}, "t")
+    tables = {t.config.data.dataset: t for t in plan_trials(own)}
+    assert tables["eurosat"].key == plain["eurosat"].key  # unchanged where no table is given
+    assert (tables["rsscn7"].config.data.resolution, tables["rsscn7"].config.data.test_fraction) == (96, 0.5)
+    with pytest.raises(UserError, match=r"^t: \[data.ucmerced\] names no dataset of grid.datasets \(eurosat, rsscn7\)$"):
+        parse_ablation({**raw, "data": {"ucmerced": {"resolution": 96}}}, "t")
+    with pytest.raises(UserError, match=r"^unknown key data.rsscn7.size"):
+        parse_ablation({**raw, "data": {"rsscn7": {"size": 96}}}, "t")
+
+
+def test_a_dataset_teacher_table_changes_that_datasets_teacher_and_its_students_only():
+    raw = base_raw(methods=["baseline", "kd_kl"], seeds=[0])
+    raw = {**raw, "grid": {**raw["grid"], "datasets": ["eurosat", "rsscn7"]}, "teacher": {"model": "resnet18", "epochs": 16}}
+    plain = {(t.config.data.dataset, t.name): t for t in plan_trials(parse_ablation(raw, "t"))}
+    own = {**raw, "teacher": {"model": "resnet18", "epochs": 16, "rsscn7": {"epochs": 40}}}
+    tables = {(t.config.data.dataset, t.name): t for t in plan_trials(parse_ablation(own, "t"))}
+    assert all(tables[("eurosat", n)].key == plain[("eurosat", n)].key for n in ("teacher", "baseline", "kd_kl"))
+    assert tables[("rsscn7", "teacher")].config.recipe.epochs == 40
+    assert tables[("rsscn7", "kd_kl")].teacher_key == tables[("rsscn7", "teacher")].key != plain[("rsscn7", "teacher")].key
+    assert tables[("rsscn7", "baseline")].key == plain[("rsscn7", "baseline")].key  # a student without a teacher is unchanged
+    with pytest.raises(UserError, match=r"^teacher.rsscn7.seed is not a key of a dataset's table: set it in \[teacher\]$"):
+        parse_ablation({**raw, "teacher": {"model": "resnet18", "rsscn7": {"seed": 1}}}, "t")
+    with pytest.raises(UserError, match=r"^unknown key teacher.rsscn7.epoch"):
+        parse_ablation({**raw, "teacher": {"model": "resnet18", "rsscn7": {"epoch": 1}}}, "t")

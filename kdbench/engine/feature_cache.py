@@ -130,7 +130,9 @@ def feature_arrays(
             wide: set[str] = set()
             while True:
                 try:
-                    _build(teacher, model_name, {n: paths[n] for n in missing}, wide, train_images, aug, batch_size, device, source)
+                    _build(
+                        teacher, model_name, {n: paths[n] for n in missing}, wide, train_images, aug, batch_size, device, source
+                    )
                     break
                 except _Overflow as err:
                     wide.add(err.name)

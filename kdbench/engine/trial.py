@@ -34,10 +34,10 @@ from kdbench.data.presets import AUGMENTATIONS
 from kdbench.digest import checkpoint_digest, json_digest
 from kdbench.durable import atomic_torch_save
 from kdbench.engine import RESULTS_VERSION
+from kdbench.engine.feature_cache import cache_bytes, feature_arrays, fits, storage_dtype
 from kdbench.engine.loop import EpochStats, evaluate, logit_metrics, lr_factor, predict, steps_per_epoch
 from kdbench.engine.metrics import chance_test
 from kdbench.engine.runtime import environment, memory_format
-from kdbench.engine.feature_cache import cache_bytes, feature_arrays, fits, storage_dtype
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
@@ -231,7 +231,9 @@ def teacher_source(
         )
         teacher = CachedTeacher(teacher.logits, aug.views, arrays)
         extra = {
-            "features": {name: {"shape": list(a.shape[2:]), "dtype": str(a.dtype), "file": str(a.filename)} for name, a in arrays.items()},
+            "features": {
+                name: {"shape": list(a.shape[2:]), "dtype": str(a.dtype), "file": str(a.filename)} for name, a in arrays.items()
+            },
             "feature_cache_bytes": sum(a.nbytes for a in arrays.values()),
         }
     return teacher, {**info, "mode": "cache", "cache": str(cache), "cache_load_s": time.perf_counter() - t0, **extra}

@@ -44,8 +44,9 @@ METHODS: dict[str, type[Method]] = {}
 # "logits" ``[B, C]``; "embedding" ``[B, D]``, the input of the model's last linear layer (the
 # penultimate features of every torchvision classifier); "stage:0" .. "stage:4" ``[B, C_i, H_i, W_i]``,
 # the outputs of the model's downsampling stages (kdbench.stages, strides 2 to 32), and "pooled"
-# ``[B, C_4]``, the global average of stage 4.  The teacher's features come from its feature cache or the teacher run
-# online (kdbench.engine.feature_cache); a method needing stages is refused at planning for a teacher/student pair whose stages kdbench cannot match.
+# ``[B, C_4]``, the global average of stage 4.  The teacher's features come from its feature cache or the teacher
+# run online (kdbench.engine.feature_cache); a method needing stages is refused at planning for a teacher/student
+# pair whose stages kdbench cannot match.
 # "index" is not a model's: the batch's positions in the training split ``[B]`` (int64, on the CPU, where the
 # engine draws them), which the engine puts in the student's features (CRD's memory bank is indexed by them;
 # :meth:`Method.make_parts` then gets the training split's labels in the same order).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -203,9 +204,7 @@ def files_list(tables: dict[str, Table], figs: dict[str, FigureBlock]) -> list[s
 def run_summary(data: ReportData) -> list[str]:
     """The header: ablation, timing, recipes, grid, data and splits, hardware and software."""
     ab, env = data.ablation, data.sweep["environment"] or {}
-    g, d = ab.grid, ab.data
-    images = "all images" if d.images_per_class is None else f"{d.images_per_class} per class"
-    classes = f", classes {', '.join(d.classes)}" if d.classes else ""
+    g = ab.grid
     versions = ", ".join(f"{k} {env[k]}" for k in ("kdbench", "python", "torch", "torchvision") if env.get(k))
     return [
         f"Ablation {data.sweep['name']} from {data.sweep['ablation_path'] or 'an unnamed file'}"
@@ -213,6 +212,7 @@ def run_summary(data: ReportData) -> list[str]:
         + ".",
         _sweep_line(data),
         f"Teacher: {_recipe(ab.teacher)}{_teacher_seed(ab.teacher_seed)}.",
+        *(f"Teacher on {data.names[source].display} ([teacher.{source}]): {_recipe(r)}." for source, r in ab.dataset_teachers),
         f"Student: {_recipe(ab.student)}.",
         f"Loss: α = {ab.loss.alpha:g} (cross-entropy), cosine on {ab.loss.cosine_on}; grid T ∈ {_values(g.temperatures)}, "
         f"β (KL weight) ∈ {_values(g.kl_weights)}, γ (cosine weight) ∈ {_values(g.cos_weights)}; "
@@ -225,11 +225,11 @@ def run_summary(data: ReportData) -> list[str]:
             for m in g.methods
             if m in ab.methods and any(len(values) > 1 for _, values in ab.methods[m].axes)
         ),
-        f"Seeds: {', '.join(map(str, g.seeds))} ({len(g.seeds)}); "
-        f"Δ intervals are {CONFIDENCE:.0%} two-way bootstrap intervals over seeds and test images.",
-        f"Images: {d.resolution}×{d.resolution} px, {images}{classes}, augmentation {d.augment}, split seed {d.split_seed}.",
+        f"Seeds: {', '.join(map(str, g.seeds))} ({len(g.seeds)})"
+        + (f" on each of {len(g.split_seeds)} splits (split seeds {', '.join(map(str, g.split_seeds))})" if g.split_seeds else "")
+        + f"; Δ intervals are {CONFIDENCE:.0%} two-way bootstrap intervals over seeds and test images.",
         *(f"Dataset {dataset}: {_dataset_line(data, dataset)}." for dataset in data.datasets),
-        f"Hardware: {_hardware(env)}.",
+        f"Hardware: {_hardware(env)}; {_formats(data)}.",
         f"Software: {versions}; {env.get('platform', 'platform unknown')}; git commit {env.get('git_commit') or 'unknown'}.",
     ]
 
@@ -272,10 +272,28 @@ def _recipe(r: Recipe) -> str:
 
 
 def _dataset_line(data: ReportData, dataset: str) -> str:
+    """The dataset's title, its data settings (``[data]`` and its ``[data.<dataset>]`` table) and its split sizes."""
+    source = data.name(dataset).dataset
+    d = data.ablation.data_for(source)
+    images = "all images" if d.images_per_class is None else f"{d.images_per_class} per class"
+    classes = f", classes {', '.join(d.classes)}" if d.classes else ""
+    split = "" if data.ablation.grid.split_seeds else f", split seed {d.split_seed}"
     done = data.done[data.done["dataset"] == dataset]
     splits = sorted({(r.data["train"], r.data["val"], r.data["test"], len(r.classes)) for r in done["result"]})
     sizes = " or ".join(f"{c} classes, train / val / test = {a} / {b} / {t} images" for a, b, t, c in splits)
-    return f"{get_spec(data.name(dataset).dataset).title}; {sizes or 'split sizes unknown (no finished trial)'}"
+    settings = f"{d.resolution}×{d.resolution} px, {images}{classes}, augmentation {d.augment}{split}"
+    return f"{get_spec(source).title}; {settings}; {sizes or 'split sizes unknown (no finished trial)'}"
+
+
+def _formats(data: ReportData) -> str:
+    """How the finished trials computed, from each one's record: memory format and precision, with counts."""
+    env = [r.environment for r in data.done["result"]]
+    counts = Counter(
+        f"{e.get('memory_format', 'memory format not recorded (kdbench before it was: contiguous)')}, "
+        f"{e.get('precision', 'precision not recorded')}"
+        for e in env
+    )
+    return "; ".join(f"{what} ({n} trials)" for what, n in counts.most_common()) or "no finished trial"
 
 
 def _hardware(env: dict) -> str:

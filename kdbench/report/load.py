@@ -69,8 +69,13 @@ class ReportData:
         return self.trials[self.trials["status"] == "done"]
 
     @property
-    def seeds(self) -> list[int]:
-        return list(self.ablation.grid.seeds)
+    def seeds(self) -> list[int | str]:
+        """The planned replicates: the seeds, or with several ``[grid] split_seeds`` each (split, seed) pair
+        (:func:`replicate`)."""
+        grid = self.ablation.grid
+        if len(grid.split_seeds) < 2:
+            return list(grid.seeds)
+        return [replicate(split, seed) for split in grid.split_seeds for seed in grid.seeds]
 
     def plan(self, method: str) -> TrialPlan:
         """The plan of one of ``method``'s trials (label, rank, role, axes are the method's, the same for each);
@@ -137,8 +142,16 @@ def load_report_data(out_dir: Path) -> ReportData:
     return ReportData(sweep, ablation, trial_frame(rows, ablation, plans), bench, plans)
 
 
+def replicate(split: int, seed: int) -> str:
+    """The report's name of a replicate of a sweep over several splits: a (split seed, seed) pair."""
+    return f"split {split}, seed {seed}"
+
+
 def trial_frame(rows: list[dict], ablation: Ablation, plans: dict[str, TrialPlan]) -> pd.DataFrame:
     """One row per trial, ordered by dataset (grid order), method (registry order), loss settings and seed.
+
+    ``seed`` is the replicate the statistics pair trials by: the seed, or with several ``[grid] split_seeds`` the
+    (split, seed) pair (:func:`replicate`); ``split`` is the trial's split seed.
 
     Columns: the store's identity columns (key, role, dataset, method (the row name, :func:`row_name`), model, seed,
     temperature, beta, gamma, params, teacher_key, status, error, flags) with ``dataset`` the
@@ -165,6 +178,7 @@ def trial_frame(rows: list[dict], ablation: Ablation, plans: dict[str, TrialPlan
         "label",
         "model",
         "seed",
+        "split",
         *LOSS_AXES,
         "params",
         "settings",
@@ -188,7 +202,9 @@ def trial_frame(rows: list[dict], ablation: Ablation, plans: dict[str, TrialPlan
     frame = frame.assign(
         _d=frame["dataset"].map({v: i for i, v in enumerate(names.values())}), _m=[plans[k].rank for k in frame["key"]]
     )
-    frame = frame.sort_values(["_d", "_m", *LOSS_AXES, "settings", "seed"], ignore_index=True)
+    if len(ablation.grid.split_seeds) > 1:
+        frame["seed"] = [replicate(split, seed) for split, seed in zip(frame["split"], frame["seed"])]
+    frame = frame.sort_values(["_d", "_m", *LOSS_AXES, "settings", "split", "seed"], ignore_index=True)
     return frame.drop(columns=["_d", "_m"])
 
 
@@ -198,6 +214,7 @@ def _record(row: dict, plan: TrialPlan) -> dict:
             k: row[k]
             for k in ("key", "role", "dataset", "method", "model", "seed", *LOSS_AXES, "params", "teacher_key", "status", "error")
         },
+        "split": row["config"]["data"]["split_seed"],
         "method": row_name(plan),
         "label": plan.label,
         "settings": plan.settings,

@@ -278,9 +278,10 @@ def _caveats(data: ReportData) -> list[str]:
             "models: absolute accuracies are far below the paper's, and what this run judges is whether the distillation "
             "losses help a student trained from scratch in this budget."
         )
-    if ab.data.resolution < 224:
+    small = sorted({ab.data_for(d).resolution for d in ab.grid.datasets if ab.data_for(d).resolution < 224})
+    if small:
         notes.append(
-            f"Images at {ab.data.resolution}×{ab.data.resolution} px (the paper's protocol: 224 px): the networks were "
+            f"Images at {' and '.join(f'{r}×{r}' for r in small)} px (the paper's protocol: 224 px): the networks were "
             "designed for 224 px, so their last feature maps are at most a few pixels wide here."
         )
     return notes

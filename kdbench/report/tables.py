@@ -245,10 +245,12 @@ def _done(trials: pd.DataFrame, dataset: str, method: str) -> pd.DataFrame:
 
 
 def _every_seed(teacher: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
-    """The one teacher of an ablation with ``[teacher] seed`` as the partner of every baseline seed."""
-    if len(teacher) != 1:
+    """The one teacher per split of an ablation with ``[teacher] seed`` as the partner of every baseline seed of its split."""
+    if teacher["split"].nunique() != len(teacher):
         return teacher
-    return pd.concat([teacher.assign(seed=seed) for seed in baseline["seed"]], ignore_index=True)
+    of_split = dict(zip(teacher["split"], teacher.index))
+    partners = [teacher.loc[[of_split[b.split]]].assign(seed=b.seed) for b in baseline.itertuples() if b.split in of_split]
+    return pd.concat(partners, ignore_index=True) if partners else teacher.iloc[:0]
 
 
 def compare(done: pd.DataFrame, reference: pd.DataFrame) -> dict:
@@ -796,7 +798,7 @@ def bench_latency(data: ReportData, runtime: str = "torch", batch: int = 1) -> t
     rows = data.bench[(data.bench["batch"] == batch) & (data.bench["runtime"] == runtime)]
     if rows.empty:
         return {}, None
-    trained = data.ablation.data.resolution
+    trained = data.ablation.data_for(data.ablation.grid.datasets[0]).resolution  # the first dataset's
     resolution = min(rows["resolution"].unique(), key=lambda r: (abs(r - trained), r))
     rows = rows[rows["resolution"] == resolution]
     return dict(zip(rows["model"], rows["latency_median_ms"])), int(resolution)

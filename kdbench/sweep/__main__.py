@@ -21,7 +21,7 @@ from pathlib import Path
 from kdbench.errors import UserError, cli_main, describe, log_errors_to, one_line, write_error_log
 from kdbench.sweep.ablation import load_ablation
 from kdbench.sweep.plan import plan_trials
-from kdbench.sweep.store import STORE_FILE
+from kdbench.sweep.store import STORE_FILE, Store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     pack = pack_size(args.pack, ablation)
     plan_trials(ablation, pack=pack)  # refuses a bad grid before any dataset is looked for
     if args.dry_run:
-        print_plan(plan(ablation, pack, args.data_root), args.data_root, ablation.grid.datasets)
+        store = out_dir / STORE_FILE
+        trials = plan(ablation, pack, args.data_root)
+        done = {t.key for t in trials if store.is_file() and Store(store).status(t.key) == "done"}
+        print_plan(trials, args.data_root, ablation.grid.datasets, done, ablation.deploy.int8)
         return 0
     log_errors_to(out_dir)
 
@@ -148,8 +151,11 @@ def write_report(out_dir: Path) -> bool:
     return True
 
 
-def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None:
-    """The trials with their cost, then per dataset its classes and images, warning about very small classes."""
+def print_plan(trials, data_root: str | None, datasets: tuple[str, ...], done: set[str], int8: bool) -> None:
+    """The trials with their cost, then per dataset its classes and images, warning about very small classes.
+
+    ``done``: the keys the store at ``--out`` holds finished (the estimate is for the others); ``int8``: ``[deploy] int8``.
+    """
     from kdbench.data.specs import dataset_names
     from kdbench.sweep.cost import SMALL_CLASS_SHARE, counts_key, sweep_seconds, train_images
 
@@ -184,11 +190,13 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...]) -> None
                 f"median class's {statistics.median(n.used):g} images ({shown}): their accuracy rests on very few test "
                 "images and training is imbalanced; add images, or leave them out with data.classes"
             )
+    todo = [t for t in trials if t.key not in done]
+    left = f"; {len(done)} already done in the store, the other {len(todo)}" if done else ""
     print(
         f"{len(trials)} trials ({sum(t.role == 'teacher' for t in trials)} teachers, "
         f"{sum(t.role != 'teacher' for t in trials)} students); "
-        f"{sum(images.values()):,} training images in all; estimated {sweep_seconds(trials, counts) / 60:.1f} min of fp32 "
-        "training and evaluation on a 2-core CPU"
+        f"{sum(images.values()):,} training images in all{left}: estimated {sweep_seconds(todo, counts, int8) / 60:.1f} min "
+        f"of fp32 training, evaluation{' and INT8 deployment' if int8 else ''} on a 2-core CPU"
     )
     for line in warnings:
         print(line)

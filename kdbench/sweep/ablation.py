@@ -4,10 +4,11 @@ Layout::
 
     name = "quick"
     description = "..."
-    [grid]      # datasets, methods, seeds, teacher, temperatures, kl_weights (beta), cos_weights (gamma)
+    [grid]      # datasets, methods, seeds, split_seeds, teacher, temperatures, kl_weights (beta), cos_weights (gamma)
     [data]      # DataConfig fields except dataset (resolution, images_per_class, augment, ...)
     [data.ucmerced]  # a dataset's own values of those fields, over [data] (its resolution, test share, ...)
     [teacher]   # Recipe of the teacher; plus ``seed``: one teacher, trained with that seed, for every student seed
+    [teacher.rsscn7]  # a dataset's own values of the teacher's recipe, over [teacher] (its epochs, model, ...)
     [student]   # Recipe of every student
     [loss]      # alpha (CE weight); shorthand: cosine_on and the default point (temperature, beta, gamma) on the grid
     [run]       # device, pack, allow_chance_teacher
@@ -63,6 +64,9 @@ class Grid:
     # The teacher is a role, not a method: it is trained for every student that distils, and with ``teacher`` on
     # (the default) also where none does, so that the report compares the students with it.
     teacher: bool = True
+    # The literature's "mean over N random splits" protocol: each split seed is a train/val/test split of its own, with
+    # its own teacher, and each (split, seed) pair a replicate of the report.  Empty: one split, data.split_seed.
+    split_seeds: tuple[int, ...] = ()
     temperatures: tuple[float, ...] = (4.0,)
     kl_weights: tuple[float, ...] = (1.0,)  # beta
     cos_weights: tuple[float, ...] = (1.0,)  # gamma
@@ -147,6 +151,8 @@ class Ablation:
     methods: dict[str, MethodSettings] = field(default_factory=dict)
     # ``[data.<dataset>]``: each listed dataset's own DataConfig ([data] with that table's values over it; dataset set)
     dataset_data: tuple[tuple[str, DataConfig], ...] = ()
+    # ``[teacher.<dataset>]``: each listed dataset's own teacher Recipe ([teacher] with that table's values over it)
+    dataset_teachers: tuple[tuple[str, Recipe], ...] = ()
     # The --set overrides applied to the file, as given: load_ablation records them (not a key of a file), so the
     # report can say that ``description`` was written for the file's own settings, not for what ran
     overrides: tuple[str, ...] = ()
@@ -155,6 +161,10 @@ class Ablation:
         """The data settings of ``dataset``: its ``[data.<dataset>]`` table over ``[data]``, with ``dataset`` set."""
         own = dict(self.dataset_data)
         return own[dataset] if dataset in own else dataclasses.replace(self.data, dataset=dataset)
+
+    def teacher_for(self, dataset: str) -> Recipe:
+        """The teacher's recipe on ``dataset``: its ``[teacher.<dataset>]`` table over ``[teacher]``."""
+        return dict(self.dataset_teachers).get(dataset, self.teacher)
 
     def points(self, name: str) -> list[LossConfig]:
         """The loss settings of every grid point of method ``name`` (before :meth:`kdbench.methods.Method.resolve`)."""
@@ -216,6 +226,8 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
         raise UserError(f"{source}: data.dataset is not an ablation key: list datasets in grid.datasets")
     if "name" not in raw:
         raise UserError(f"{source}: missing key name (the ablation's name, used for its output folder)")
+    raw, own_data = _dataset_tables(raw, "data")
+    raw, own_teacher = _dataset_tables(raw, "teacher")
     teacher = raw.get("teacher", {})
     if isinstance(teacher, dict):
         teacher = {**TEACHER_DEFAULTS, **teacher}
@@ -225,23 +237,30 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
     if "teacher_seed" in raw and not isinstance(raw["teacher_seed"], int):
         raise UserError(f"{source}: teacher.seed must be an integer, got {raw['teacher_seed']!r}")
     raw, fixed, axes = _method_tables(raw)
-    raw, own_data = _dataset_tables(raw)
     ablation = from_dict(Ablation, raw, "ablation")
     check_grid(ablation.grid)
     ablation = dataclasses.replace(ablation, loss=default_point(ablation.loss, ablation.grid, source))
     fixed, axes = expand_shorthand(ablation.loss, ablation.grid, fixed, axes)
     methods = method_settings(fixed, axes, ablation.grid, source, alpha=ablation.loss.alpha)
     ablation = dataclasses.replace(ablation, methods=methods)
-    stray = sorted(set(own_data) - set(ablation.grid.datasets))
-    if stray:
-        raise UserError(f"{source}: [data.{stray[0]}] names no dataset of grid.datasets ({', '.join(ablation.grid.datasets)})")
-    base = dataclasses.asdict(ablation.data)
-    dataset_data = tuple(
-        (name, from_dict(DataConfig, {**base, **table, "dataset": name}, f"data.{name}")) for name, table in own_data.items()
+    for section, tables in (("data", own_data), ("teacher", own_teacher)):
+        stray = sorted(set(tables) - set(ablation.grid.datasets))
+        if stray:
+            listed = ", ".join(ablation.grid.datasets)
+            raise UserError(f"{source}: [{section}.{stray[0]}] names no dataset of grid.datasets ({listed})")
+    data, teacher = dataclasses.asdict(ablation.data), dataclasses.asdict(ablation.teacher)
+    ablation = dataclasses.replace(
+        ablation,
+        dataset_data=tuple(
+            (name, from_dict(DataConfig, {**data, **table, "dataset": name}, f"data.{name}")) for name, table in own_data.items()
+        ),
+        dataset_teachers=tuple(
+            (name, from_dict(Recipe, {**teacher, **table}, f"teacher.{name}")) for name, table in own_teacher.items()
+        ),
     )
-    ablation = dataclasses.replace(ablation, dataset_data=dataset_data)
     for dataset in ablation.grid.datasets:
         check_data(ablation.data_for(dataset), f"data.{dataset}" if dataset in own_data else "data")
+        check_recipe(ablation.teacher_for(dataset), f"teacher.{dataset}" if dataset in own_teacher else "teacher")
     dataset_names(ablation.grid.datasets)  # a dataset listed twice, two imagefolders with one label
     check_recipe(ablation.teacher, "teacher")
     check_recipe(ablation.student, "student")
@@ -323,16 +342,17 @@ def _method_tables(raw: dict) -> tuple[dict, dict, dict]:
     return {**{k: v for k, v in raw.items() if k != "methods"}, "grid": grid}, fixed, axes
 
 
-def _dataset_tables(raw: dict) -> tuple[dict, dict]:
-    """``raw`` without the ``[data.<dataset>]`` tables, and those tables by dataset."""
-    data = raw.get("data", {})
-    if not isinstance(data, dict):
+def _dataset_tables(raw: dict, section: str) -> tuple[dict, dict]:
+    """``raw`` without the ``[<section>.<dataset>]`` tables, and those tables by dataset."""
+    values = raw.get(section, {})
+    if not isinstance(values, dict):
         return raw, {}
-    own = {k: v for k, v in data.items() if isinstance(v, dict)}
+    own = {k: v for k, v in values.items() if isinstance(v, dict)}
     for name, table in own.items():
-        if "dataset" in table:
-            raise UserError(f"data.{name}.dataset is not a key: the table's name is its dataset")
-    return {**raw, "data": {k: v for k, v in data.items() if k not in own}}, own
+        for key in ("dataset", "seed"):
+            if key in table:
+                raise UserError(f"{section}.{name}.{key} is not a key of a dataset's table: set it in [{section}]")
+    return {**raw, section: {k: v for k, v in values.items() if k not in own}}, own
 
 
 def method_settings(fixed: dict, axes: dict, grid: Grid, source: str, alpha: float = 1.0) -> dict[str, MethodSettings]:
@@ -406,7 +426,7 @@ def _axes_type(params: type) -> type:
 
 def check_grid(grid: Grid) -> None:
     for f in dataclasses.fields(grid):
-        if f.name != "teacher" and not getattr(grid, f.name):
+        if f.name not in ("teacher", "split_seeds") and not getattr(grid, f.name):
             raise UserError(f"grid.{f.name} is empty: the grid has no trials; give it at least one value")
     for name in grid.methods:
         if name == "teacher":
@@ -415,6 +435,8 @@ def check_grid(grid: Grid) -> None:
                 "distils, and reported unless grid.teacher = false): remove it from grid.methods"
             )
         get_method(name)
+    if len(set(grid.split_seeds)) != len(grid.split_seeds) or any(s < 0 for s in grid.split_seeds):
+        raise UserError(f"grid.split_seeds must be different integers >= 0, got {list(grid.split_seeds)}")
     for t in grid.temperatures:
         if t <= 0:
             raise UserError(f"grid.temperatures has {t:g}: a temperature must be > 0")

@@ -3,11 +3,12 @@
 A trial trains on ``epochs x n_train`` images, evaluates the validation split after every
 epoch and the validation and test splits of its best and last weights at the end; a
 teacher with distilled students also runs once over every training image in every view of
-the augmentation to fill the logit cache.  Seconds use fp32 training rates at 64 px measured on
-the 2-core x86 CPU of BENCHMARKS.md on 2026-11-28: ResNet-18 and MobileNetV2 inside the sweep of
-ablations/cpu.toml, the VGGs in a plain PyTorch loop at batch 64 (where ResNet-18 ran 5% faster);
-a share :data:`FIXED_SHARE` of an image's time at 64 px does not depend on its size and the
-rest scales with its pixel count (fitted to MobileNetV2 and ResNet-18 at 32, 48 and 64 px);
+the augmentation to fill the logit cache, and once more for each set of features its students
+need (the feature cache).  Seconds use fp32 channels_last training rates measured on the 2-core
+AMD EPYC VM of BENCHMARKS.md: ResNet-18 and MobileNetV2 inside the sweep of ablations/cpu.toml at
+96 px on 2026-11-30 (scaled to 64 px by the rule below), the VGGs in a plain PyTorch loop at batch 64
+on 2026-11-28 (contiguous); a share :data:`FIXED_SHARE` of an image's time at 64 px does not depend
+on its size and the rest scales with its pixel count (fitted to MobileNetV2 and ResNet-18 at 32, 48 and 64 px);
 evaluation is :data:`EVAL_SPEEDUP` times faster than training.  These VMs vary 2-3x in speed from day to
 day, so the estimate is good to that factor; a GPU is one to two orders of magnitude faster.
 """
@@ -26,7 +27,8 @@ from kdbench.data.specs import get_spec
 from kdbench.methods import teacher_features
 from kdbench.sweep.plan import PlannedTrial
 
-CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 9.5, "vgg16_bn": 8.5, "resnet18": 66.0, "mobilenet_v2": 100.0}
+CPU_TRAIN_IMAGES_PER_S_64PX = {"vgg16": 9.5, "vgg16_bn": 8.5, "resnet18": 169.0, "mobilenet_v2": 276.0}
+INT8_SECONDS = 6.0  # ONNX export, static quantization and scoring of one trial ([deploy] int8; kdbench.engine.int8)
 DEFAULT_RATE = 60.0
 FIXED_SHARE = 0.33
 EVAL_SPEEDUP = 3.0  # images/s of inference (no gradients, large batches) over images/s of training
@@ -100,33 +102,37 @@ def estimate_seconds(trial: PlannedTrial, n: DatasetCounts) -> float:
     return sum((epochs * n.train + evaluated / EVAL_SPEEDUP) / train_rate(t) + TRIAL_OVERHEAD_S for t in trial.trials)
 
 
-def online(teacher: PlannedTrial, student: PlannedTrial) -> bool:
-    """Whether the student runs its teacher on every training batch: a continuous augmentation, or a method that
-    needs the teacher's features, which the logit cache does not hold (kdbench.engine.trial.teacher_source)."""
-    features = teacher_features(student.config.method_impl.needs_from_teacher)
-    return AUGMENTATIONS[teacher.config.data.augment].views is None or bool(features)
+def online(teacher: PlannedTrial) -> bool:
+    """Whether a student runs its teacher on every training batch: a continuous augmentation (kdbench.engine.trial.teacher_source;
+    a feature cache that would not fit is not foreseen here)."""
+    return AUGMENTATIONS[teacher.config.data.augment].views is None
 
 
-def teacher_seconds(teacher: PlannedTrial, student: PlannedTrial, n: DatasetCounts) -> float:
-    """The teacher's inference for one distilled student: one pass over every training image in every view to
-    fill the logit cache (shared by all its students, so counted for the first), or, run online (:func:`online`),
-    a forward pass on every training batch (kdbench.engine.teacher)."""
+def teacher_seconds(teacher: PlannedTrial, student: PlannedTrial, n: DatasetCounts, passes: int) -> float:
+    """The teacher's inference for one distilled student: run online (:func:`online`), a forward pass on every
+    training batch; otherwise ``passes`` passes over every training image in every view to fill its caches."""
     views = AUGMENTATIONS[teacher.config.data.augment].views
-    images = n.train * student.config.recipe.epochs if online(teacher, student) else n.train * len(views)
+    images = n.train * student.config.recipe.epochs if online(teacher) else n.train * len(views) * passes
     return images / (EVAL_SPEEDUP * train_rate(teacher))
 
 
-def sweep_seconds(trials: list[PlannedTrial], counts: dict[tuple, DatasetCounts]) -> float:
-    """Estimated seconds of a whole sweep on one 2-core CPU: every trial, plus its teacher's inference."""
+def sweep_seconds(trials: list[PlannedTrial], counts: dict[tuple, DatasetCounts], int8: bool = False) -> float:
+    """Estimated seconds of ``trials`` on one 2-core CPU: every trial, its INT8 deployment (``int8``), and its teacher's
+    inference: the logit cache once per teacher, and a feature-cache pass per set of features its students need."""
     teachers = {t.key: t for t in trials if t.role == "teacher"}
-    total, cached = 0.0, set()
+    total, filled = 0.0, set()
     for t in trials:
         n = counts[counts_key(t.config.data)]
-        total += estimate_seconds(t, n)
+        total += estimate_seconds(t, n) + (INT8_SECONDS * len(t.trials) if int8 else 0.0)
         for m in t.trials:
             teacher = teachers.get(m.teacher_key)
-            if teacher is None or (teacher.key in cached and not online(teacher, m)):
+            if teacher is None:
                 continue
-            cached.add(teacher.key)
-            total += teacher_seconds(teacher, m, n)
+            wanted = {("logits",)} | (
+                {tuple(sorted(f))} if (f := teacher_features(m.config.method_impl.needs_from_teacher)) else set()
+            )
+            new = {(teacher.key, w) for w in wanted} - filled
+            if online(teacher) or new:
+                filled |= new
+                total += teacher_seconds(teacher, m, n, len(new))
     return total

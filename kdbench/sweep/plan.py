@@ -51,9 +51,10 @@ def plan_trials(
 ) -> list[PlannedTrial]:
     """All trials of the ablation, deduplicated by key, each teacher before its students.
 
-    One teacher per (dataset, teacher recipe, seed), or per dataset where the ablation fixes the
-    teacher's seed (``[teacher] seed``), where some student distils or the ablation reports the teacher
-    (``[grid] teacher``); a method's trials vary only
+    One teacher per (dataset, split, teacher recipe, seed), or per (dataset, split) where the ablation fixes the
+    teacher's seed (``[teacher] seed``); the splits are ``[grid] split_seeds``, else the data's one ``split_seed``
+    (then keys are those of a plan without the axis).  A teacher is planned where some student distils or the
+    ablation reports the teacher (``[grid] teacher``); a method's trials vary only
     along its ``[grid.<method>]`` axes (:meth:`Ablation.points`), which the ``[grid] temperatures`` shorthand fills
     for the paper's methods only, so the baseline is trained once per (dataset, seed) whatever the temperature
     grid.  A grid point that is really another method is planned as that method, once
@@ -72,14 +73,16 @@ def plan_trials(
     methods = [get_method(m) for m in grid.methods]
     device = device_type(ablation.run.device)
     trials: dict[str, PlannedTrial] = {}
-    for dataset, seed in itertools.product(grid.datasets, grid.seeds):
+    splits = grid.split_seeds or (None,)  # None: the data's own split_seed
+    for dataset, split, seed in itertools.product(grid.datasets, splits, grid.seeds):
         data = ablation.data_for(dataset)
+        data = data if split is None else dataclasses.replace(data, split_seed=split)
         data_id = fingerprint(data) if fingerprint else None
         teacher = TrialConfig(
             method=TEACHER_METHOD,
             role="teacher",
             data=data,
-            recipe=ablation.teacher,
+            recipe=ablation.teacher_for(dataset),
             loss=LossConfig(),
             seed=seed if ablation.teacher_seed is None else ablation.teacher_seed,
             device=device,
@@ -91,7 +94,7 @@ def plan_trials(
             trials.setdefault(teacher_key, PlannedTrial(teacher_key, teacher, plan=_teacher_plan()))
         for method in methods:
             if uses_stages(method.needs_from_teacher):  # a pair whose stages cannot be matched: refused here, in one line
-                check_pair(method.name, ablation.teacher.model, ablation.student.model, data.resolution)
+                check_pair(method.name, teacher.recipe.model, ablation.student.model, data.resolution)
             for point in ablation.points(method.name):
                 method.check(point, f"{method.name} on {dataset}: ", " (check loss.alpha and the grid's weights)")
                 real, loss = method.resolve(point)
