@@ -176,6 +176,7 @@ def _reference_train_losses(cfg: TrialConfig, cache: str | None = None) -> list[
     ``epoch_batches`` one loss, one backward, one optimiser and one scheduler step (and the cached teacher's logits)."""
     from kdbench.data.prepare import prepare_data
     from kdbench.engine.loop import epoch_batches, make_optimizer
+    from kdbench.engine.runtime import memory_format
     from kdbench.engine.teacher import CachedTeacher
     from kdbench.engine.trial import make_scheduler
     from kdbench.methods import Outputs, get_method
@@ -185,6 +186,7 @@ def _reference_train_losses(cfg: TrialConfig, cache: str | None = None) -> list[
     images, labels = data.images[train], data.labels[train]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.recipe.model, len(data.classes), cfg.recipe.pretrained)
+    model = model.to(memory_format=memory_format(torch.device("cpu")))  # as the runner lays it out (channels_last)
     optimizer = make_optimizer(model.parameters(), cfg.recipe)
     scheduler = make_scheduler(optimizer, cfg.recipe, len(images))
     aug, method = AUGMENTATIONS[cfg.data.augment], get_method(cfg.method)

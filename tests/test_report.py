@@ -405,6 +405,10 @@ def test_markdown_marks_failures_missing_and_notes(report, trials):
     assert f"Failed: KD (Cos) on rsscn7, seed 0 (gamma 1, on logits): {FAILED_ERROR}" in md
     assert "missing (pending)" in md and "20 of 60 planned trials have no result" in md
     assert "| paper (reported) |  | 99.04 |" in md
+    # the synthetic results record no memory format (as kdbench's before 2026-11-30): the report says so, with counts
+    assert "memory format not recorded (kdbench before it was: contiguous), precision not recorded (" in md
+    assert "| **eurosat: published, not from this run (Helber et al., IEEE JSTARS 2019)** |" in md
+    assert "| ResNet-50; ImageNet weights fine-tuned, RGB at 64 px, 80/20 train/test split |  | 98.57 |" in md
     assert "Teacher weaker than its students: vgg16 on rsscn7" in md
     assert "Fewer than 3 finished seeds (rsscn7:" in md
     assert "differ by 1 pp or more in 9 of 9 cells of Table 1" in md

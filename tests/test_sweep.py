@@ -296,6 +296,9 @@ def test_sweep_runs_records_and_skips_finished_trials(tmp_path):
     assert all(r["completions"] == 1 for r in store_rows(out))
     for key in (r["key"] for r in rows):
         assert (out / "trials" / key / "metrics.json").exists()
+    # the dry run estimates what is left to do in that store
+    dry = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(out), "--dry-run")
+    assert "6 already done in the store, the other 0: estimated 0.0 min" in dry.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("override", ["student.lr=nan", "student.momentum=5"])
@@ -507,8 +510,11 @@ def test_a_dataset_table_overrides_data_for_that_dataset_only():
     tables = {t.config.data.dataset: t for t in plan_trials(own)}
     assert tables["eurosat"].key == plain["eurosat"].key  # unchanged where no table is given
     assert (tables["rsscn7"].config.data.resolution, tables["rsscn7"].config.data.test_fraction) == (96, 0.5)
-    with pytest.raises(UserError, match=r"^t: \[data.ucmerced\] names no dataset of grid.datasets \(eurosat, rsscn7\)$"):
-        parse_ablation({**raw, "data": {"ucmerced": {"resolution": 96}}}, "t")
+    with pytest.raises(UserError, match=r"^t: \[data.ucmercd\] names no dataset of grid.datasets \(eurosat, rsscn7\)$"):
+        parse_ablation({**raw, "data": {"ucmercd": {"resolution": 96}}}, "t")
+    # a built-in dataset's table outside the grid is kept for when the grid lists it (a grid narrowed with --set)
+    narrowed = parse_ablation({**raw, "data": {"ucmerced": {"resolution": 96}}}, "t")
+    assert {t.config.data.resolution for t in plan_trials(narrowed)} == {64}
     with pytest.raises(UserError, match=r"^unknown key data.rsscn7.size"):
         parse_ablation({**raw, "data": {"rsscn7": {"size": 96}}}, "t")
 

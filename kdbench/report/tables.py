@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from kdbench.bench_summary import BENCH_COMMAND, speedups
+from kdbench.data.specs import get_spec
 from kdbench.errors import UserError
 from kdbench.profile import FLOP_CONVENTION, compression
 from kdbench.report.load import BENCH_FILE, ReportData, int8_correct, row_name, test_correct
@@ -162,12 +163,22 @@ def accuracy_table(data: ReportData) -> Table:
             "McNemar p per seed": ["" if r.method == "baseline" else p_values_text(r.mcnemar_p) for r in frame.itertuples()],
         }
     )
+    published = [
+        dict.fromkeys(display.columns, "")
+        | {
+            "Dataset": f"{dataset}: published, not from this run ({p.source})",
+            "Method": f"{p.model}; {p.protocol}",
+            "Test acc. %, best-val ckpt": number(p.accuracy),
+        }
+        for dataset in data.datasets
+        for p in get_spec(data.name(dataset).dataset).published
+    ]
     reference = dict.fromkeys(display.columns, "") | {
         "Dataset": f"reference, not from this run: {PAPER}",
         "Method": PAPER_LABEL,
         "Test acc. %, best-val ckpt": number(PAPER_BEST_ACCURACY),
     }
-    display = pd.concat([display, pd.DataFrame([reference])], ignore_index=True)
+    display = pd.concat([display, pd.DataFrame([*published, reference])], ignore_index=True)
     notes = (
         "Default point only ([methods.<name>] of the ablation, as planned)"
         + "".join(f"; {label}: {settings}" for label, settings in own_defaults(data))
@@ -189,7 +200,10 @@ def accuracy_table(data: ReportData) -> Table:
         ),
         f"{BEST_MARK} the most accurate student among those with a significant gain over the baseline; no mark on a "
         "dataset where no method has one.",
-        f"Last row: the best test accuracy the paper reports ({PAPER}), for reference; it is not in the CSV.",
+        f"Last rows: published accuracies of the datasets (kdbench.data.specs; only numbers checked against their "
+        "source are listed: none yet for UC Merced and RSSCN7), under their own protocols (ImageNet fine-tuning, "
+        f"their image size and training share), and the best test accuracy the paper reports ({PAPER}); for "
+        "reference, not from this run, and not in the CSV.",
     )
     frame = frame.drop(columns=["mcnemar_p"]).assign(mcnemar_p=frame["mcnemar_p"].map(p_values_text))
     return Table("accuracy", "Table 1. Test accuracy per method", _round(frame), display, notes, group="Dataset")

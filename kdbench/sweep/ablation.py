@@ -42,7 +42,7 @@ from pathlib import Path
 
 from kdbench.config import DataConfig, LossConfig, Recipe, check_recipe, from_dict
 from kdbench.data.config import check_data
-from kdbench.data.specs import dataset_names
+from kdbench.data.specs import BUILTIN_DATASETS, dataset_names
 from kdbench.engine.int8 import check_settings
 from kdbench.errors import UserError
 from kdbench.losses import COSINE_ON
@@ -244,10 +244,13 @@ def parse_ablation(raw: dict, source: str) -> Ablation:
     methods = method_settings(fixed, axes, ablation.grid, source, alpha=ablation.loss.alpha)
     ablation = dataclasses.replace(ablation, methods=methods)
     for section, tables in (("data", own_data), ("teacher", own_teacher)):
-        stray = sorted(set(tables) - set(ablation.grid.datasets))
+        # a built-in dataset's table may stay in a file whose grid was narrowed (--set grid.datasets=[...])
+        stray = sorted(set(tables) - set(ablation.grid.datasets) - set(BUILTIN_DATASETS))
         if stray:
             listed = ", ".join(ablation.grid.datasets)
             raise UserError(f"{source}: [{section}.{stray[0]}] names no dataset of grid.datasets ({listed})")
+    own_data = {k: v for k, v in own_data.items() if k in ablation.grid.datasets}
+    own_teacher = {k: v for k, v in own_teacher.items() if k in ablation.grid.datasets}
     data, teacher = dataclasses.asdict(ablation.data), dataclasses.asdict(ablation.teacher)
     ablation = dataclasses.replace(
         ablation,
