@@ -148,10 +148,11 @@ def test_a_pair_whose_stages_cannot_be_matched_is_refused_when_planning(tmp_path
     assert_one_line_error(proc, needle)
 
 
-def test_the_cost_estimate_charges_a_feature_student_its_online_teacher(tmp_path):
-    """A logit student shares the teacher's one pass over the views (the cache); a feature student runs it on every batch."""
+def test_the_cost_estimate_charges_each_set_of_teacher_features_one_cache_pass(tmp_path):
+    """A student shares its teacher's logit cache; each distinct set of features adds one pass over the views
+    (the feature cache), and nobody runs the teacher online with a finite augmentation."""
     from kdbench.sweep.ablation import load_ablation
-    from kdbench.sweep.cost import online
+    from kdbench.sweep.cost import DatasetCounts, counts_key, estimate_seconds, online, sweep_seconds, teacher_seconds
     from kdbench.sweep.plan import plan_trials
 
     (tmp_path / "f.toml").write_text(ABLATION.format(folder=tmp_path))
@@ -159,12 +160,11 @@ def test_the_cost_estimate_charges_a_feature_student_its_online_teacher(tmp_path
     ablation, _, _ = load_ablation(str(tmp_path / "f.toml"), [methods])
     trials = plan_trials(ablation)
     teacher = next(t for t in trials if t.role == "teacher")
-    assert {t.config.method: online(teacher, t) for t in trials if t.role == "student"} == {
-        "kd_kl": False,
-        "fitnet": True,
-        "at": True,
-        "rkd": True,
-        "crd": True,
-        "reviewkd": True,
-    }
+    assert not online(teacher)
+    n = DatasetCounts(tmp_path, ["a", "b", "c"], [10] * 3, [10] * 3, train=21, val=3, test=6)
+    counts = {counts_key(teacher.config.data): n}
+    one_pass = teacher_seconds(teacher, trials[1], n, 1)
+    # logits, then stage:2 (FitNet), stages 1-4 (AT), pooled (RKD and CRD: one set), stages 1-4 + pooled (ReviewKD)
+    expected = sum(estimate_seconds(t, n) for t in trials) + 5 * one_pass
+    assert sweep_seconds(trials, counts) == pytest.approx(expected)
     assert not any(t.config.packed for t in plan_trials(ablation, pack=4) if t.config.method != "kd_kl")

@@ -33,10 +33,13 @@ seeds = [0]
 [data]
 resolution = 32
 [student]
-model = "mobilenet_v2"
-epochs = 4
+# ResNet-18 at lr 0.02 learns the easy task steadily (checked under ATEN_CPU_CAPABILITY default, avx2 and avx512,
+# 1 and 2 threads); MobileNetV2 from scratch at 32 px in a few dozen steps is chaotic (62-67 % or a constant class,
+# by kernel set and memory format), and so was ResNet-18 at lr 0.05: neither is what this test is about
+model = "resnet18"
+epochs = 8
 batch_size = 16
-lr = 0.05
+lr = 0.02
 [run]
 device = "cpu"
 [deploy]

@@ -86,7 +86,8 @@ def test_a_method_module_outside_kdbench_is_planned_trained_and_reported(tmp_pat
     assert sorted(json.loads(params)["weight"] for params, _ in rows) == [1.0, 2.0]
     for _, result in rows:
         result = json.loads(result)
-        assert result["teacher"]["mode"] == "online" and "holds no embedding" in result["teacher"]["why"]
+        # the plugin's need, the teacher's embedding, comes from the teacher's feature cache like a built-in method's
+        assert result["teacher"]["mode"] == "cache" and list(result["teacher"]["features"]) == ["embedding"]
         assert all(torch.isfinite(torch.tensor(h["term_gram"])) for h in result["history"])
     report = (out / "report.md").read_text()
     assert "Gram (embedding)" in report and "weight 2" in report
