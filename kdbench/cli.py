@@ -1,7 +1,7 @@
 """``kdbench COMMAND [ARGS]``: one command for kdbench's tools (``python -m kdbench.cli`` runs it uninstalled).
 
     kdbench sweep --config ablations/cpu.toml --dry-run
-    kdbench train --dataset eurosat --model vgg16_bn --method teacher --out runs/teacher
+    kdbench train --dataset eurosat --model vgg16_bn --out runs/teacher
     kdbench report reports/quick
     kdbench profile --dataset eurosat --resolution 224
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import types
 import typing
@@ -198,7 +199,8 @@ def coerce(hint: Any, value: Any, where: str) -> Any:
         return coerce(inner, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where} must be a list, got {value!r}")
+            example = f": write [{json.dumps(value)}] (strings in a list need TOML quotes)" if isinstance(value, str) else ""
+            raise UserError(f"{where} must be a list, got {value!r}{example}")
         (inner, _) = typing.get_args(hint)
         return tuple(coerce(inner, v, where) for v in value)
     if dataclasses.is_dataclass(hint):

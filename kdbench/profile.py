@@ -17,6 +17,7 @@ import json
 import warnings
 from typing import TYPE_CHECKING
 
+from kdbench.advice import command, spelled
 from kdbench.data.specs import BUILTIN_DATASETS, get_spec
 from kdbench.errors import UserError, cli_main
 
@@ -182,7 +183,7 @@ def num_classes_for(dataset: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kdbench.profile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=command("profile"), description=spelled(__doc__).splitlines()[0])
     parser.add_argument(
         "--dataset",
         default="eurosat",

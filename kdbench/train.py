@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kdbench.advice import command, spelled
 from kdbench.config import TEACHER_METHOD, DataConfig, LossConfig, Recipe, TrialConfig, check_recipe
 from kdbench.data.config import check_data
 from kdbench.errors import UserError, cli_main, log_errors_to
@@ -25,7 +26,7 @@ from kdbench.methods import METHODS, get_method
 def build_parser() -> argparse.ArgumentParser:
     d, r, lo = DataConfig(), Recipe(), LossConfig()
     p = argparse.ArgumentParser(
-        prog="python -m kdbench.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command("train"), description=spelled(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--method",
@@ -53,21 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--classes", help="comma-separated class subset")
     g.add_argument("--val-fraction", type=float, help="default: the dataset's (0.1)")
     g.add_argument("--test-fraction", type=float, help="default: the dataset's (0.2; 0.5 for rsscn7)")
-    g.add_argument("--split-seed", type=int, default=d.split_seed)
+    g.add_argument("--split-seed", type=int, default=d.split_seed, help="seed of the train/val/test split (default %(default)s)")
     g.add_argument("--augment", default=d.augment, help="d4 (default), hflip, none or d4_crop")
     g.add_argument("--skip-bad-images", action="store_true", help="leave unreadable/stray files out and list them in the record")
     g = p.add_argument_group("recipe")
     g.add_argument("--model", help="torchvision model name (default vgg16 for a teacher, mobilenet_v2 for a student)")
     g.add_argument("--pretrained", default=r.pretrained, help="none, imagenet or a state-dict path")
-    g.add_argument("--epochs", type=int, default=r.epochs)
+    g.add_argument("--epochs", type=int, default=r.epochs, help="training epochs (default %(default)s)")
     g.add_argument("--optimizer", default=r.optimizer, help="sgd (default) or adamw")
-    g.add_argument("--batch-size", type=int, default=r.batch_size)
-    g.add_argument("--lr", type=float, default=r.lr)
-    g.add_argument("--momentum", type=float, default=r.momentum)
-    g.add_argument("--weight-decay", type=float, default=r.weight_decay)
+    g.add_argument("--batch-size", type=int, default=r.batch_size, help="training images per step (default %(default)s)")
+    g.add_argument("--lr", type=float, default=r.lr, help="peak learning rate, after the warm-up (default %(default)s)")
+    g.add_argument("--momentum", type=float, default=r.momentum, help="SGD momentum, AdamW's beta1 (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=r.weight_decay, help="L2 weight decay (default %(default)s)")
     g.add_argument("--schedule", default=r.schedule, help="cosine, onecycle or constant")
     g.add_argument("--warmup-epochs", type=int, default=r.warmup_epochs, help="linear LR warm-up (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the initial weights, batch order and augmentation (default %(default)s)"
+    )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g = p.add_argument_group("distillation loss: alpha*CE + the method's distillation terms")
     g.add_argument("--alpha", type=float, default=lo.alpha, help="cross-entropy weight (default %(default)s)")

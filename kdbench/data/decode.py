@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from kdbench.advice import setting
 from kdbench.data import pixels
 from kdbench.data.index import content_digests
 from kdbench.digest import text_digest
@@ -102,7 +103,8 @@ def load_images(
         shown = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:3])
         raise UserError(
             f"{len(bad)} unreadable image(s) under {root}: {shown}{' ...' if len(bad) > 3 else ''}; "
-            "replace or delete them, or pass --skip-bad-images to leave them out and list them in the run record"
+            "replace or delete them, or leave them out and list them in the run record with "
+            + setting("data.skip_bad_images", "true")
         )
     rows = np.array([index["entries"][d] for d in digests if d in index["entries"]], dtype=np.int64)
     return torch.from_numpy(gather_rows(folder, index["rows"], rows, resolution)), bad

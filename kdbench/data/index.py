@@ -9,6 +9,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdbench.advice import setting
 from kdbench.data.specs import IMAGE_SUFFIXES
 from kdbench.digest import file_digests
 from kdbench.errors import UserError
@@ -112,8 +113,8 @@ def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool 
         if broken:
             what.append(f"{len(broken)} broken symbolic link(s) ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''})")
         raise UserError(
-            f"{root}: {' and '.join(what)}; remove them or pass --skip-bad-images "
-            f"(skip_bad_images = true) to leave them out and list them in the run record"
+            f"{root}: {' and '.join(what)}; remove them, or leave them out and list them in the run record with "
+            + setting("data.skip_bad_images", "true")
         )
     index.skipped += [{"path": p, "reason": "not an image file"} for p in stray]
     index.skipped += [{"path": p, "reason": "broken symbolic link"} for p in broken]

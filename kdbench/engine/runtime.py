@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from kdbench import machine
+from kdbench.advice import setting
 from kdbench.config import PRECISION
 from kdbench.errors import UserError
 
@@ -15,7 +16,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if machine.gpu_visible() else "cpu")
     if name == "cuda" and not machine.gpu_visible():
-        raise UserError("device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+        raise UserError(
+            f"device cuda was asked for but no CUDA GPU is visible: use cpu or auto, e.g. {setting('run.device', 'cpu')}"
+        )
     if name not in ("cpu", "cuda"):
         raise UserError(f"device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)

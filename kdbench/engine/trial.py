@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kdbench.advice import command
 from kdbench.config import Recipe, TrialConfig
 from kdbench.data.prepare import PreparedData
 from kdbench.data.presets import AUGMENTATIONS
@@ -252,7 +253,8 @@ def check_teacher_provenance(cfg: TrialConfig, path: Path, prov: dict | None, da
             raise UserError(
                 f"teacher {path} has no provenance record (an older or foreign checkpoint), so kdbench cannot check that "
                 "it never saw this run's validation and test images: retrain it with this kdbench "
-                "(python -m kdbench.train --method teacher with this run's data settings), or pass --trust-teacher "
+                f"({command('train', '--out', 'DIR')} without --teacher and --method, with this run's data settings), "
+                "or pass --trust-teacher "
                 "to use it anyway (recorded in the result)"
             )
         return {"provenance": None, "trusted_without_provenance": True}

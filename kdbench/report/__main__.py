@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from kdbench.advice import command, spelled
 from kdbench.errors import cli_main, log_errors_to
 from kdbench.report import build_report
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdbench.report", description=__doc__)
+    parser = argparse.ArgumentParser(prog=command("report"), description=spelled(__doc__))
     parser.add_argument("dir", help="sweep output folder holding store.sqlite (e.g. reports/quick)")
     args = parser.parse_args(argv)
     log_errors_to(args.dir)

@@ -14,12 +14,14 @@ name, ``source`` the grid's dataset string.
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from kdbench.advice import command
 from kdbench.bench_summary import load_benchmark_json
 from kdbench.data.specs import DatasetName, dataset_names
 from kdbench.errors import UserError
@@ -119,13 +121,14 @@ def int8_correct(int8: Int8Result, result: TrialResult) -> np.ndarray:
 def load_report_data(out_dir: Path) -> ReportData:
     """Read ``out_dir/store.sqlite`` (latest sweep only) and ``out_dir/bench.json`` if present."""
     path = out_dir / STORE_FILE
+    sweep_into = f"run a sweep into it first ({command('sweep', '--out', shlex.quote(str(out_dir)))})"
     if not path.is_file():
-        raise UserError(f"no results store in {out_dir}: run python -m kdbench.sweep first")
+        raise UserError(f"no results store in {out_dir}: {sweep_into}")
     store = Store(path)
     try:
         sweep = store.latest_sweep()
         if sweep is None:
-            raise UserError(f"the results store {path} records no sweep: run python -m kdbench.sweep first")
+            raise UserError(f"the results store {path} records no sweep: {sweep_into}")
         rows = store.rows(sweep["keys"])
     finally:
         store.close()

@@ -18,24 +18,29 @@ import statistics
 import sys
 from pathlib import Path
 
+from kdbench.advice import command, spelled
 from kdbench.errors import UserError, cli_main, describe, log_errors_to, one_line, write_error_log
-from kdbench.sweep.ablation import load_ablation
+from kdbench.sweep.ablation import load_ablation, shipped_ablations
 from kdbench.sweep.plan import plan_trials
 from kdbench.sweep.store import STORE_FILE, Store
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m kdbench.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command("sweep"), description=spelled(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", help="ablation TOML file (default ablations/quick.toml)")
+    p.add_argument(
+        "--config",
+        help=f"ablation TOML file, or the name of a shipped one: {', '.join(shipped_ablations())} (default quick)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any field, e.g. --set teacher.epochs=2 --set grid.seeds=[0,1,2] (repeatable)",
+        help="override any field with a TOML value, e.g. --set teacher.epochs=2 --set grid.seeds=[0,1,2] "
+        "--set 'grid.datasets=[\"eurosat\"]' (strings in a list need TOML quotes; repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the expanded trials, their count and cost; train nothing")
     p.add_argument("--out", help="output folder (default reports/<ablation name>/)")
@@ -142,7 +147,7 @@ def write_report(out_dir: Path) -> bool:
         reason = one_line(err) if isinstance(err, UserError) else describe(err)
         print(
             f"kdbench: error: the report failed ({reason}); the results are safe in {out_dir / STORE_FILE}: "
-            f"rebuild the report with: python -m kdbench.report {shlex.quote(str(out_dir))} (full traceback in {log})",
+            f"rebuild the report with: {command('report', shlex.quote(str(out_dir)))} (full traceback in {log})",
             file=sys.stderr,
             flush=True,
         )

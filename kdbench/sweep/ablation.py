@@ -35,11 +35,14 @@ import copy
 import dataclasses
 import itertools
 import math
+import re
+import shlex
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdbench.advice import command
 from kdbench.config import DataConfig, LossConfig, Recipe, check_recipe, from_dict
 from kdbench.data.config import check_data
 from kdbench.data.specs import BUILTIN_DATASETS, dataset_names
@@ -54,6 +57,8 @@ from kdbench.records import Int8Settings
 ABLATIONS_DIR = Path(__file__).resolve().parents[1] / "ablations"
 DEFAULT_ABLATION = "quick.toml"
 TEACHER_DEFAULTS = {"model": "vgg16", "lr": 0.01}
+# a word of a --set list or table that TOML reads only quoted: not a number, boolean, key (``name =``) or quoted already
+BARE_WORD = re.compile(r"(?<![\w\"'.:/-])(?!(?:true|false|inf|nan)\b)[A-Za-z_][\w.:/-]*(?![\w\"'.:/-]|\s*=)")
 
 
 @dataclass(frozen=True)
@@ -187,9 +192,15 @@ def resolve_path(config: str | None) -> Path:
     if not path.is_file() and shipped.is_file():
         path = shipped
     if not path.is_file():
-        shipped_names = ", ".join(sorted(p.stem for p in ABLATIONS_DIR.glob("*.toml")))
-        raise UserError(f"ablation file {config} not found: pass a TOML file or a shipped ablation ({shipped_names})")
+        raise UserError(
+            f"ablation file {config} not found: pass a TOML file or a shipped ablation ({', '.join(shipped_ablations())})"
+        )
     return path
+
+
+def shipped_ablations() -> list[str]:
+    """Names of the ablation files that ship with kdbench (``kdbench/ablations/*.toml``), sorted."""
+    return sorted(p.stem for p in ABLATIONS_DIR.glob("*.toml"))
 
 
 def load_raw(path: Path) -> dict:
@@ -206,10 +217,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r} must look like key=value, e.g. --set teacher.epochs=2")
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
+        value = override_value(key.strip(), text)
         *parents, leaf = key.strip().split(".")
         node = raw
         for part in parents:
@@ -218,6 +226,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise UserError(f"--set {key}: {part} is not a table")
         node[leaf] = value
     return raw
+
+
+def override_value(key: str, text: str):
+    """The TOML value of ``--set key=text``; a bare word is a string, but a list or table must be valid TOML.
+
+    Raises:
+        UserError: a list or table that is not TOML (``[eurosat]``), naming the quoted form (``["eurosat"]``).
+    """
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if not text.lstrip().startswith(("[", "{")):
+            return text
+    quoted = BARE_WORD.sub(lambda m: f'"{m.group(0)}"', text)
+    raise UserError(
+        f"--set {key}={text}: {text} is not a TOML value: strings in a list or table need TOML quotes, e.g. "
+        + command("sweep", "--set", shlex.quote(f"{key}={quoted}"))
+    )
 
 
 def parse_ablation(raw: dict, source: str) -> Ablation:
