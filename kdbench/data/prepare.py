@@ -10,9 +10,8 @@ import torch
 
 from kdbench.data.config import DataConfig
 from kdbench.data.decode import load_images
-from kdbench.data.index import ImageIndex, content_digests, stratified_split, write_manifest
-from kdbench.data.select import select_images
-from kdbench.data.specs import get_spec
+from kdbench.data.index import ImageIndex, content_digests, write_manifest
+from kdbench.data.select import select_images, split_images
 from kdbench.digest import dataset_fingerprint, json_digest
 
 
@@ -55,7 +54,6 @@ class PreparedData:
 
 
 def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, download: bool = True) -> PreparedData:
-    spec = get_spec(cfg.dataset)
     folder, index = select_images(cfg, root, download)
     digests = content_digests(folder, index.files)
     fingerprint = dataset_fingerprint(index.paths, digests)
@@ -66,12 +64,7 @@ def prepare_data(cfg: DataConfig, root: str | os.PathLike | None = None, *, down
         dropped = {b["path"] for b in bad}
         keep = [i for i, p in enumerate(index.paths) if p not in dropped]
         index, digests = index.subset(keep, bad), [digests[i] for i in keep]
-    split = stratified_split(
-        index,
-        val_fraction=spec.val_fraction if cfg.val_fraction is None else cfg.val_fraction,
-        test_fraction=spec.test_fraction if cfg.test_fraction is None else cfg.test_fraction,
-        seed=cfg.split_seed,
-    )
+    split = split_images(cfg, index)
     return PreparedData(
         folder=folder,
         index=index,

@@ -162,7 +162,7 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...], done: s
     ``done``: the keys the store at ``--out`` holds finished (the estimate is for the others); ``int8``: ``[deploy] int8``.
     """
     from kdbench.data.specs import dataset_names
-    from kdbench.sweep.cost import SMALL_CLASS_SHARE, counts_key, sweep_seconds, train_images
+    from kdbench.sweep.cost import SMALL_CLASS_SHARE, counts_key, train_images
 
     names = dataset_names(datasets)
     counts = {}
@@ -170,13 +170,13 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...], done: s
     width = max(10, *(len(n.display) for n in names.values()))
     print(
         f"{'key':<16}  {'method':<10} {'dataset':<{width}} {'model':<14} {'seed':>4} {'alpha':>5} "
-        f"{'epochs':>6} {'train imgs':>10}  hyperparameters"
+        f"{'epochs':>6} {'epochs x train imgs':>19}  hyperparameters"
     )
     for t in trials:
         c, lo = t.config, t.config.loss
         print(
             f"{t.key:<16}  {t.name:<10} {names[c.data.dataset].display:<{width}} {c.recipe.model:<14} {c.seed:>4} "
-            f"{lo.alpha:>5g} {c.recipe.epochs:>6} {images[t.key]:>10}" + (f"  {t.plan.settings}" if t.plan.settings else "")
+            f"{lo.alpha:>5g} {c.recipe.epochs:>6} {images[t.key]:>19,}" + (f"  {t.plan.settings}" if t.plan.settings else "")
         )
     warnings = []
     for dataset, name in names.items():
@@ -195,16 +195,38 @@ def print_plan(trials, data_root: str | None, datasets: tuple[str, ...], done: s
                 f"median class's {statistics.median(n.used):g} images ({shown}): their accuracy rests on very few test "
                 "images and training is imbalanced; add images, or leave them out with data.classes"
             )
-    todo = [t for t in trials if t.key not in done]
-    left = f"; {len(done)} already done in the store, the other {len(todo)}" if done else ""
     print(
         f"{len(trials)} trials ({sum(t.role == 'teacher' for t in trials)} teachers, "
-        f"{sum(t.role != 'teacher' for t in trials)} students); "
-        f"{sum(images.values()):,} training images in all{left}: estimated {sweep_seconds(todo, counts, int8) / 60:.1f} min "
-        f"of fp32 training, evaluation{' and INT8 deployment' if int8 else ''} on a 2-core CPU"
+        f"{sum(t.role != 'teacher' for t in trials)} students); {sum(images.values()):,} training images "
+        f"(epochs x images) in all; {cost_line(trials, done, counts, int8)}"
     )
     for line in warnings:
         print(line)
+
+
+def cost_line(trials, done: set[str], counts, int8: bool) -> str:
+    """The estimate of the trials the store does not hold as done, and of running them all afresh where it holds every one."""
+    from kdbench.sweep.cost import sweep_seconds
+
+    todo = [t for t in trials if t.key not in done]
+    what = f"fp32 training, evaluation{' and INT8 deployment' if int8 else ''}"
+    figure = "at the measured rates of a 2-core CPU VM (BENCHMARKS.md; a GPU is 10-100x faster)"
+    if not todo:
+        fresh = "about " + format_duration(sweep_seconds(trials, counts, int8))
+        return f"all {len(trials)} already done in the store: nothing to train; afresh (another --out) {fresh} of {what} {figure}"
+    left = f"the {len(todo)} not yet done in the store ({len(done)} are): " if done else ""
+    return f"{left}about {format_duration(sweep_seconds(todo, counts, int8))} of {what} {figure}"
+
+
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``12.3 min``, ``5.2 h (307 min)`` or ``12.8 days (307 h)``: the unit a reader can picture."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h ({seconds / 60:,.0f} min)"
+    return f"{seconds / 86400:.1f} days ({seconds / 3600:,.0f} h)"
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdbench.config import DataConfig
-from kdbench.data.index import scan_folder
-from kdbench.data.locate import data_root, locate_dataset
+from kdbench.data.index import limit_per_class
 from kdbench.data.presets import AUGMENTATIONS
-from kdbench.data.specs import get_spec
+from kdbench.data.select import find_images, split_images
 from kdbench.methods import teacher_features
 from kdbench.sweep.plan import PlannedTrial
 
@@ -55,21 +54,23 @@ class DatasetCounts:
 
 
 def dataset_counts(d: DataConfig, root: str | None) -> DatasetCounts:
-    """Scan ``d.dataset`` (never downloading) and count the images a trial would use."""
-    spec = get_spec(d.dataset)
-    folder = locate_dataset(spec, data_root(root), download=False)
-    index = scan_folder(folder, classes=list(d.classes) or None, skip_bad=True)
-    found = [index.labels.count(c) for c in range(len(index.classes))]
-    used = [min(n, d.images_per_class) for n in found] if d.images_per_class else list(found)
-    val = spec.val_fraction if d.val_fraction is None else d.val_fraction
-    test = spec.test_fraction if d.test_fraction is None else d.test_fraction
-    n_val, n_test = int(sum(n * val for n in used)), int(sum(n * test for n in used))
-    return DatasetCounts(folder, index.classes, found, used, sum(used) - n_val - n_test, n_val, n_test)
+    """Scan ``d.dataset`` (never downloading), select and split its images as a trial does, and count them.
+
+    Raises:
+        UserError: what a trial would refuse before training: a missing dataset, stray files (without
+            ``skip_bad_images``), a class too small for the split.
+    """
+    folder, everything = find_images(d, root, download=False)
+    index = limit_per_class(everything, d.images_per_class, d.split_seed)
+    split = split_images(d, index)
+    found = [everything.labels.count(c) for c in range(len(everything.classes))]
+    used = [index.labels.count(c) for c in range(len(index.classes))]
+    return DatasetCounts(folder, index.classes, found, used, split.count("train"), split.count("val"), split.count("test"))
 
 
 def counts_key(d: DataConfig) -> tuple:
     """What the images a trial uses depend on."""
-    return (d.dataset, d.images_per_class, d.classes, d.val_fraction, d.test_fraction)
+    return (d.dataset, d.images_per_class, d.classes, d.val_fraction, d.test_fraction, d.split_seed, d.skip_bad_images)
 
 
 def train_images(
