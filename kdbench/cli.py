@@ -6,8 +6,8 @@
     kdbench profile --dataset eurosat --resolution 224
 
 Each command is ``python -m kdbench.<command>``: the same flags (``kdbench COMMAND --help``) and the
-same exit status.  A command's module is imported only to run it, so ``kdbench --help`` and
-``kdbench sweep --help`` load no torch.
+same exit status.  A command's module is imported only to run it, so the help of
+kdbench and of its sweep loads no torch.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def test_help_lists_every_command_in_one_line_without_torch():
 def test_sweep_help_is_the_sweeps_own_without_torch():
     proc, imported = kdbench("sweep", "--help")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.replace("python -m kdbench.cli sweep", "python -m kdbench.sweep") == run_cli("kdbench.sweep", "--help").stdout
+    assert proc.stdout.startswith("usage: python -m kdbench.cli sweep ")  # as the user typed it
+    assert proc.stdout.split("options:")[1] == run_cli("kdbench.sweep", "--help").stdout.split("options:")[1]
     assert not imported & set(HEAVY_MODULES), imported
 
 

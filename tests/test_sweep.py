@@ -277,7 +277,7 @@ def test_dry_run_lists_trials_and_cost_without_training(tmp_path):
     folder = make_image_folder(tmp_path / "d", classes=3, per_class=10)
     proc = torch_free_sweep("--config", str(write_ablation(tmp_path, folder)), "--dry-run", "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
-    assert "6 trials (1 teachers, 5 students)" in proc.stdout and "estimated" in proc.stdout
+    assert "6 trials (1 teachers, 5 students)" in proc.stdout and "of a 2-core CPU VM" in proc.stdout
     assert not (tmp_path / "o").exists()
 
 
@@ -298,7 +298,9 @@ def test_sweep_runs_records_and_skips_finished_trials(tmp_path):
         assert (out / "trials" / key / "metrics.json").exists()
     # the dry run estimates what is left to do in that store
     dry = run_cli("kdbench.sweep", "--config", str(ablation), "--out", str(out), "--dry-run")
-    assert "6 already done in the store, the other 0: estimated 0.0 min" in dry.stdout.strip().splitlines()[-1]
+    assert (
+        "all 6 already done in the store: nothing to train; afresh (another --out) about" in dry.stdout.strip().splitlines()[-1]
+    )
 
 
 @pytest.mark.parametrize("override", ["student.lr=nan", "student.momentum=5"])
@@ -533,3 +535,38 @@ def test_a_dataset_teacher_table_changes_that_datasets_teacher_and_its_students_
         parse_ablation({**raw, "teacher": {"model": "resnet18", "rsscn7": {"seed": 1}}}, "t")
     with pytest.raises(UserError, match=r"^unknown key teacher.rsscn7.epoch"):
         parse_ablation({**raw, "teacher": {"model": "resnet18", "rsscn7": {"epoch": 1}}}, "t")
+
+
+def test_dry_run_counts_the_split_and_refuses_what_the_run_refuses(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "d", classes=3, per_class=13)
+    out = ["--config", str(write_ablation(tmp_path, folder)), "--dry-run", "--out", str(tmp_path / "o")]
+    proc = call_main(sweep_main, out, capsys)
+    assert proc.returncode == 0, proc.stderr
+    assert "39 used (13 per class), 27 for training" in proc.stdout  # 13 per class: 3 test, 1 val, 9 train
+    assert "epochs x train imgs" in proc.stdout
+    (folder / "class0" / "notes.txt").write_text("not an image")
+    error = assert_one_line_error(call_main(sweep_main, out, capsys), "notes.txt")
+    assert "kdbench sweep --set data.skip_bad_images=true" in error or "kdbench.sweep --set data.skip_bad_images=true" in error
+    (folder / "class0" / "notes.txt").unlink()
+    make_image_folder(tmp_path / "tiny2", classes=1, per_class=2)
+    (tmp_path / "tiny2" / "class0").rename(folder / "small")
+    assert_one_line_error(call_main(sweep_main, out, capsys), "class small has 2 image(s)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_durations_are_in_units_a_reader_can_picture():
+    from kdbench.sweep.__main__ import format_duration
+
+    assert [format_duration(s) for s in (42, 90, 3 * 3600, 18450 * 60)] == [
+        "42 s",
+        "1.5 min",
+        "3.0 h (180 min)",
+        "12.8 days (308 h)",
+    ]
+
+
+def test_a_set_list_of_bare_words_says_strings_need_toml_quotes():
+    with pytest.raises(
+        UserError, match=r"strings in a list or table need TOML quotes, e\.g\. .* --set 'grid\.datasets=\[\"eurosat\"\]'"
+    ):
+        apply_overrides({}, ["grid.datasets=[eurosat]"])
