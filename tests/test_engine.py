@@ -619,3 +619,16 @@ def test_a_student_of_a_replaced_teacher_checkpoint_trains_again(image_folder, t
     assert again.result.teacher["digest"] != first.result.teacher["digest"]
     log = (trial_dir(out, planned.key) / "train.log").read_text()
     assert "trained from another teacher checkpoint (same trial): starting this trial from scratch" in log
+
+
+def test_a_rerun_at_a_fixed_thread_count_is_bitwise_equal_and_records_it(image_folder, tmp_path):
+    """What kdbench promises (README, Reproducibility): at one thread count, teacher source and machine, a rerun gives
+    bitwise the same history and metrics; the thread count (not in the key) is in the result's environment."""
+    torch.set_num_threads(1)  # the conftest fixture restores the count
+    cfg = tiny_trial(image_folder, method="baseline", epochs=2)
+    a = run_trial(cfg, tmp_path / "a", progress=False, log=lambda m: None)
+    b = run_trial(cfg, tmp_path / "b", progress=False, log=lambda m: None)
+    same = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+    assert [{k: h[k] for k in same} for h in a.history] == [{k: h[k] for k in same} for h in b.history]
+    assert (a.best, a.last) == (b.best, b.last) and a.key == b.key
+    assert a.environment["torch_threads"] == 1 and a.environment["memory_format"] == "channels_last"

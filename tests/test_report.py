@@ -557,3 +557,52 @@ def test_a_store_of_another_format_is_refused_in_one_line(report, tmp_path, caps
     db.close()
     proc = call_main(main, [str(tmp_path)], capsys)
     assert_one_line_error(proc, needle)
+
+
+def edited_report(report: Path, folder: Path, edit) -> str:
+    """The markdown of ``report``'s store with each done trial's result JSON changed by ``edit(n, result)`` (n: its row)."""
+    import shutil
+    import sqlite3
+
+    shutil.copy(report / STORE_FILE, folder / STORE_FILE)
+    db = sqlite3.connect(folder / STORE_FILE)
+    rows = db.execute("SELECT key, result FROM trials WHERE status = 'done' ORDER BY key").fetchall()
+    for n, (key, text) in enumerate(rows):
+        record = json.loads(text)
+        edit(n, record)
+        db.execute("UPDATE trials SET result = ? WHERE key = ?", (json.dumps(record), key))
+    db.commit()
+    db.close()
+    build_report(folder)
+    return (folder / "report.md").read_text()
+
+
+def test_a_table_mixing_code_versions_says_so_and_a_store_of_another_version_says_it_in_the_header(report, tmp_path):
+    """Issue 31: results of another results_version / loss_version are named, with their trial counts."""
+
+    def two_versions(n, record):
+        record["results_version"] = "2" if n == 0 else record["results_version"]
+
+    md = edited_report(report, tmp_path, two_versions)
+    assert "computed differently" in md and "results version: 2: 1 trials" in md
+    assert "Results of another kdbench code version" not in md
+    (tmp_path / "all").mkdir()
+    md = edited_report(report, tmp_path / "all", lambda n, record: record.update(loss_version="0"))
+    assert "Results of another kdbench code version: results version 3, loss version 0 (this kdbench:" in md
+
+
+def test_the_report_names_trials_that_differ_in_threads_teacher_source_or_memory_format(report, tmp_path):
+    """Issue 31: threads, teacher source and memory format are not in a key; trials of one table differing in them is said."""
+
+    def differ(n, record):
+        record["environment"] = record["environment"] | {"torch_threads": 1 + n % 2, "memory_format": "contiguous"}
+        if n % 3 == 0:
+            del record["environment"]["memory_format"]  # a result of an older kdbench: not recorded
+        if record["config"]["method"] != "baseline" and record["config"]["role"] == "student":
+            record["teacher"] = {"mode": "cache" if n % 2 else "online", "features": {}, "feature_memory_format": "x"}
+
+    md = edited_report(report, tmp_path, differ)
+    assert "torch threads: 1:" in md and "2:" in md
+    assert "memory format: contiguous:" in md and "not recorded:" in md
+    assert "teacher source: cache:" in md and "online:" in md
+    assert "computed differently" not in (report / "report.md").read_text()

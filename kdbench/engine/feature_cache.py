@@ -47,6 +47,7 @@ LIMIT_ENV = "KDBENCH_FEATURE_CACHE_GB"
 DEFAULT_LIMIT_GB = 8.0
 FP16_MAX = float(torch.finfo(torch.float16).max)
 FORMAT = "kdbench-feature-cache-v1"
+LAYOUT = "contiguous"  # a lookup's features: rows of a C-ordered .npy array (NCHW), where the online teacher's are channels_last
 
 
 def storage_dtype() -> torch.dtype:

@@ -53,12 +53,16 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last
 
 
+def layout(device: torch.device) -> str:
+    """The name a record gives :func:`memory_format` on ``device``: ``channels_last`` or ``contiguous``."""
+    return "channels_last" if memory_format(device) == torch.channels_last else "contiguous"
+
+
 def environment(device: torch.device) -> dict:
     """Hardware and library versions (:func:`kdbench.machine.environment`) with this process's torch threads,
     and how the trial computed: its memory format and its precision (:data:`kdbench.config.PRECISION`)."""
-    layout = "channels_last" if memory_format(device) == torch.channels_last else "contiguous"
     return {
         **machine.environment(str(device), torch.get_num_threads()),
-        "memory_format": layout,
+        "memory_format": layout(device),
         "precision": PRECISION[device.type],
     }

@@ -35,10 +35,10 @@ from kdbench.data.presets import AUGMENTATIONS
 from kdbench.digest import checkpoint_digest, json_digest
 from kdbench.durable import atomic_torch_save
 from kdbench.engine import RESULTS_VERSION
-from kdbench.engine.feature_cache import cache_bytes, feature_arrays, fits, storage_dtype
+from kdbench.engine.feature_cache import LAYOUT, cache_bytes, feature_arrays, fits, storage_dtype
 from kdbench.engine.loop import EpochStats, evaluate, logit_metrics, lr_factor, predict, steps_per_epoch
 from kdbench.engine.metrics import chance_test
-from kdbench.engine.runtime import environment, memory_format
+from kdbench.engine.runtime import environment, layout, memory_format
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher, cache_path, cached_teacher
 from kdbench.errors import UserError
 from kdbench.losses import LOSS_VERSION
@@ -214,6 +214,8 @@ def teacher_source(
     info = {"checkpoint": str(path), "model": ckpt["model"], "id": cfg.teacher_id or digest, "digest": digest, **record}
     features = sorted(teacher_features(needs))
     online = OnlineTeacher(model, str(path), needs, ckpt["model"])
+    if features:  # stage features' layout changes a loss's rounding: the cache's (NCHW) is not the online teacher's
+        info["feature_memory_format"] = layout(device)
     if not aug.cacheable:
         return _online(online, info, f"augmentation {aug.name} is continuous", log)
     cache = cache_path(path, digest, data.digests_of("train"), cfg.data.resolution, aug, device)
@@ -232,6 +234,7 @@ def teacher_source(
         )
         teacher = CachedTeacher(teacher.logits, aug.views, arrays)
         extra = {
+            "feature_memory_format": LAYOUT,
             "features": {
                 name: {"shape": list(a.shape[2:]), "dtype": str(a.dtype), "file": str(a.filename)} for name, a in arrays.items()
             },

@@ -6,6 +6,7 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+from kdbench import engine, losses
 from kdbench.config import Recipe
 from kdbench.data.specs import get_spec
 from kdbench.report import figures
@@ -231,6 +232,21 @@ def run_summary(data: ReportData) -> list[str]:
         *(f"Dataset {dataset}: {_dataset_line(data, dataset)}." for dataset in data.datasets),
         f"Hardware: {_hardware(env)}; {_formats(data)}.",
         f"Software: {versions}; {env.get('platform', 'platform unknown')}; git commit {env.get('git_commit') or 'unknown'}.",
+        *_other_versions(data),
+    ]
+
+
+def _other_versions(data: ReportData) -> list[str]:
+    """A line when no finished trial is of this kdbench's code versions (``RESULTS_VERSION``, ``LOSS_VERSION``)."""
+    done = data.done
+    ours = (done["results_version"] == engine.RESULTS_VERSION) & (done["loss_version"] == losses.LOSS_VERSION)
+    if done.empty or ours.any():
+        return []
+    pairs = zip(done["results_version"], done["loss_version"])
+    stored = ", ".join(sorted({f"results version {r}, loss version {lo}" for r, lo in pairs}))
+    return [
+        f"Results of another kdbench code version: {stored} (this kdbench: results version {engine.RESULTS_VERSION}, "
+        f"loss version {losses.LOSS_VERSION}); a rerun with this kdbench trains every trial again."
     ]
 
 

@@ -39,6 +39,17 @@ def row_name(plan: TrialPlan) -> str:
 
 
 LOSS_AXES = ("temperature", "beta", "gamma")
+NOT_RECORDED = "not recorded"  # a record field a store of an older kdbench lacks
+# What can change a finished trial's numbers without changing its key (code versions are in the key, but a store's
+# rows may come from another kdbench): column -> what the report calls it.  ``teacher_source`` is None without a teacher.
+COMPUTATION = {
+    "results_version": "results version",
+    "loss_version": "loss version",
+    "torch_threads": "torch threads",
+    "memory_format": "memory format",
+    "teacher_source": "teacher source",
+    "teacher_feature_format": "teacher features' memory format",
+}
 METRICS = {"accuracy": "acc", "macro_precision": "precision", "macro_recall": "recall", "macro_f1": "f1"}
 
 
@@ -200,6 +211,7 @@ def trial_frame(rows: list[dict], ablation: Ablation, plans: dict[str, TrialPlan
         "int8_error",
         "started_at",
         "finished_at",
+        *COMPUTATION,
     ]
     frame = pd.DataFrame(records, columns=columns)
     frame = frame.assign(
@@ -232,9 +244,27 @@ def _record(row: dict, plan: TrialPlan) -> dict:
         "finished_at": row.get("finished_at"),
     }
     result = row["result"] if row["status"] == "done" else None
+    record |= computation(result)
     for ckpt in ("best", "last"):
         weights = getattr(result, ckpt) if result else None
         record[f"{ckpt}_epoch"] = weights.epoch if weights else math.nan
         for metric, short in METRICS.items():
             record[f"{ckpt}_{short}"] = 100 * getattr(weights.test, metric) if weights else math.nan
     return record
+
+
+def computation(result: TrialResult | None) -> dict[str, str | None]:
+    """What could change a finished trial's numbers beside its key (:data:`COMPUTATION`), as text; a field its
+    record lacks (an older kdbench) is :data:`NOT_RECORDED`; all None for an unfinished trial."""
+    if result is None:
+        return dict.fromkeys(COMPUTATION)
+    env, teacher = result.environment, result.teacher or {}
+    feature_format = teacher.get("feature_memory_format", NOT_RECORDED if "features" in teacher else None)
+    return {
+        "results_version": result.results_version,
+        "loss_version": result.loss_version,
+        "torch_threads": str(env.get("torch_threads", NOT_RECORDED)),
+        "memory_format": str(env.get("memory_format", NOT_RECORDED)),
+        "teacher_source": str(teacher.get("mode", NOT_RECORDED)) if teacher else None,
+        "teacher_feature_format": feature_format,
+    }

@@ -6,7 +6,7 @@ import pandas as pd
 
 from kdbench.errors import one_line
 from kdbench.report.across import overall_claim
-from kdbench.report.load import ReportData
+from kdbench.report.load import COMPUTATION, ReportData
 from kdbench.report.stats import MIN_SEEDS
 from kdbench.report.tables import CLAIM_METHOD, PAPER, PAPER_BEST_ACCURACY, PAPER_LABEL, Table, claim_verdict
 
@@ -17,6 +17,7 @@ def report_notes(data: ReportData, accuracy: Table) -> list[str]:
     """One sentence (or short list) per caveat that applies to this store, most serious first."""
     return [
         *_unfinished(data),
+        *_computed_differently(data),
         *_failed(data),
         *_missing(data),
         *_weak_teachers(data),
@@ -326,3 +327,26 @@ def _skipped_images(data: ReportData) -> list[str]:
         if skipped:
             notes.append(f"{dataset}: {skipped} unreadable or stray files were skipped while indexing the images.")
     return notes
+
+
+def _computed_differently(data: ReportData) -> list[str]:
+    """The finished trials, which every table is built from, where they differ in what can change a trial's numbers
+    (:data:`kdbench.report.load.COMPUTATION`): each value with its trial count and datasets (trials without a teacher
+    have no teacher source)."""
+    parts = []
+    for column, what in COMPUTATION.items():
+        rows = data.done[data.done[column].notna()]
+        if rows[column].nunique() > 1:
+            values = "; ".join(
+                f"{value}: {len(group)} trials ({', '.join(group['dataset'].unique())})"
+                for value, group in rows.groupby(column, sort=True)
+            )
+            parts.append(f"{what}: {values}")
+    if not parts:
+        return []
+    return [
+        "The trials of these tables were computed differently, which can change their numbers (kdbench promises "
+        "bitwise-equal reruns only at the same code versions, torch threads, memory format and teacher source): "
+        + "; and ".join(parts)
+        + "."
+    ]
