@@ -6,21 +6,22 @@
 each.  On any error (``ENOSPC`` included) the temporary file is removed before the
 error propagates: a full disk never leaves multi-GB ``.tmp`` files behind.
 
-:func:`file_lock` is an ``flock`` on a ``.lock`` file (the kernel drops it when its
-process dies, even by ``kill -9``): blocking, or non-blocking where a caller would
-rather do something else than wait (:class:`Busy`).
+:func:`file_lock` is a :mod:`filelock` lock on a ``.lock`` file (``flock`` on POSIX, ``LockFileEx`` on
+Windows: the kernel drops it when its process dies, even by ``kill -9``): blocking, or non-blocking where
+a caller would rather do something else than wait (:class:`Busy`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+import filelock
 
 
 class Busy(Exception):
@@ -141,15 +142,23 @@ def is_disk_full(err: BaseException) -> bool:
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if needed); non-blocking raises :class:`Busy` when taken."""
+    """Hold an exclusive lock on ``path`` (created if needed) while the block runs.
+
+    Args:
+        path: the lock file.
+        blocking: wait for the lock (True) or give up at once if another process holds it.
+
+    Raises:
+        Busy: ``blocking`` is False and another process holds the lock.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError as err:
-            raise Busy(str(path)) from err
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    lock = filelock.FileLock(path, timeout=-1 if blocking else 0)
+    try:
+        lock.acquire()
+    except filelock.Timeout as err:
+        raise Busy(str(path)) from err
+    try:
+        yield
+    finally:
+        lock.release()
