@@ -51,7 +51,7 @@ DEFAULT_LIMIT_GB = 8.0
 FP16_MAX = float(torch.finfo(torch.float16).max)
 FP16_SMALLEST_NORMAL = float(torch.finfo(torch.float16).smallest_normal)
 MAX_UNDERFLOW_SHARE = 1e-3  # of a feature's nonzero values below FP16_SMALLEST_NORMAL: more, and it is stored in fp32
-FORMAT = "kdbench-feature-cache-v1"
+FORMAT = "kdbench-feature-cache-v2"  # v2: features below fp16's normals kept in fp32 (files of v1 are never read)
 
 
 def storage_dtype() -> torch.dtype:
