@@ -16,7 +16,7 @@ from kdbench.data.decode import load_images
 from kdbench.data.index import scan_folder
 from kdbench.data.presets import AUGMENTATIONS, normalize
 from kdbench.engine import feature_cache
-from kdbench.engine.feature_cache import feature_arrays, feature_path
+from kdbench.engine.feature_cache import feature_arrays, feature_path, needs_fp32
 from kdbench.engine.features import FeatureTap, feature_shapes
 from kdbench.engine.runner import run_trial
 from kdbench.engine.teacher import CachedTeacher, OnlineTeacher
@@ -118,6 +118,23 @@ def test_a_feature_beyond_fp16_range_is_stored_in_fp32(tmp_path):
     cached = cached_teacher_of(teacher, images, tmp_path, names=("stage:3", "stage:4"))
     assert cached.features["stage:3"].dtype == np.float16 and cached.features["stage:4"].dtype == np.float32
     assert np.isfinite(cached.features["stage:4"]).all()
+
+
+def test_a_feature_below_fp16_normals_is_stored_in_fp32(tmp_path):
+    images = images_of(tmp_path)
+    teacher = teacher_with_statistics()
+    with torch.no_grad():  # every branch into stage 4 (layer4) scaled by 1e-7: its values fall below fp16's normals
+        for bn in (teacher.layer4[0].bn2, teacher.layer4[0].downsample[1], teacher.layer4[1].bn2):
+            bn.weight.mul_(1e-7)
+            bn.bias.mul_(1e-7)
+    cached = cached_teacher_of(teacher, images, tmp_path, names=("stage:3", "stage:4"))
+    assert cached.features["stage:3"].dtype == np.float16 and cached.features["stage:4"].dtype == np.float32
+
+
+def test_relu_zeros_and_ordinary_features_stay_fp16():
+    features = torch.relu(torch.randn(64, 256))  # half exact zeros, the rest ordinary magnitudes
+    assert not needs_fp32(features)
+    assert needs_fp32(features * 1e-6) and needs_fp32(features * 1e5)
 
 
 def test_the_file_name_carries_the_teacher_stage_table(tmp_path):

@@ -11,8 +11,11 @@ for are ever computed.  Files are read as read-only memory maps: a lookup reads 
 
 Storage precision: fp16 when training runs in fp32 (``tests/test_feature_cache.py`` shows that it
 changes every feature method's loss by less than 1e-3 relative), falling back to fp32 for a feature
-with a value beyond fp16's range (65,504); the default dtype when that is float64 (the engine's
-exactness tests).
+fp16 cannot hold to that precision (:func:`needs_fp32`): one with a value beyond fp16's range (65,504),
+or one with more than :data:`MAX_UNDERFLOW_SHARE` of its nonzero values below fp16's smallest normal
+number (6.1e-5), where fp16's rounding error is no longer relative (up to 100 %, or 0 for a value
+under 3e-8).  The default dtype when that is float64 (the engine's exactness tests).  The dtype of
+every feature is in the trial's record (``teacher.features.<name>.dtype``).
 
 Whether a cache is made: :func:`fits` compares its size (``N_train x V x`` the features' elements
 ``x`` bytes per element) with a limit, ``KDBENCH_FEATURE_CACHE_GB`` (default 8 GB), and with half the
@@ -46,7 +49,9 @@ from kdbench.stages import stage_nodes
 LIMIT_ENV = "KDBENCH_FEATURE_CACHE_GB"
 DEFAULT_LIMIT_GB = 8.0
 FP16_MAX = float(torch.finfo(torch.float16).max)
-FORMAT = "kdbench-feature-cache-v1"
+FP16_SMALLEST_NORMAL = float(torch.finfo(torch.float16).smallest_normal)
+MAX_UNDERFLOW_SHARE = 1e-3  # of a feature's nonzero values below FP16_SMALLEST_NORMAL: more, and it is stored in fp32
+FORMAT = "kdbench-feature-cache-v2"  # v2: features below fp16's normals kept in fp32 (files of v1 are never read)
 LAYOUT = "contiguous"  # a lookup's features: rows of a C-ordered .npy array (NCHW), where the online teacher's are channels_last
 
 
@@ -94,8 +99,21 @@ def feature_path(logit_cache: Path, model_name: str, name: str) -> Path:
     return logit_cache.with_name(f"{logit_cache.stem}-{name.replace(':', '')}-{digest}.npy")
 
 
+def needs_fp32(chunk: torch.Tensor) -> bool:
+    """Whether fp16 cannot hold ``chunk`` to a relative precision: a value beyond its range, or too many below its normals.
+
+    ReLU's exact zeros are not counted: fp16 holds them exactly.
+    """
+    magnitudes = chunk.abs()
+    if float(magnitudes.max()) > FP16_MAX:
+        return True
+    nonzero = int((magnitudes > 0).sum())
+    tiny = int(((magnitudes > 0) & (magnitudes < FP16_SMALLEST_NORMAL)).sum())
+    return nonzero > 0 and tiny > MAX_UNDERFLOW_SHARE * nonzero
+
+
 class _Overflow(Exception):
-    """A feature has a value beyond fp16's range: it is stored in fp32."""
+    """A feature fp16 cannot hold (:func:`needs_fp32`): it is stored in fp32."""
 
     def __init__(self, name: str):
         self.name = name
@@ -190,6 +208,6 @@ def _build(
             for name, values in per_view.items():
                 chunk = torch.stack(values, dim=1)
                 check_finite_logits(chunk, f"the {name} features of teacher {source}", "the teacher is broken; re-train it")
-                if dtypes[name] == torch.float16 and float(chunk.abs().max()) > FP16_MAX:
+                if dtypes[name] == torch.float16 and needs_fp32(chunk):
                     raise _Overflow(name)
                 out[name].write(chunk.to(dtypes[name]).contiguous().cpu().numpy().tobytes())
