@@ -5,6 +5,7 @@ as the plain folder it stands for, or one line naming the file; nothing is left 
 """
 
 import os
+import re
 import unicodedata
 
 import numpy as np
@@ -82,7 +83,7 @@ def test_links_nesting_and_hidden_files_are_read_or_listed(tmp_path):
         os.symlink(real / "class0" / f"img00{i}.png", root / "class0" / f"link{i}.png")  # links to files
     os.symlink(real / "class1", root / "class1")  # a linked class folder
     _png(root / "class0" / "2024" / "june" / "deep.png", 3)  # nested folders inside a class
-    os.symlink(root / "class0", root / "class0" / "loop")  # a link back up: read once, listed
+    os.symlink(root / "class0" / "2024", root / "class0" / "again")  # a folder of the class a second way: read once, listed
     _png(root / "class0" / ".thumbs" / "t.png", 1)
     _png(root / "class0" / ".hidden.png", 1)
     (root / "notes.txt").write_text("not in a class folder")
@@ -100,7 +101,7 @@ def test_links_nesting_and_hidden_files_are_read_or_listed(tmp_path):
     reasons = {s["path"]: s["reason"] for s in index.skipped}
     assert reasons == {
         "notes.txt": "not in a class folder",
-        "class0/loop/": "folder already read through another link",
+        "class0/again/": "folder already read through another link",
         "class0/.thumbs/": "hidden folder",
         "class0/.hidden.png": "hidden file",
     }
@@ -109,3 +110,46 @@ def test_links_nesting_and_hidden_files_are_read_or_listed(tmp_path):
         scan_folder(root)
     kept = scan_folder(root, skip_bad=True)
     assert kept.paths == index.paths and {"path": "class1/dangling.png", "reason": "broken symbolic link"} in kept.skipped
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda root: os.symlink("..", root / "class0" / "loop"), "a link loop"),  # back up to the dataset: reads class1
+        (lambda root: os.symlink(".", root / "class0" / "sub" / "loop"), "a link loop"),
+        (lambda root: os.symlink(root / "class1", root / "class0" / "more"), "the same images as class folder class1/"),
+    ],
+)
+def test_a_folder_link_that_reads_images_twice_is_bad_data(tmp_path, make, reason):
+    root = make_image_folder(tmp_path / "d", classes=2, per_class=3, size=16)
+    _png(root / "class0" / "sub" / "deep.png", 3)
+    clean = scan_folder(root)
+    make(root)
+    with pytest.raises(UserError, match=r"folder link\(s\) that read images twice \(class0/.*" + re.escape(reason)):
+        scan_folder(root)
+    kept = scan_folder(root, skip_bad=True)
+    assert kept.paths == clean.paths and kept.labels == clean.labels
+    assert any(s["reason"].startswith(reason) for s in kept.skipped)
+
+
+def test_one_real_folder_linked_as_two_classes_is_bad_data(tmp_path):
+    real = make_image_folder(tmp_path / "real", classes=3, per_class=3, size=16)
+    root = tmp_path / "d"
+    root.mkdir()
+    for name, folder in (("Forest", "class0"), ("River", "class1"), ("Lake", "class2"), ("Highway", "class0")):
+        os.symlink(real / folder, root / name)  # Highway: Forest's images again, under another label
+    with pytest.raises(UserError, match=r"the same images as class folder"):
+        scan_folder(root)
+    kept = scan_folder(root, skip_bad=True)  # neither label can be trusted: both left out, listed
+    assert kept.classes == ["Lake", "River"]
+    assert {s["path"] for s in kept.skipped} >= {"Forest/", "Highway/"}
+
+
+def test_a_dangling_class_folder_link_is_a_broken_link(tmp_path):
+    root = make_image_folder(tmp_path / "d", classes=3, per_class=3, size=16)
+    os.symlink(tmp_path / "gone", root / "Lake")
+    with pytest.raises(UserError, match=r"1 broken symbolic link\(s\) \(Lake/\)"):
+        scan_folder(root)
+    kept = scan_folder(root, skip_bad=True)
+    assert kept.classes == ["class0", "class1", "class2"]
+    assert {"path": "Lake/", "reason": "broken symbolic link"} in kept.skipped

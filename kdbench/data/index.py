@@ -62,10 +62,14 @@ def portable_name(name: str) -> str:
 def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool = False) -> ImageIndex:
     """List the images of ``root/<class>/`` (any depth below a class folder), sorted by portable name.
 
-    Class folders and sub-folders may be symbolic links (followed, each real folder once); the
-    order, the names and so the split are the same on every OS (:func:`portable_name`).  Stray
-    non-image files, broken symbolic links and empty class folders are errors naming them, unless
-    ``skip_bad`` is set: then they are left out and listed in ``skipped``.  Hidden files and
+    Class folders and sub-folders may be symbolic links (followed; a real folder reached twice in one
+    class is read once and the second way listed); the order, the names and so the split are the same
+    on every OS (:func:`portable_name`).  Each real folder belongs to one class: a link that leads to
+    a folder of another class (or to a folder holding one, such as the dataset's own root) would read
+    its images under two labels, and a link to a folder it is in is a loop; both are bad data.  Bad
+    data (stray non-image files, broken symbolic links, class-folder links included, empty class
+    folders, such links) are errors naming them, unless ``skip_bad`` is set: then they are left out
+    and listed in ``skipped``.  Hidden files and
     folders (``.name``) and files beside the class folders are not part of a dataset: always left
     out, and listed.  Two names that differ only in their Unicode form are an error.
 
@@ -74,10 +78,13 @@ def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool 
     """
     index = ImageIndex(root=root, classes=[], paths=[], labels=[])
     found: dict[str, str] = {}  # portable class name -> on-disk name
+    broken: list[str] = []
     for entry in os.scandir(root):
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            broken.append(portable_name(entry.name) + "/")
+        elif entry.is_dir():
             _claim(found, portable_name(entry.name), entry.name, root)
         else:
             index.skipped.append({"path": portable_name(entry.name), "reason": "not in a class folder"})
@@ -89,10 +96,11 @@ def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool 
         wanted = {portable_name(c) for c in classes}
         all_classes = [c for c in all_classes if c in wanted]
     stray: list[str] = []
-    broken: list[str] = []
     empty: list[str] = []
+    crossing: list[dict] = []
+    owners = [(os.path.realpath(root / disk), name) for name, disk in sorted(found.items())]
     for name in all_classes:
-        files = _class_files(root, found[name], name, index.skipped)
+        files = _class_files(root, found[name], name, index.skipped, owners, crossing)
         images = [(p, f) for p, f in files if _suffix(p) in IMAGE_SUFFIXES and os.path.exists(root / f)]
         broken += [p for p, f in files if not os.path.exists(root / f)]
         stray += [p for p, f in files if _suffix(p) not in IMAGE_SUFFIXES and os.path.exists(root / f)]
@@ -104,8 +112,11 @@ def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool 
         index.paths += [p for p, _ in images]
         index.files += [f for _, f in images]
         index.labels += [label] * len(images)
-    if (stray or empty or broken) and not skip_bad:
+    if (stray or empty or broken or crossing) and not skip_bad:
         what = []
+        if crossing:
+            first = crossing[0]
+            what.append(f"{len(crossing)} folder link(s) that read images twice ({first['path']}: {first['reason']})")
         if empty:
             what.append(f"empty class folder(s) {', '.join(empty)}")
         if stray:
@@ -119,17 +130,22 @@ def scan_folder(root: Path, *, classes: list[str] | None = None, skip_bad: bool 
     index.skipped += [{"path": p, "reason": "not an image file"} for p in stray]
     index.skipped += [{"path": p, "reason": "broken symbolic link"} for p in broken]
     index.skipped += [{"path": c + "/", "reason": "empty class folder"} for c in empty]
+    index.skipped += crossing
     if len(index.classes) < 2:
         raise UserError(f"{root} has {len(index.classes)} class folder(s) with images: classification needs at least 2")
     return index
 
 
-def _class_files(root: Path, disk_name: str, name: str, skipped: list[dict]) -> list[tuple[str, str]]:
+def _class_files(
+    root: Path, disk_name: str, name: str, skipped: list[dict], owners: list[tuple[str, str]], crossing: list[dict]
+) -> list[tuple[str, str]]:
     """``(portable path, on-disk path)`` of every file below one class folder, sorted by portable path.
 
     Walks with ``followlinks=True`` (pathlib's ``rglob`` follows links to folders on some Python
-    versions and not on others); a folder already seen (a link loop, two links to one folder) is
-    listed in ``skipped`` instead of being read twice.  Hidden files and folders are listed there too.
+    versions and not on others).  A folder that is a loop (:func:`_crossing`) or shares images with
+    another class's folder (``owners``: each class folder's real path and its class) is not entered and
+    goes to ``crossing`` (bad data); one reached a second way within the class is listed in ``skipped``
+    instead of being read twice.  Hidden files and folders are listed there too.
     """
     out: dict[str, str] = {}
     seen: set[str] = set()
@@ -137,6 +153,17 @@ def _class_files(root: Path, disk_name: str, name: str, skipped: list[dict]) -> 
         rel_top = Path(top).relative_to(root)
         portable_top = "/".join([name, *(portable_name(part) for part in rel_top.parts[1:])])
         real = os.path.realpath(top)
+        reason = _crossing(real, name, owners)
+        if reason:
+            crossing.append({"path": portable_top + "/", "reason": reason})
+            dirs[:] = []
+            continue
+        for d in list(dirs):
+            if _is_within(real, os.path.realpath(os.path.join(top, d))):
+                crossing.append(
+                    {"path": f"{portable_top}/{portable_name(d)}/", "reason": "a link loop (it leads to a folder it is in)"}
+                )
+                dirs.remove(d)
         if real in seen:
             skipped.append({"path": portable_top + "/", "reason": "folder already read through another link"})
             dirs[:] = []
@@ -152,6 +179,19 @@ def _class_files(root: Path, disk_name: str, name: str, skipped: list[dict]) -> 
                 continue
             _claim(out, portable, (rel_top / f).as_posix(), root)
     return sorted(out.items())
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or inside it."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _crossing(real: str, name: str, owners: list[tuple[str, str]]) -> str | None:
+    """Why a folder of class ``name`` at real path ``real`` would read another class's images, or None."""
+    for folder, owner in owners:
+        if owner != name and (_is_within(real, folder) or _is_within(folder, real)):
+            return f"the same images as class folder {owner}/ (through a symbolic link)"
+    return None
 
 
 def _claim(names: dict[str, str], portable: str, disk: str, root: Path) -> None:
