@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, call_main
+from conftest import assert_one_line_error, call_main, run_cli
 
 from kdbench.errors import UserError
 from kdbench.records import RESULT_FORMAT, TrialResult, from_json, to_json
@@ -491,6 +491,20 @@ def test_rebuild_is_byte_identical(report, tmp_path):
     build_report(tmp_path)
     outputs = ["report.md", "report.pdf", *(str(p.relative_to(report)) for p in report.glob("*/*.*"))]
     assert [name for name in outputs if (tmp_path / name).read_bytes() != (report / name).read_bytes()] == []
+
+
+def test_rebuilds_in_processes_of_other_string_hashing_write_the_same_bytes(report, tmp_path):
+    """A rebuild in another process (another PYTHONHASHSEED) writes every file byte for byte the same: the
+    critical-difference diagram's crossbars, drawn through sets of labels, included (issue 32)."""
+    for seed in ("1", "2"):
+        folder = tmp_path / seed
+        folder.mkdir()
+        for name in (STORE_FILE, "bench.json"):
+            (folder / name).write_bytes((report / name).read_bytes())
+        proc = run_cli("kdbench.report", str(folder), env={"PYTHONHASHSEED": seed})
+        assert proc.returncode == 0, proc.stderr
+    outputs = ["report.md", "report.pdf", *(str(p.relative_to(report)) for p in report.glob("*/*.*"))]
+    assert [name for name in outputs if (tmp_path / "1" / name).read_bytes() != (tmp_path / "2" / name).read_bytes()] == []
 
 
 def test_store_without_results(tmp_path, trials):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.lines
 import matplotlib.ticker
 
 matplotlib.use("Agg")
@@ -412,8 +413,21 @@ def critical_difference_figure(data: ReportData) -> plt.Figure | None:
     names = {m: plain(data.label(m)) for m in ranks.columns}
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(WIDTH, 0.6 + 0.25 * len(names)))
-        scikit_posthocs.critical_difference_diagram(
+        drawn = scikit_posthocs.critical_difference_diagram(
             ranks.mean().rename(names), p_values.rename(index=names, columns=names), ax=ax
         )
+        for line in (line for bar in drawn["crossbars"] for line in bar):
+            _sort_points(line)
         fig.tight_layout()
     return fig
+
+
+def _sort_points(line: matplotlib.lines.Line2D) -> None:
+    """Order a horizontal line's points from left to right.
+
+    scikit-posthocs draws each crossbar through a set of labels, in an order that changes with Python's
+    string hashing from one process to the next; sorted, the figure's bytes do not.
+    """
+    x, y = line.get_data()
+    order = np.argsort(np.asarray(x), kind="stable")
+    line.set_data(np.asarray(x)[order], np.asarray(y)[order])
