@@ -112,6 +112,9 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs; on Windows always assumed (``os.kill`` there would terminate it, not probe it)."""
+    if os.name == "nt":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
