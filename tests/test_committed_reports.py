@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdbench.report import build_report
+from kdbench.sweep.__main__ import main as sweep_main
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 COMMITTED = sorted(p.parent for p in REPORTS.glob("*/report.md"))
@@ -33,3 +34,13 @@ def test_a_committed_report_rebuilds_from_its_store_alone(folder: Path, tmp_path
     for name in committed:
         assert (tmp_path / "tables" / name).read_text() == (folder / "tables" / name).read_text(), name
     assert (tmp_path / "report.md").read_text() == (folder / "report.md").read_text()
+
+
+@pytest.mark.integration
+def test_the_report_and_the_dry_run_leave_a_committed_store_byte_for_byte_as_it_was(tmp_path: Path, shared_data: Path):
+    committed = (REPORTS / "quick" / "store.sqlite").read_bytes()
+    shutil.copy2(REPORTS / "quick" / "store.sqlite", tmp_path / "store.sqlite")
+    build_report(tmp_path)
+    assert sweep_main(["--config", "quick", "--dry-run", "--out", str(tmp_path), "--data-root", str(shared_data)]) == 0
+    assert (tmp_path / "store.sqlite").read_bytes() == committed
+    assert not list(tmp_path.glob("store.sqlite?*")), "a reader left a lock, -wal or -shm file"

@@ -135,7 +135,7 @@ def load_report_data(out_dir: Path) -> ReportData:
     sweep_into = f"run a sweep into it first ({command('sweep', '--out', shlex.quote(str(out_dir)))})"
     if not path.is_file():
         raise UserError(f"no results store in {out_dir}: {sweep_into}")
-    store = Store(path)
+    store = Store(path, read_only=True)
     try:
         sweep = store.latest_sweep()
         if sweep is None:

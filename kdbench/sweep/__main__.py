@@ -25,6 +25,17 @@ from kdbench.sweep.plan import plan_trials
 from kdbench.sweep.store import STORE_FILE, Store
 
 
+def done_keys(path: Path, trials: list) -> set[str]:
+    """Keys of ``trials`` that the store at ``path`` holds as done, read without changing the file."""
+    if not path.is_file():
+        return set()
+    store = Store(path, read_only=True)
+    try:
+        return {t.key for t in trials if store.status(t.key) == "done"}
+    finally:
+        store.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=command("sweep"), description=spelled(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         store = out_dir / STORE_FILE
         trials = plan(ablation, pack, args.data_root)
-        done = {t.key for t in trials if store.is_file() and Store(store).status(t.key) == "done"}
+        done = done_keys(store, trials)
         print_plan(trials, args.data_root, ablation.grid.datasets, done, ablation.deploy.int8)
         return 0
     log_errors_to(out_dir)

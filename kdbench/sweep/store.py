@@ -78,8 +78,21 @@ CREATE TABLE IF NOT EXISTS sweep_trials (
 
 
 class Store:
-    def __init__(self, path: str | Path):
+    """One results store.
+
+    Args:
+        path: the SQLite file; made, with its schema, unless ``read_only``.
+        read_only: open through SQLite's read-only URI, for readers (the dry run, the report): the file is
+            left byte for byte as it was (no switch to WAL, no schema upgrade, no lock file), so reading a
+            committed store never dirties a checkout.
+    """
+
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path)
+        if read_only:
+            self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.db.row_factory = sqlite3.Row
