@@ -14,7 +14,6 @@ a caller would rather do something else than wait (:class:`Busy`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import IO
 
 import filelock
+
+from kdbench.errors import is_disk_full
 
 
 class Busy(Exception):
@@ -137,10 +138,6 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def is_disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager

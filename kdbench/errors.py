@@ -13,10 +13,12 @@ folder), else under ``$KDBENCH_CACHE/logs`` (default ``~/.cache/kdbench/logs``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -77,6 +79,30 @@ def write_error_log(err: BaseException, folder: str | os.PathLike | None = None,
     return Path("(no writable log folder)")
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` is a write refused for want of space (a full disk or an exhausted quota)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(err: OSError, needed: int | None = None) -> str:
+    """One line for a full disk: the file that could not be written, the space free there and, if known, needed.
+
+    Written files are atomic (:mod:`kdbench.durable`): nothing half-written is kept, so rerunning resumes.
+    """
+    where = Path(err.filename) if err.filename else None
+    folder = next((p for p in (where.parents if where else [Path.cwd()]) if p.is_dir()), Path.cwd())
+    free = shutil.disk_usage(folder).free
+    need = f", {_size(needed)} needed" if needed else ""
+    return (
+        f"disk full while writing {where or 'a file'} ({_size(free)} free on its disk{need}): free space "
+        "there and rerun the same command (finished work is kept, it resumes)"
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
+
+
 def describe(err: BaseException) -> str:
     """``Type: message`` of an unexpected error, as one line."""
     message = one_line(err)
@@ -92,8 +118,8 @@ def _silence_stdout() -> None:
 def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
     """Decorate a CLI ``main``: any error and Ctrl-C become one line and a non-zero exit, never a traceback.
 
-    UserError: its message, exit 2.  Anything else: ``unexpected <Type>: <message>`` and
-    the log file holding the traceback, exit 1.
+    UserError: its message, exit 2.  A full disk: the file and the free space (:func:`disk_full_message`),
+    exit 1.  Anything else: ``unexpected <Type>: <message>`` and the log file holding the traceback, exit 1.
     """
 
     @functools.wraps(main)
@@ -117,6 +143,9 @@ def cli_main(main: Callable[..., int | None]) -> Callable[..., int]:
         except SystemExit:  # argparse's usage errors and --help
             raise
         except Exception as err:
+            if is_disk_full(err):  # no traceback to read: the file and the space say it all
+                print(f"kdbench: error: {disk_full_message(err)}", file=sys.stderr)
+                return 1
             log = write_error_log(err, _log_dir, what)
             print(f"kdbench: error: unexpected {describe(err)}; full traceback in {log}", file=sys.stderr)
             return 1

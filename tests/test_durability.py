@@ -24,6 +24,7 @@ from kdbench import durable
 from kdbench.data import decode
 from kdbench.data.decode import cache_folder, load_images
 from kdbench.data.index import scan_folder
+from kdbench.errors import UserError, cli_main
 from kdbench.records import to_json
 from kdbench.sweep.__main__ import main as sweep_main
 
@@ -424,3 +425,42 @@ def test_every_module_imports_without_fcntl_as_on_windows():
     (step,) = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if "sys.modules['fcntl'] = None" in line]
     done = subprocess.run(["bash", "-c", step], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_full_disk_under_a_command_is_one_line_naming_the_file_and_the_free_space(tmp_path, capsys):
+    @cli_main
+    def train(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    assert train(tmp_path / "run" / "best.pt") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unexpected" not in err and "Traceback" not in err
+    assert f"disk full while writing {tmp_path / 'run' / 'best.pt'}" in err and "MB free" in err and "rerun" in err
+
+
+def test_a_full_disk_while_filling_the_image_cache_names_the_cache_file_and_the_space_needed(tmp_path, monkeypatch):
+    folder = make_image_folder(tmp_path / "d", classes=2, per_class=3, size=16)
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.f = real_open(path, mode)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(decode, "open", FullDisk, raising=False)
+    files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*.png"))]
+    with pytest.raises(UserError, match=r"disk full while writing .*images\.u8 \(.* MB free on its disk, 4.6 kB needed\)"):
+        decode.load_images(folder, files, 16)

@@ -40,7 +40,7 @@ from kdbench.data import pixels
 from kdbench.data.index import content_digests
 from kdbench.digest import text_digest
 from kdbench.durable import atomic_write_json, file_lock, fsync_dir
-from kdbench.errors import UserError
+from kdbench.errors import UserError, disk_full_message, is_disk_full
 
 CACHE_FORMAT = "kdbench-image-cache-v3"  # v3: rows keyed by file content; kdbench.data.pixels' rule
 CHUNK = 512  # images decoded and appended at a time
@@ -164,6 +164,9 @@ def _append(folder: Path, root: Path, index: dict, missing: dict[str, str], reso
     """Decode ``missing`` (digest -> file), append them to ``images.u8`` (under the lock), then write the index.
 
     Returns the new index and, for each image that could not be decoded, digest -> reason.
+
+    Raises:
+        UserError: the disk is full (naming ``images.u8``, the space free and the space the images need).
     """
     if not missing:
         return index, {}
@@ -174,17 +177,23 @@ def _append(folder: Path, root: Path, index: dict, missing: dict[str, str], reso
     if rows == 0 and (folder / "index.json").exists():  # a damaged cache: start it over
         with contextlib.suppress(OSError):
             (folder / "index.json").unlink()
-    with open(data_file, "r+b" if data_file.exists() and rows else "wb") as f:
-        f.truncate(rows * row_bytes)  # rows a crashed append left past the index
-        f.seek(rows * row_bytes)
-        for decoded, chunk_failed in _decode_chunks(root, list(missing.items()), resolution):
-            failed |= chunk_failed
-            for digest, array in decoded:
-                f.write(array.tobytes())
-                entries[digest] = rows
-                rows += 1
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(data_file, "r+b" if data_file.exists() and rows else "wb") as f:
+            f.truncate(rows * row_bytes)  # rows a crashed append left past the index
+            f.seek(rows * row_bytes)
+            for decoded, chunk_failed in _decode_chunks(root, list(missing.items()), resolution):
+                failed |= chunk_failed
+                for digest, array in decoded:
+                    f.write(array.tobytes())
+                    entries[digest] = rows
+                    rows += 1
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # rows past the index are truncated by the next append: nothing half-written is read
+        if is_disk_full(err):
+            full = OSError(err.errno, err.strerror, str(data_file))
+            raise UserError(disk_full_message(full, needed=len(missing) * row_bytes)) from err
+        raise
     fsync_dir(folder)
     index = {"format": CACHE_FORMAT, "resolution": resolution, "rows": rows, "entries": entries}
     atomic_write_json(folder / "index.json", index)  # last: it names only rows that are on disk

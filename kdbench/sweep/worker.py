@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdbench.digest import checkpoint_digest
-from kdbench.durable import Busy, file_lock, is_disk_full
-from kdbench.errors import UserError, one_line
+from kdbench.durable import Busy, file_lock
+from kdbench.errors import UserError, disk_full_message, is_disk_full, one_line
 from kdbench.records import Int8Result, Int8Settings, TrialResult, from_json
 from kdbench.sweep.plan import PlannedTrial
 
@@ -147,8 +147,7 @@ def _train(
     except OSError as err:
         if not is_disk_full(err):
             return crashed(folders, failed)
-        where = f" ({err.filename})" if err.filename else ""
-        return failed(f"disk full while writing{where}: free space and rerun the sweep to resume from the last checkpoint")
+        return failed(disk_full_message(err))
     except Exception:  # any other crash is recorded, with its traceback beside the trial
         return crashed(folders, failed)
     seconds = time.perf_counter() - t0
