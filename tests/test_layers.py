@@ -22,7 +22,11 @@ PACKAGE = REPO / "kdbench"
 # not a sweep module; ``kdbench`` itself (the package's ``__init__``, ``__version__``) claims only itself.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # shared helpers: one-line errors, digests, atomic writes and locks, the machine, NaN/inf checks, typed records
-    ("helpers", ("kdbench", "kdbench.errors", "kdbench.digest", "kdbench.durable", "kdbench.machine", "kdbench.finite")),
+    # and how a command is spelled as the user typed it (kdbench.advice)
+    (
+        "helpers",
+        ("kdbench", "kdbench.errors", "kdbench.advice", "kdbench.digest", "kdbench.durable", "kdbench.machine", "kdbench.finite"),
+    ),
     ("records", ("kdbench.records",)),
     ("data", ("kdbench.data",)),  # with DataConfig and its checks (kdbench.data.config)
     ("models", ("kdbench.models", "kdbench.packing", "kdbench.stages")),  # stages: the stage table, torch-free
@@ -43,6 +47,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 TORCH_FREE = (
     "kdbench",
     "kdbench.errors",
+    "kdbench.advice",
     "kdbench.digest",
     "kdbench.durable",
     "kdbench.machine",

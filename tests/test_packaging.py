@@ -56,7 +56,7 @@ def test_regular_install_finds_the_shipped_ablations_from_an_empty_folder(wheel,
         assert proc.returncode == 0, proc.stderr
         assert " trials (" in proc.stdout
     # the console script of [project.scripts], as pip installed it
-    for args, usage in ((["--help"], "usage: kdbench "), (["sweep", "--help"], "usage: python -m kdbench.sweep ")):
+    for args, usage in ((["--help"], "usage: kdbench "), (["sweep", "--help"], "usage: kdbench sweep ")):
         script = subprocess.run([site / "bin" / "kdbench", *args], cwd=empty, env=env, capture_output=True, text=True)
         assert script.returncode == 0, script.stderr
         assert script.stdout.startswith(usage)

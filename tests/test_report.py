@@ -524,7 +524,10 @@ def test_store_without_results(tmp_path, trials):
 
 def test_cli_errors_in_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"kdbench: error: no results store in {tmp_path}: run python -m kdbench.sweep first"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"kdbench: error: no results store in {tmp_path}: run a sweep into it first (python -m kdbench.sweep --out {tmp_path})"
+    )
     Store(tmp_path / STORE_FILE).close()
     with pytest.raises(UserError, match="records no sweep"):
         build_report(tmp_path)
