@@ -79,7 +79,7 @@ class TrialConfig:
     files), recipe (a ``pretrained`` state-dict file by its content digest, not its path), loss,
     seed, teacher identity, device type and its precision, packed or single training, the method's
     own loss version where it has one, plus the results and loss-code versions.  Not in the key: the
-    teacher checkpoint's path (its content is ``teacher_id``), ``trust_teacher``,
+    teacher checkpoint's path (its content is ``teacher_id``), ``trust_teacher``, ``allow_teacher_resolution``,
     ``allow_chance_teacher``, the recipe's ``eval_batch_size``, and everything outside this class
     (output folder, workers, threads).
     """
@@ -96,6 +96,7 @@ class TrialConfig:
     packed: bool = False  # trained in a pack of students (kdbench.engine.packed): other dropout masks than alone
     dataset_fingerprint: str | None = None  # kdbench.data.select.data_fingerprint; run_trial fills it in when None
     trust_teacher: bool = False  # accept a teacher checkpoint without provenance (recorded in the result)
+    allow_teacher_resolution: bool = False  # accept a teacher trained at another resolution (recorded in the result)
     allow_chance_teacher: bool = False  # a teacher at chance level is done (flagged), not failed: for pipeline tests
 
     def __post_init__(self):
@@ -120,6 +121,7 @@ class TrialConfig:
         d = dataclasses.asdict(self)
         d.pop("teacher_checkpoint")  # a path; the teacher's identity is teacher_id
         d.pop("trust_teacher")  # allows a run, changes nothing in it; recorded in the result's teacher record
+        d.pop("allow_teacher_resolution")  # the same: a teacher's resolution is in its identity, teacher_id
         d.pop("allow_chance_teacher")  # decides whether a finished teacher counts as failed, not what it learnt
         d["recipe"].pop("eval_batch_size")
         d["recipe"]["pretrained"] = pretrained_identity(self.recipe.pretrained)

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="use a teacher checkpoint without provenance (older or foreign; it may have seen this run's test images)",
     )
     p.add_argument(
+        "--allow-teacher-resolution",
+        action="store_true",
+        help="use a teacher trained at another --resolution than this run's (default: refused; recorded in the result)",
+    )
+    p.add_argument(
         "--allow-chance-teacher",
         action="store_true",
         help="keep a teacher whose validation accuracy is not significantly above chance (default: the run fails)",
@@ -133,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> TrialConfig:
         teacher_checkpoint=args.teacher,
         device=args.device,
         trust_teacher=args.trust_teacher,
+        allow_teacher_resolution=args.allow_teacher_resolution,
         allow_chance_teacher=args.allow_chance_teacher,
     )
 

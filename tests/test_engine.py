@@ -252,6 +252,18 @@ def test_a_folder_of_another_run_is_refused(image_folder, tmp_path):
     assert_one_line_error(proc, "holds a different run")
 
 
+def test_a_teacher_trained_at_another_resolution_is_refused_unless_asked_for(image_folder, tmp_path, capsys):
+    data = ["--dataset", f"imagefolder:{image_folder}", "--epochs", "1", "--batch-size", "8"]
+    teacher = [*data, "--resolution", "64", "--allow-chance-teacher", "--out", str(tmp_path / "t")]
+    assert call_main(train_main, teacher, capsys).returncode == 0
+    kd = [*data, "--teacher", str(tmp_path / "t" / "best.pt"), "--method", "kd_kl", "--resolution", "32"]
+    assert_one_line_error(run_cli("kdbench.train", *kd, "--out", str(tmp_path / "s")), "trained at 64 px", "at 32 px")
+    proc = call_main(train_main, [*kd, "--allow-teacher-resolution", "--out", str(tmp_path / "s")], capsys)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "s" / "metrics.json").read_text())["teacher"]
+    assert record["trained_resolution"] == 64 and record["resolution_mismatch_allowed"]
+
+
 def test_nan_teacher_stops_the_student_with_a_clear_error(image_folder, tmp_path, capsys):
     teacher = build_model("mobilenet_v2", 3)
     with torch.no_grad():  # finite weights whose logits overflow to inf: features of 1 (batch-norm shift) times 3e38

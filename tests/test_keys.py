@@ -116,6 +116,7 @@ def test_a_teacher_is_not_the_student_baseline_on_the_same_recipe():
         {"recipe": dataclasses.replace(Recipe(), eval_batch_size=7)},  # evaluation is per image in eval mode
         {"teacher_checkpoint": "/somewhere/else/best.pt"},  # a path; the teacher's content is teacher_id
         {"trust_teacher": True},  # allows a run, recorded in its result
+        {"allow_teacher_resolution": True},  # the same; the teacher's resolution is in its identity
         {"allow_chance_teacher": True},  # whether a finished teacher counts as failed, not what it learnt
     ],
 )
