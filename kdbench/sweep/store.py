@@ -29,6 +29,7 @@ from kdbench.records import Int8Result, Int8Settings, TrialResult, from_json, to
 from kdbench.sweep.plan import PlannedTrial
 
 STORE_FILE = "store.sqlite"
+OLDER_COLUMNS = ("dataset_name", "notes", "params", "int8", "int8_error")  # trials columns a store of an older kdbench lacks
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
@@ -106,8 +107,7 @@ class Store:
                     if statement.strip():
                         db.execute(statement)
                 columns = {r["name"] for r in db.execute("PRAGMA table_info(trials)")}
-                older = ("dataset_name", "notes", "params", "int8", "int8_error")  # columns a store of an older kdbench lacks
-                for column in older:
+                for column in OLDER_COLUMNS:
                     if column not in columns:
                         db.execute(f"ALTER TABLE trials ADD COLUMN {column} TEXT")
                 for table, column in (("sweeps", "resolved"), ("sweep_trials", "plan")):
@@ -288,6 +288,8 @@ class Store:
         out = []
         for r in rows:
             d = dict(r)
+            for col in OLDER_COLUMNS:  # a store of an older kdbench, opened read-only, is not upgraded
+                d.setdefault(col, None)
             for col in ("config", "complexity", "flags"):
                 d[col] = json.loads(d[col]) if d[col] else None
             what = f"the result of trial {d['key']} in {self.path}"
