@@ -170,27 +170,30 @@ def test_atomic_write_removes_its_temporary_file_on_any_error(tmp_path):
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
 
 
+class FullDisk:
+    """A file on a disk with ``room`` bytes left: a write past them fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room, self.written = f, room, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def test_a_full_disk_under_torch_save_is_reported_as_enospc(tmp_path, monkeypatch):
-    class FullDisk:
-        def __init__(self, f):
-            self.f, self.written = f, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 20_000:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self.f.write(data)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    monkeypatch.setattr(durable, "_open", lambda path, mode: FullDisk(open(path, mode)))  # noqa: SIM115
+    monkeypatch.setattr(durable, "_open", lambda path, mode: FullDisk(open(path, mode), room=20_000))  # noqa: SIM115
     with pytest.raises(OSError) as err:  # torch.save itself would raise a RuntimeError ("unexpected pos")
         durable.atomic_torch_save({"w": torch.zeros(100_000)}, tmp_path / "last.pt")
     assert durable.is_disk_full(err.value) and err.value.filename == str(tmp_path / "last.pt")
@@ -442,25 +445,7 @@ def test_a_full_disk_while_filling_the_image_cache_names_the_cache_file_and_the_
     folder = make_image_folder(tmp_path / "d", classes=2, per_class=3, size=16)
     monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
 
-    real_open = open
-
-    class FullDisk:
-        def __init__(self, path, mode):
-            self.f = real_open(path, mode)
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    monkeypatch.setattr(decode, "open", FullDisk, raising=False)
+    monkeypatch.setattr(decode, "open", lambda path, mode: FullDisk(open(path, mode), room=0), raising=False)  # noqa: SIM115
     files = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*.png"))]
     with pytest.raises(UserError, match=r"disk full while writing .*images\.u8 \(.* MB free on its disk, 4.6 kB needed\)"):
         decode.load_images(folder, files, 16)
